@@ -1,0 +1,40 @@
+"""FastAPI dependencies: the components the lifespan built, fetched per request.
+
+``create_app`` stores one ``Components`` on ``app.state.components``; routers ask
+for it (or a part of it) through these functions and never build clients of
+their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import Request
+
+from gpufleet.settings import Settings
+
+
+@dataclass
+class Components:
+    """Everything the lifespan opened. Later parts add their fields here."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    # provider name ("novita", "surf", "static") -> gpufleet.providers.base.Provider
+    providers: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def get_components(request: Request) -> Components:
+    components: Components = request.app.state.components
+    return components
+
+
+def get_settings(request: Request) -> Settings:
+    return get_components(request).settings
+
+
+def get_redis(request: Request) -> aioredis.Redis:
+    return get_components(request).redis

