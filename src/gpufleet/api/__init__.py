@@ -1,0 +1,13 @@
+"""gpufleet's REST API: one router per resource, assembled by ``build_router``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+
+def build_router() -> APIRouter:
+    from gpufleet.api import health
+
+    router = APIRouter()
+    router.include_router(health.router)
+    return router

@@ -7,6 +7,7 @@ their own.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,8 @@ class Components:
     # provider name ("novita", "surf", "static") -> gpufleet.providers.base.Provider
     providers: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    loops: list[asyncio.Task[None]] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def get_components(request: Request) -> Components:

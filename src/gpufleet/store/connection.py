@@ -9,8 +9,10 @@ stops it on exit.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -68,18 +70,48 @@ class EmbeddedRedis:
         self.appendonly = appendonly
         self.process: subprocess.Popen[bytes] | None = None
         self._sock_dir: str | None = None
+        self._lock_fd: int | None = None
         self.url = ""
 
     def __repr__(self) -> str:
         pid = self.process.pid if self.process else None
         return f"<EmbeddedRedis {self.url or 'not started'} pid={pid}>"
 
+    def _take_data_dir(self) -> None:
+        """Lock the data dir for this process; reap a redis-server orphaned by a crash."""
+        fd = os.open(self.data_dir / "gpufleet.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(
+                f"another gpufleet is using the embedded Redis in {self.data_dir}; "
+                "set [redis] url to share one Redis, or [redis] data_dir to run a second one"
+            ) from None
+        self._lock_fd = fd
+        pidfile = self.data_dir / "redis.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if b"redis-server" in cmdline:
+            # Its owner died without stopping it (we hold the lock now): stop the orphan.
+            logger.warning("stopping orphaned embedded redis-server pid %s", pid)
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(200):
+                if not Path(f"/proc/{pid}").exists():
+                    break
+                time.sleep(0.05)
+
     def start(self, timeout_s: float = 10.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._take_data_dir()
         binary = find_redis_server()
         args = [
             binary,
             "--dir", str(self.data_dir),
+            "--pidfile", str(self.data_dir / "redis.pid"),
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync,
             "--save", "",
@@ -139,6 +171,9 @@ class EmbeddedRedis:
         if self._sock_dir:
             shutil.rmtree(self._sock_dir, ignore_errors=True)
             self._sock_dir = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def kill(self) -> None:
         """SIGKILL, for crash tests: no AOF rewrite, no goodbye."""
@@ -161,10 +196,13 @@ class EmbeddedRedis:
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """An asyncio Redis client with a connection pool; responses are decoded to ``str``."""
+    options: dict[str, object] = {}
+    if not url.startswith("unix://"):
+        options["socket_keepalive"] = True  # TCP only; unix sockets reject the option
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
         max_connections=max_connections,
         health_check_interval=30,
-        socket_keepalive=True,
+        **options,
     )

@@ -1,0 +1,45 @@
+"""Operations endpoints: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from gpufleet import __version__
+from gpufleet.api.deps import get_components
+from gpufleet.api.errors import error_body
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="Process is alive")
+async def health() -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+@router.get("/ready", summary="Redis answers and background loops run", response_model=None)
+async def ready(request: Request) -> dict[str, Any] | JSONResponse:
+    components = get_components(request)
+    try:
+        await asyncio.wait_for(components.redis.ping(), timeout=2.0)
+    except Exception as exc:  # any failure to answer means not ready
+        return JSONResponse(
+            error_body("not_ready", f"redis not answering: {type(exc).__name__}"),
+            status_code=503,
+        )
+    dead = [t.get_name() for t in components.loops if t.done()]
+    if dead:
+        return JSONResponse(
+            error_body("not_ready", f"background loops stopped: {', '.join(dead)}"),
+            status_code=503,
+        )
+    return {"status": "ready", "redis": "ok", "loops": [t.get_name() for t in components.loops]}
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,83 @@
+"""``create_app(settings)``: the FastAPI app and the lifespan that owns every resource.
+
+The lifespan opens Redis (starting an embedded ``redis-server`` when no URL is
+configured), builds the components from settings, starts the background loops,
+and on shutdown stops them and closes everything in reverse order. There are no
+module-level clients: tests build as many apps as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from gpufleet import __version__
+from gpufleet.api import build_router
+from gpufleet.api.deps import Components
+from gpufleet.api.errors import install_error_handlers
+from gpufleet.errors import StoreError
+from gpufleet.metrics import UP
+from gpufleet.settings import Settings
+from gpufleet.store.connection import EmbeddedRedis, connect
+
+logger = logging.getLogger(__name__)
+
+
+async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
+    if settings.redis.url:
+        logger.info("using Redis at %s", _safe_url(settings.redis.url))
+        return settings.redis.url
+    embedded = EmbeddedRedis(settings.redis.data_dir, appendfsync=settings.redis.appendfsync)
+    url = await asyncio.to_thread(embedded.start)
+    stack.callback(embedded.stop)
+    logger.info("using embedded redis-server %s (data in %s)", url, embedded.data_dir)
+    return url
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            url = await _open_redis(settings, stack)
+            redis = connect(url)
+            stack.push_async_callback(redis.aclose)
+            try:
+                await redis.ping()
+            except Exception as exc:
+                raise StoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from exc
+            components = Components(settings=settings, redis=redis)
+            app.state.components = components
+            stack.push_async_callback(_stop_loops, components)
+            UP.set(1)
+            stack.callback(UP.set, 0)
+            logger.info("gpufleet %s ready with %d pool(s)", __version__, len(settings.pools))
+            yield
+
+    app = FastAPI(
+        title="gpufleet",
+        version=__version__,
+        description="Rent GPUs only while there is work for them.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(build_router())
+    return app
+
+
+async def _stop_loops(components: Components) -> None:
+    components.stop.set()
+    for task in components.loops:
+        task.cancel()
+    await asyncio.gather(*components.loops, return_exceptions=True)
