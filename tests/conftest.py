@@ -83,8 +83,7 @@ async def _no_leaked_asyncio_tasks() -> AsyncIterator[None]:
     yield
     await asyncio.sleep(0)
     leaked = [
-        t for t in asyncio.all_tasks() - before
-        if not t.done() and t is not asyncio.current_task()
+        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
     ]
     for task in leaked:
         task.cancel()

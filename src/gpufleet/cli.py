@@ -112,8 +112,12 @@ def config_check(config: ConfigOption = None) -> None:
 
 
 def _print_toml(data: dict[str, Any], prefix: str = "") -> None:
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict | list) or
-               (isinstance(v, list) and not (v and isinstance(v[0], dict)))}
+    scalars = {
+        k: v
+        for k, v in data.items()
+        if not isinstance(v, dict | list)
+        or (isinstance(v, list) and not (v and isinstance(v[0], dict)))
+    }
     if prefix and scalars:
         typer.echo(f"[{prefix}]")
     for key, value in scalars.items():

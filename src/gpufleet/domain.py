@@ -30,9 +30,7 @@ class TaskStatus(StrEnum):
     cancelled = "cancelled"
 
 
-TERMINAL_TASK_STATUSES = frozenset(
-    {TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled}
-)
+TERMINAL_TASK_STATUSES = frozenset({TaskStatus.succeeded, TaskStatus.failed, TaskStatus.cancelled})
 
 
 class WorkerState(StrEnum):
@@ -58,14 +56,10 @@ WORKER_TRANSITIONS: dict[WorkerState, frozenset[WorkerState]] = {
     WorkerState.provisioning: frozenset(
         {WorkerState.booting, WorkerState.ready, WorkerState.stopping, WorkerState.deleted}
     ),
-    WorkerState.booting: frozenset(
-        {WorkerState.ready, WorkerState.stopping, WorkerState.deleted}
-    ),
+    WorkerState.booting: frozenset({WorkerState.ready, WorkerState.stopping, WorkerState.deleted}),
     WorkerState.ready: frozenset({WorkerState.draining, WorkerState.stopping, WorkerState.booting}),
     WorkerState.draining: frozenset({WorkerState.ready, WorkerState.stopping}),
-    WorkerState.stopping: frozenset(
-        {WorkerState.stopped, WorkerState.paused, WorkerState.deleted}
-    ),
+    WorkerState.stopping: frozenset({WorkerState.stopped, WorkerState.paused, WorkerState.deleted}),
     WorkerState.stopped: frozenset({WorkerState.booting, WorkerState.deleted}),
     WorkerState.paused: frozenset({WorkerState.booting, WorkerState.deleted}),
     WorkerState.deleted: frozenset(),

@@ -36,6 +36,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -137,7 +138,9 @@ class SurfSettings(Section):
         "https://gw.live.surfresearchcloud.nl/v1/workspace", description="SURF workspace API."
     )
     api_token: SecretStr | None = Field(None, description="Raw token (env CLOUD_API_TOKEN).")
-    csrf_token: SecretStr | None = Field(None, description="Optional CSRF token (env CLOUD_CSRF_TOKEN).")
+    csrf_token: SecretStr | None = Field(
+        None, description="Optional CSRF token (env CLOUD_CSRF_TOKEN)."
+    )
     requests_per_minute: int = Field(
         900, ge=1, description="Client-side limit; SURF allows 1,000/min, 900 leaves headroom."
     )
@@ -273,6 +276,14 @@ class LegacyEnvSource(PydanticBaseSettingsSource):
         return data
 
 
+class _DotEnvSource(DotEnvSettingsSource):
+    """``.env`` holds legacy names too (read by ``LegacyEnvSource``): keep only our fields."""
+
+    def __call__(self) -> dict[str, Any]:
+        fields = self.settings_cls.model_fields
+        return {k: v for k, v in super().__call__().items() if k in fields}
+
+
 _config_path: ContextVar[Path | None] = ContextVar("gpufleet_config_path", default=None)
 _env_file: ContextVar[Path | None] = ContextVar("gpufleet_env_file", default=Path(".env"))
 
@@ -302,8 +313,6 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        from pydantic_settings import DotEnvSettingsSource
-
         env_file = _env_file.get()
         sources: list[PydanticBaseSettingsSource] = [
             init_settings,
@@ -311,7 +320,7 @@ class Settings(BaseSettings):
             LegacyEnvSource(settings_cls, env_file),
         ]
         if env_file is not None:
-            sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file))
+            sources.append(_DotEnvSource(settings_cls, env_file=env_file))
         path = _config_path.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))

@@ -41,4 +41,7 @@ def test_embedded_unix_socket_aof_survives_restart(tmp_path: Path) -> None:
     client.close()
     again.stop()
     assert again.process is None
-    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert (
+        not Path(f"/proc/{pid}").exists()
+        or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    )

@@ -64,20 +64,26 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     for err in exc.errors():
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         fields.append({"field": ".".join(loc), "message": err.get("msg", "")})
-    message = "; ".join(f"{f['field']}: {f['message']}" if f["field"] else f["message"]
-                        for f in fields) or "invalid request"
+    message = (
+        "; ".join(f"{f['field']}: {f['message']}" if f["field"] else f["message"] for f in fields)
+        or "invalid request"
+    )
     return JSONResponse(error_body("validation_error", message, fields=fields), status_code=422)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-            401: "unauthorized", 403: "forbidden", 409: "conflict", 429: "rate_limited"}.get(
-        exc.status_code, "http_error")
+    code = {
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+        401: "unauthorized",
+        403: "forbidden",
+        409: "conflict",
+        429: "rate_limited",
+    }.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return JSONResponse(
-        error_body(code, message), status_code=exc.status_code, headers=exc.headers
-    )
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -110,14 +110,22 @@ class EmbeddedRedis:
         binary = find_redis_server()
         args = [
             binary,
-            "--dir", str(self.data_dir),
-            "--pidfile", str(self.data_dir / "redis.pid"),
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", self.appendfsync,
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--loglevel", "warning",
+            "--dir",
+            str(self.data_dir),
+            "--pidfile",
+            str(self.data_dir / "redis.pid"),
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            self.appendfsync,
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
         ]
         if self.port is None:
             # A unix socket in a short private dir: no port to collide with, no network exposure.
@@ -132,8 +140,12 @@ class EmbeddedRedis:
             args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
         )
         self._wait_ready(timeout_s)
-        logger.info("embedded redis-server %s started (pid %s, data %s)",
-                    self.url, self.process.pid, self.data_dir)
+        logger.info(
+            "embedded redis-server %s started (pid %s, data %s)",
+            self.url,
+            self.process.pid,
+            self.data_dir,
+        )
         return self.url
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -143,7 +155,11 @@ class EmbeddedRedis:
             while True:
                 assert self.process is not None
                 if self.process.poll() is not None:
-                    err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                    err = (
+                        self.process.stderr.read().decode(errors="replace")
+                        if self.process.stderr
+                        else ""
+                    )
                     raise RuntimeError(f"redis-server exited at start: {err.strip()[:500]}")
                 try:
                     if client.ping():
