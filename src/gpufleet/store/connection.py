@@ -212,13 +212,14 @@ class EmbeddedRedis:
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """An asyncio Redis client with a connection pool; responses are decoded to ``str``."""
-    options: dict[str, object] = {}
-    if not url.startswith("unix://"):
-        options["socket_keepalive"] = True  # TCP only; unix sockets reject the option
+    if url.startswith("unix://"):  # unix sockets reject socket_keepalive
+        return aioredis.Redis.from_url(
+            url, decode_responses=True, max_connections=max_connections, health_check_interval=30
+        )
     return aioredis.Redis.from_url(
         url,
         decode_responses=True,
         max_connections=max_connections,
         health_check_interval=30,
-        **options,
+        socket_keepalive=True,
     )
