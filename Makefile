@@ -1,7 +1,7 @@
 .PHONY: lint typecheck test check
 
 lint:
-	ruff check src tests bench
+	ruff check .
 
 typecheck:
 	mypy
