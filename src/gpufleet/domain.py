@@ -7,6 +7,7 @@ before it writes a new state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -72,3 +73,36 @@ def can_transition(old: WorkerState, new: WorkerState) -> bool:
     if new is WorkerState.failed:
         return old is not WorkerState.deleted
     return new in WORKER_TRANSITIONS[old]
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One instance in a pool, as the registry in Redis knows it."""
+
+    id: str
+    pool: str
+    provider: str
+    state: WorkerState
+    slots: int
+    busy_slots: int = 0
+    instance_id: str = ""
+    instance_name: str = ""
+    base_url: str = ""
+    engine: str = ""
+    models_present: tuple[str, ...] = ()
+    models_loaded: tuple[str, ...] = ()
+    created_at: float = 0.0
+    state_since: float = 0.0
+    ready_since: float | None = None
+    last_busy_at: float | None = None
+    health_failures: int = 0
+    price_per_hour: float = 0.0
+    cost_usd: float = 0.0
+    last_error: str = ""
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.slots - self.busy_slots) if self.state is WorkerState.ready else 0
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.id} {self.pool} {self.state} {self.busy_slots}/{self.slots}>"

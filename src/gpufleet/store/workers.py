@@ -1,0 +1,296 @@
+"""The worker registry in Redis, and the slot accounting the dispatcher and proxy share.
+
+Per worker: a hash with its record, and a sorted set of slot holders scored by
+their lease deadline. A slot is taken by adding a holder token only if the
+worker is ``ready`` and fewer than ``slots`` live holders exist — one Lua script,
+so one slot is never given twice, across processes and replicas. A holder that
+dies without releasing simply stops renewing; its slot frees itself when its
+deadline passes (the next acquire or count purges expired holders).
+
+State changes are compare-and-set against the transition table in
+``gpufleet.domain``: ``transition()`` says whether it happened, so two replicas
+that race to move a worker cannot both win.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from gpufleet.domain import WORKER_TRANSITIONS, Worker, WorkerState
+
+logger = logging.getLogger(__name__)
+
+# KEYS: worker hash, slot zset. ARGV: now, deadline, token.
+# Returns 1 if a slot was taken, 0 if the worker is full or not ready.
+_ACQUIRE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'ready' then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '0')
+if redis.call('ZCARD', KEYS[2]) >= slots then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[1], 'last_busy_at', ARGV[1])
+return 1
+"""
+
+# KEYS: worker hash, slot zset. ARGV: now, token. Returns 1 if the token held a slot.
+_RELEASE = """
+local removed = redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'last_busy_at', ARGV[1])
+end
+return removed
+"""
+
+# KEYS: worker hash. ARGV: new state, now, reason, allowed old states...
+# Returns the old state on success, or false (nil) if the current state is not allowed.
+_TRANSITION = """
+local old = redis.call('HGET', KEYS[1], 'state')
+if not old then return false end
+local ok = false
+for i = 4, #ARGV do if ARGV[i] == old then ok = true end end
+if not ok then return false end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'state_since', ARGV[2], 'last_error', ARGV[3])
+if ARGV[1] == 'ready' and old ~= 'ready' then
+  redis.call('HSET', KEYS[1], 'ready_since', ARGV[2], 'last_busy_at', ARGV[2],
+             'health_failures', 0)
+end
+return old
+"""
+
+_LIST_FIELDS = ("models_present", "models_loaded")
+
+
+class keys:
+    @staticmethod
+    def workers(prefix: str) -> str:
+        """SET of every worker id."""
+        return f"{prefix}:workers"
+
+    @staticmethod
+    def pool_workers(prefix: str, pool: str) -> str:
+        """SET of one pool's worker ids."""
+        return f"{prefix}:pool:{pool}:workers"
+
+    @staticmethod
+    def worker(prefix: str, worker_id: str) -> str:
+        """HASH: the worker record."""
+        return f"{prefix}:worker:{worker_id}"
+
+    @staticmethod
+    def worker_slots(prefix: str, worker_id: str) -> str:
+        """ZSET: slot holder token -> lease deadline (epoch s)."""
+        return f"{prefix}:worker:{worker_id}:slots"
+
+
+def allowed_sources(new: WorkerState) -> list[str]:
+    """Every state from which ``new`` may be entered (``failed`` from any live state)."""
+    if new is WorkerState.failed:
+        return [s.value for s in WorkerState if s is not WorkerState.deleted]
+    return [old.value for old, targets in WORKER_TRANSITIONS.items() if new in targets]
+
+
+def _to_worker(data: dict[str, str], busy: int) -> Worker:
+    def num(name: str, default: float = 0.0) -> float:
+        raw = data.get(name)
+        return float(raw) if raw not in (None, "") else default
+
+    def opt(name: str) -> float | None:
+        raw = data.get(name)
+        return float(raw) if raw not in (None, "") else None
+
+    return Worker(
+        id=data["id"],
+        pool=data["pool"],
+        provider=data.get("provider", ""),
+        state=WorkerState(data["state"]),
+        slots=int(data.get("slots", "1")),
+        busy_slots=busy,
+        instance_id=data.get("instance_id", ""),
+        instance_name=data.get("instance_name", ""),
+        base_url=data.get("base_url", ""),
+        engine=data.get("engine", ""),
+        models_present=tuple(json.loads(data.get("models_present") or "[]")),
+        models_loaded=tuple(json.loads(data.get("models_loaded") or "[]")),
+        created_at=num("created_at"),
+        state_since=num("state_since"),
+        ready_since=opt("ready_since"),
+        last_busy_at=opt("last_busy_at"),
+        health_failures=int(num("health_failures")),
+        price_per_hour=num("price_per_hour"),
+        cost_usd=num("cost_usd"),
+        last_error=data.get("last_error", ""),
+    )
+
+
+class WorkerRegistry:
+    """Workers and their slots, shared by every replica through Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "gpufleet",
+        slot_ttl_s: float = 15.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.slot_ttl_s = slot_ttl_s
+        self.clock = clock
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._release = redis.register_script(_RELEASE)
+        self._transition = redis.register_script(_TRANSITION)
+
+    def __repr__(self) -> str:
+        return f"<WorkerRegistry prefix={self.prefix}>"
+
+    # -- records -------------------------------------------------------------------------
+
+    async def register(
+        self,
+        *,
+        pool: str,
+        provider: str,
+        slots: int,
+        state: WorkerState = WorkerState.provisioning,
+        worker_id: str | None = None,
+        **fields: Any,
+    ) -> Worker:
+        """Write a new worker record (before any provider call, so a retry finds it)."""
+        now = self.clock()
+        worker_id = worker_id or f"{pool}-{uuid.uuid4().hex[:8]}"
+        record: dict[str, Any] = {
+            "id": worker_id, "pool": pool, "provider": provider, "slots": slots,
+            "state": state.value, "created_at": now, "state_since": now,
+        }
+        if state is WorkerState.ready:
+            record.update(ready_since=now, last_busy_at=now)
+        for name, value in fields.items():
+            record[name] = json.dumps(list(value)) if name in _LIST_FIELDS else value
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.worker(self.prefix, worker_id), mapping=cast(Any, record))
+            pipe.sadd(keys.workers(self.prefix), worker_id)
+            pipe.sadd(keys.pool_workers(self.prefix, pool), worker_id)
+            await pipe.execute()
+        logger.info("worker %s registered in pool %s (%s)", worker_id, pool, state)
+        return await self.get(worker_id)
+
+    async def get(self, worker_id: str) -> Worker:
+        data = cast(dict[str, str], await self.redis.hgetall(keys.worker(self.prefix, worker_id)))
+        if not data:
+            raise KeyError(worker_id)
+        return _to_worker(data, await self.busy(worker_id))
+
+    async def find(self, worker_id: str) -> Worker | None:
+        try:
+            return await self.get(worker_id)
+        except KeyError:
+            return None
+
+    async def list_workers(self, pool: str | None = None) -> list[Worker]:
+        """All workers (or one pool's), skipping (and logging) records that do not parse."""
+        key = keys.pool_workers(self.prefix, pool) if pool else keys.workers(self.prefix)
+        ids = sorted(cast(set[str], await self.redis.smembers(key)))
+        return await self._load(ids)
+
+    async def _load(self, ids: Iterable[str]) -> list[Worker]:
+        ids = list(ids)
+        now = self.clock()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.hgetall(keys.worker(self.prefix, worker_id))
+                pipe.zcount(keys.worker_slots(self.prefix, worker_id), f"({now}", "+inf")
+            results = await pipe.execute()
+        workers = []
+        for worker_id, data, busy in zip(ids, results[::2], results[1::2], strict=True):
+            if not data:
+                continue
+            try:
+                workers.append(_to_worker(data, int(busy)))
+            except (KeyError, ValueError) as exc:
+                logger.warning("worker %s: skipping unreadable record (%s)", worker_id, exc)
+        return workers
+
+    async def update(self, worker_id: str, **fields: Any) -> None:
+        """Set plain fields (base_url, models, instance id, cost …) of an existing worker."""
+        key = keys.worker(self.prefix, worker_id)
+        mapping = {
+            name: json.dumps(list(value)) if name in _LIST_FIELDS else value
+            for name, value in fields.items()
+        }
+        if not await self.redis.exists(key):
+            raise KeyError(worker_id)
+        await self.redis.hset(key, mapping=cast(Any, mapping))
+
+    async def transition(self, worker_id: str, new: WorkerState, reason: str = "") -> bool:
+        """Move a worker to ``new`` if the table allows it from its current state."""
+        old = await self._transition(
+            keys=[keys.worker(self.prefix, worker_id)],
+            args=[new.value, self.clock(), reason, *allowed_sources(new)],
+        )
+        if old is None:
+            return False
+        logger.info("worker %s %s -> %s (%s)", worker_id, old, new.value, reason or "-")
+        return True
+
+    async def record_health(self, worker_id: str, ok: bool) -> int:
+        """Count consecutive health failures; return the new count (0 after a success)."""
+        key = keys.worker(self.prefix, worker_id)
+        if ok:
+            await self.redis.hset(key, "health_failures", 0)
+            return 0
+        return int(await self.redis.hincrby(key, "health_failures", 1))
+
+    async def remove(self, worker_id: str) -> None:
+        """Forget a worker whose instance is gone (deleted)."""
+        data = cast(dict[str, str], await self.redis.hgetall(keys.worker(self.prefix, worker_id)))
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.worker(self.prefix, worker_id))
+            pipe.delete(keys.worker_slots(self.prefix, worker_id))
+            pipe.srem(keys.workers(self.prefix), worker_id)
+            if data.get("pool"):
+                pipe.srem(keys.pool_workers(self.prefix, data["pool"]), worker_id)
+            await pipe.execute()
+        logger.info("worker %s removed from the registry", worker_id)
+
+    # -- slots ---------------------------------------------------------------------------
+
+    async def acquire_slot(self, worker_id: str, holder: str | None = None) -> str | None:
+        """Take one slot of a ready worker; return the holder token, or None if full."""
+        token = holder or uuid.uuid4().hex
+        now = self.clock()
+        taken = await self._acquire(
+            keys=[keys.worker(self.prefix, worker_id), keys.worker_slots(self.prefix, worker_id)],
+            args=[now, now + self.slot_ttl_s, token],
+        )
+        return token if taken else None
+
+    async def renew_slot(self, worker_id: str, token: str) -> bool:
+        """Push a held slot's deadline out; False if it had already expired."""
+        deadline = self.clock() + self.slot_ttl_s
+        changed = await self.redis.zadd(
+            keys.worker_slots(self.prefix, worker_id), {token: deadline}, xx=True, ch=True
+        )
+        return bool(changed)
+
+    async def release_slot(self, worker_id: str, token: str) -> bool:
+        released = await self._release(
+            keys=[keys.worker(self.prefix, worker_id), keys.worker_slots(self.prefix, worker_id)],
+            args=[self.clock(), token],
+        )
+        return bool(released)
+
+    async def busy(self, worker_id: str) -> int:
+        """Slots held now (expired holders do not count)."""
+        return int(
+            await self.redis.zcount(
+                keys.worker_slots(self.prefix, worker_id), f"({self.clock()}", "+inf"
+            )
+        )
