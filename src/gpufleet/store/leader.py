@@ -1,0 +1,105 @@
+"""Exactly one replica reconciles: a Redis lease lock with a fencing token.
+
+``acquire()`` takes or renews the lock and returns the fencing token (an epoch
+that only ever grows) while this replica holds it, else ``None``. Whoever acts
+on the lock's behalf passes the token to ``check()`` right before acting; a
+replica that was paused past its lease finds a newer epoch there and stops, so
+a stale leader's actions are refused even if it still believes it leads.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import cast
+
+import redis.asyncio as aioredis
+
+logger = logging.getLogger(__name__)
+
+# KEYS: lock hash, epoch counter. ARGV: replica id, ttl ms. Returns epoch, or 0 if held by another.
+_ACQUIRE = """
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if not holder then
+  local epoch = redis.call('INCR', KEYS[2])
+  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'epoch', epoch)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return epoch
+elseif holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+end
+return 0
+"""
+
+# KEYS: lock hash. ARGV: replica id, epoch. Returns 1 if both still match.
+_CHECK = """
+local h = redis.call('HMGET', KEYS[1], 'holder', 'epoch')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then return 1 end
+return 0
+"""
+
+# KEYS: lock hash. ARGV: replica id, epoch. Deletes the lock only if we hold it.
+_RELEASE = """
+local h = redis.call('HMGET', KEYS[1], 'holder', 'epoch')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class LeaderLock:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "gpufleet",
+        name: str = "reconciler",
+        replica_id: str | None = None,
+        ttl_s: float = 15.0,
+    ) -> None:
+        self.redis = redis
+        self.key = f"{prefix}:leader:{name}"
+        self.epoch_key = f"{prefix}:leader:{name}:epoch"
+        self.replica_id = replica_id or uuid.uuid4().hex[:12]
+        self.ttl_s = ttl_s
+        self.token: int | None = None
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._check = redis.register_script(_CHECK)
+        self._release = redis.register_script(_RELEASE)
+
+    def __repr__(self) -> str:
+        return f"<LeaderLock {self.key} replica={self.replica_id} token={self.token}>"
+
+    async def acquire(self) -> int | None:
+        """Take or renew the lock; the fencing token while we lead, else None."""
+        epoch = int(
+            cast(
+                int,
+                await self._acquire(
+                    keys=[self.key, self.epoch_key],
+                    args=[self.replica_id, int(self.ttl_s * 1000)],
+                ),
+            )
+        )
+        previous, self.token = self.token, (epoch or None)
+        if self.token != previous:
+            if self.token is None:
+                logger.warning("replica %s lost leadership (token %s)", self.replica_id, previous)
+            else:
+                logger.info("replica %s is leader (token %s)", self.replica_id, self.token)
+        return self.token
+
+    async def check(self, token: int | None = None) -> bool:
+        """True only if this replica still holds the lock with ``token``."""
+        token = token if token is not None else self.token
+        if token is None:
+            return False
+        ok = await self._check(keys=[self.key], args=[self.replica_id, token])
+        return bool(ok)
+
+    async def release(self) -> None:
+        """Give the lock up at once (graceful shutdown), so another replica takes over."""
+        if self.token is not None:
+            await self._release(keys=[self.key], args=[self.replica_id, self.token])
+            logger.info("replica %s released leadership", self.replica_id)
+        self.token = None
