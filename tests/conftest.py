@@ -14,6 +14,7 @@ import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -98,3 +99,25 @@ def tmp_config(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+@pytest.fixture
+async def api(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[Any]:
+    """A full gpufleet app (``create_app``) on the test Redis, lifespan running.
+
+    Yields an ``httpx.AsyncClient`` bound to it; ``api.app`` is the FastAPI app and
+    ``api.components`` what its lifespan built. Extra settings: ``api_settings``.
+    """
+    import httpx
+
+    from gpufleet.app import create_app
+    from gpufleet.settings import load_settings
+
+    settings = load_settings(env_file=None, redis={"url": redis_url})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as client:
+            client.app = app  # type: ignore[attr-defined]
+            client.components = app.state.components  # type: ignore[attr-defined]
+            yield client

@@ -23,6 +23,8 @@ from gpufleet.errors import StoreError
 from gpufleet.metrics import UP
 from gpufleet.settings import Settings
 from gpufleet.store.connection import EmbeddedRedis, connect
+from gpufleet.store.events import EventLog
+from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +59,13 @@ def create_app(settings: Settings) -> FastAPI:
                 await redis.ping()
             except Exception as exc:
                 raise StoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from exc
-            components = Components(settings=settings, redis=redis)
+            prefix = settings.redis.key_prefix
+            components = Components(
+                settings=settings,
+                redis=redis,
+                registry=WorkerRegistry(redis, prefix=prefix),
+                events=EventLog(redis, prefix=prefix),
+            )
             app.state.components = components
             stack.push_async_callback(_stop_loops, components)
             UP.set(1)

@@ -8,6 +8,7 @@ clients map HTTP responses to them in one place each (``check_response``).
 
     GpufleetError
     ├── ConfigError                      bad configuration (startup)
+    ├── Conflict                         valid request, but the state forbids it (409)
     ├── StoreError                       Redis unreachable or a script failed   (transient)
     ├── ProviderError                    a cloud API call failed
     │   ├── NotFound                     instance does not exist (delete treats it as done)
@@ -23,7 +24,7 @@ clients map HTTP responses to them in one place each (``check_response``).
     │   └── EngineRejected               worker refused the work (bad graph)     (terminal)
     └── TaskError
         ├── TaskNotFound
-        ├── TaskConflict                 e.g. cancelling a finished task
+        ├── TaskConflict (also Conflict) e.g. cancelling a finished task
         └── IdempotencyConflict          same key, different request
 """
 
@@ -55,6 +56,12 @@ class ConfigError(GpufleetError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Conflict(GpufleetError):
+    """The request is valid but the resource's state forbids it now (HTTP 409)."""
+
+    code = "conflict"
 
 
 class StoreError(GpufleetError):
@@ -143,7 +150,7 @@ class TaskNotFound(TaskError):
     code = "not_found"
 
 
-class TaskConflict(TaskError):
+class TaskConflict(TaskError, Conflict):
     code = "conflict"
 
 

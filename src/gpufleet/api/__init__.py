@@ -6,8 +6,9 @@ from fastapi import APIRouter
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import health
+    from gpufleet.api import health, workers
 
     router = APIRouter()
     router.include_router(health.router)
+    router.include_router(workers.router)
     return router

@@ -15,6 +15,8 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 from gpufleet.settings import Settings
+from gpufleet.store.events import EventLog
+from gpufleet.store.workers import WorkerRegistry
 
 
 @dataclass
@@ -23,6 +25,8 @@ class Components:
 
     settings: Settings
     redis: aioredis.Redis
+    registry: WorkerRegistry | None = None
+    events: EventLog | None = None
     # provider name ("novita", "surf", "static") -> gpufleet.providers.base.Provider
     providers: dict[str, Any] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -41,3 +45,15 @@ def get_settings(request: Request) -> Settings:
 
 def get_redis(request: Request) -> aioredis.Redis:
     return get_components(request).redis
+
+
+def get_registry(request: Request) -> WorkerRegistry:
+    registry = get_components(request).registry
+    assert registry is not None, "create_app builds the registry"
+    return registry
+
+
+def get_events(request: Request) -> EventLog:
+    events = get_components(request).events
+    assert events is not None, "create_app builds the event log"
+    return events

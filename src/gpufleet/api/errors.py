@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 STATUS_BY_ERROR: list[tuple[type[errors.GpufleetError], int]] = [
     (errors.TaskNotFound, 404),
     (errors.NotFound, 404),
-    (errors.TaskConflict, 409),
+    (errors.Conflict, 409),
     (errors.IdempotencyConflict, 409),
     (errors.InvalidState, 409),
     (errors.EngineRejected, 422),
