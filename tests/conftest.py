@@ -116,8 +116,16 @@ async def api(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[Any]:
     settings = load_settings(env_file=None, redis={"url": redis_url})
     app = create_app(settings)
     async with app.router.lifespan_context(app):
+        store = app.state.components.extras["apikeys"]
+        _, admin_key = await store.create("test-admin", role="admin")
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as client:
+        async with httpx.AsyncClient(
+            transport=transport,
+            base_url="http://gpufleet",
+            headers={"Authorization": f"Bearer {admin_key}"},
+        ) as client:
             client.app = app  # type: ignore[attr-defined]
             client.components = app.state.components  # type: ignore[attr-defined]
+            client.admin_key = admin_key  # type: ignore[attr-defined]
+            client.keys = store  # type: ignore[attr-defined]
             yield client

@@ -14,6 +14,8 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet import __version__
 from gpufleet.api import build_router
@@ -22,6 +24,7 @@ from gpufleet.api.errors import install_error_handlers
 from gpufleet.errors import StoreError
 from gpufleet.metrics import UP
 from gpufleet.settings import Settings
+from gpufleet.store.apikeys import ApiKeyStore
 from gpufleet.store.connection import EmbeddedRedis, connect
 from gpufleet.store.events import EventLog
 from gpufleet.store.workers import WorkerRegistry
@@ -66,6 +69,13 @@ def create_app(settings: Settings) -> FastAPI:
                 registry=WorkerRegistry(redis, prefix=prefix),
                 events=EventLog(redis, prefix=prefix),
             )
+            secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
+            components.extras["apikeys"] = await ApiKeyStore.open(redis, secret, prefix=prefix)
+            if not settings.auth.enabled:
+                logger.warning(
+                    "AUTH IS DISABLED ([auth] enabled = false): anyone who can reach this "
+                    "port can spend your GPU budget. Use this for a local demo only."
+                )
             app.state.components = components
             stack.push_async_callback(_stop_loops, components)
             UP.set(1)
@@ -81,7 +91,44 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(build_router())
+    app.add_middleware(SecurityHeadersMiddleware)
+    if settings.auth.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.auth.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["authorization", "content-type", "x-api-key", "idempotency-key"],
+        )
     return app
+
+
+SECURITY_HEADERS = {
+    b"x-content-type-options": b"nosniff",
+    b"x-frame-options": b"DENY",
+    b"referrer-policy": b"no-referrer",
+    b"cache-control": b"no-store",
+}
+
+
+class SecurityHeadersMiddleware:
+    """Adds conservative security headers to every HTTP answer (pure ASGI: streams untouched)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in SECURITY_HEADERS.items() if k not in present]
+                message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 async def _stop_loops(components: Components) -> None:

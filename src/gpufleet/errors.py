@@ -9,6 +9,10 @@ clients map HTTP responses to them in one place each (``check_response``).
     GpufleetError
     ├── ConfigError                      bad configuration (startup)
     ├── Conflict                         valid request, but the state forbids it (409)
+    ├── AuthError
+    │   ├── Unauthenticated              no key, or an unknown/revoked one (401)
+    │   ├── Forbidden                    the key's role or limits forbid it (403)
+    │   └── LimitExceeded(retry_after)   rate / concurrency / queue limit (429)
     ├── StoreError                       Redis unreachable or a script failed   (transient)
     ├── ProviderError                    a cloud API call failed
     │   ├── NotFound                     instance does not exist (delete treats it as done)
@@ -62,6 +66,30 @@ class Conflict(GpufleetError):
     """The request is valid but the resource's state forbids it now (HTTP 409)."""
 
     code = "conflict"
+
+
+class AuthError(GpufleetError):
+    """The caller may not do this."""
+
+    code = "unauthorized"
+
+
+class Unauthenticated(AuthError):
+    code = "unauthorized"
+
+
+class Forbidden(AuthError):
+    code = "forbidden"
+
+
+class LimitExceeded(AuthError):
+    """A per-key limit (rate, concurrency, queued tasks) is reached (HTTP 429)."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StoreError(GpufleetError):

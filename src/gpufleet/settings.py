@@ -147,6 +147,30 @@ class SurfSettings(Section):
     timeout_s: float = Field(30.0, gt=0, description="Timeout of one API call.")
 
 
+class AuthSettings(Section):
+    enabled: bool = Field(
+        True,
+        description="Require an API key on every endpoint but /health, /ready (and /metrics "
+        "unless metrics_token is set). false is for a local demo only and logs a loud warning.",
+    )
+    secret: SecretStr | None = Field(
+        None,
+        description="Server secret for hashing API keys (HMAC-SHA256; env GPUFLEET_AUTH__SECRET). "
+        "Empty: one is generated and kept in Redis, so keys survive restarts.",
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="If set, GET /metrics needs 'Authorization: Bearer <this token>'."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty: CORS off."
+    )
+    fail_open: bool = Field(
+        False,
+        description="When Redis cannot be asked about a key's limits: false (default) refuses "
+        "the request with 503; true lets it through unlimited.",
+    )
+
+
 class ProvidersSettings(Section):
     novita: NovitaSettings = NovitaSettings()
     surf: SurfSettings = SurfSettings()
@@ -300,6 +324,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     queue: QueueSettings = QueueSettings()
     scaling: ScalingSettings = ScalingSettings()
+    auth: AuthSettings = AuthSettings()
     providers: ProvidersSettings = ProvidersSettings()
     pools: list[PoolSpec] = Field(default_factory=list)
     legacy_novita_pool: PoolSpec | None = Field(None, exclude=True, repr=False)

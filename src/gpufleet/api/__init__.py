@@ -1,14 +1,23 @@
-"""gpufleet's REST API: one router per resource, assembled by ``build_router``."""
+"""gpufleet's REST API: one router per resource, assembled by ``build_router``.
+
+Only the operations endpoints (``/health``, ``/ready``, ``/metrics``) are public;
+every other router is mounted behind ``authenticate`` (admin routers check the
+role themselves).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import health, workers
+    from gpufleet.api import health, keys, workers
+    from gpufleet.api.auth import authenticate
 
     router = APIRouter()
     router.include_router(health.router)
-    router.include_router(workers.router)
+    protected = APIRouter(dependencies=[Depends(authenticate)])
+    protected.include_router(workers.router)
+    protected.include_router(keys.router)
+    router.include_router(protected)
     return router

@@ -7,6 +7,7 @@ in that shape. The Ollama/OpenAI-compatible proxy formats its own errors.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 # Most specific first: the first isinstance match wins.
 STATUS_BY_ERROR: list[tuple[type[errors.GpufleetError], int]] = [
+    (errors.Unauthenticated, 401),
+    (errors.Forbidden, 403),
+    (errors.LimitExceeded, 429),
     (errors.TaskNotFound, 404),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
@@ -40,6 +44,34 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    """An error in the shape the caller's API speaks.
+
+    gpufleet's own API: ``{"error": {"code", "message"}}``; the Ollama-native proxy
+    (``/api/…`` but not ``/api/v1/…``): ``{"error": "message"}``; the OpenAI-compatible
+    proxy (``/v1/…``): ``{"error": {"message", "type", "param", "code"}}``.
+    """
+    path = request.url.path
+    body: dict[str, Any]
+    if path.startswith("/api/") and not path.startswith("/api/v1/"):
+        body = {"error": message}
+    elif path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        if status == 404:
+            kind = "not_found_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    else:
+        body = error_body(code, message, **extra)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
 def status_for(exc: errors.GpufleetError) -> int:
     for cls, status in STATUS_BY_ERROR:
         if isinstance(exc, cls):
@@ -51,11 +83,14 @@ async def _gpufleet_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.GpufleetError)
     status = status_for(exc)
     headers = {}
-    if isinstance(exc, errors.RateLimited) and exc.retry_after:
-        headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    if isinstance(exc, errors.Unauthenticated):
+        headers["WWW-Authenticate"] = "Bearer"
     if status >= 500:
         logger.warning("%s %s -> %s: %s", request.method, request.url.path, status, exc)
-    return JSONResponse(error_body(exc.code, str(exc)), status_code=status, headers=headers)
+    return error_response(request, status, exc.code, str(exc), headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -68,7 +103,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         "; ".join(f"{f['field']}: {f['message']}" if f["field"] else f["message"] for f in fields)
         or "invalid request"
     )
-    return JSONResponse(error_body("validation_error", message, fields=fields), status_code=422)
+    return error_response(request, 422, "validation_error", message, fields=fields)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -88,7 +123,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("%s %s: unexpected error", request.method, request.url.path)
-    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+    return error_response(request, 500, "internal_error", "internal server error")
 
 
 def install_error_handlers(app: FastAPI) -> None:

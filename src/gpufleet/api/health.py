@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from gpufleet import __version__
 from gpufleet.api.deps import get_components
 from gpufleet.api.errors import error_body
+from gpufleet.errors import Unauthenticated
 
 router = APIRouter(tags=["operations"])
 
@@ -41,5 +43,11 @@ async def ready(request: Request) -> dict[str, Any] | JSONResponse:
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    token = get_components(request).settings.auth.metrics_token
+    if token is not None:
+        expected = f"Bearer {token.get_secret_value()}".encode()
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise Unauthenticated("/metrics needs the configured bearer token")
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -139,9 +139,7 @@ async def drain_worker(
         raise NotFound(f"worker {worker_id!r} not found")
     if worker.state is not WorkerState.draining:
         if not await registry.transition(worker_id, WorkerState.draining, "drained by operator"):
-            raise Conflict(
-                f"worker {worker_id!r} is {worker.state}; only a ready worker drains"
-            )
+            raise Conflict(f"worker {worker_id!r} is {worker.state}; only a ready worker drains")
         await events.emit(
             "worker",
             worker=worker_id,

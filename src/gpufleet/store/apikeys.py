@@ -1,0 +1,278 @@
+"""API keys: only an HMAC-SHA256 of each key is stored, plus per-key limits.
+
+A key is shown once, when it is created or rotated. Redis holds, per key id, a
+hash with the name, e-mail, role, limits and the key's HMAC (hex), and one index
+``digest -> id`` so a presented key is found with one HMAC and two lookups; the
+stored digest is then compared in constant time.
+
+Limits are exact across replicas because they live in Redis and every check is
+one Lua script; every counter a script writes carries a TTL, so a replica that
+dies mid-request leaves nothing behind for longer than that TTL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, cast
+
+import redis.asyncio as aioredis
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["admin", "user"]
+KEY_PREFIX = "gpf_"
+
+# KEYS: window counter. ARGV: limit, window seconds. Returns 0 if allowed, else seconds to wait.
+_RATE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) * 2) end
+if n > tonumber(ARGV[1]) then
+  local ttl = redis.call('TTL', KEYS[1]) - tonumber(ARGV[2])
+  if ttl < 1 then ttl = 1 end
+  return ttl
+end
+return 0
+"""
+
+# KEYS: holder zset. ARGV: now, deadline, token, max, ttl ms. Returns 1 if a place was taken.
+_CONCURRENT = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    name: str
+    email: str
+    role: Role
+    created_at: float
+    revoked: bool = False
+    rate_limit_per_min: int | None = None
+    max_concurrent: int | None = None
+    max_queued: int | None = None
+    max_priority: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.id} {self.name!r} {self.role}{' revoked' if self.revoked else ''}>"
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _from_hash(data: dict[str, str]) -> ApiKey:
+    def opt(name: str) -> int | None:
+        raw = data.get(name, "")
+        return int(raw) if raw else None
+
+    role = data.get("role", "user")
+    return ApiKey(
+        id=data["id"],
+        name=data.get("name", ""),
+        email=data.get("email", ""),
+        role="admin" if role == "admin" else "user",
+        created_at=float(data.get("created_at", "0")),
+        revoked=data.get("revoked") == "1",
+        rate_limit_per_min=opt("rate_limit_per_min"),
+        max_concurrent=opt("max_concurrent"),
+        max_queued=opt("max_queued"),
+        max_priority=opt("max_priority"),
+    )
+
+
+class ApiKeyStore:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        secret: bytes,
+        *,
+        prefix: str = "gpufleet",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self._secret = secret
+        self.prefix = prefix
+        self.clock = clock
+        self._rate = redis.register_script(_RATE)
+        self._concurrent = redis.register_script(_CONCURRENT)
+
+    def __repr__(self) -> str:
+        return f"<ApiKeyStore prefix={self.prefix}>"
+
+    @classmethod
+    async def open(
+        cls, redis: aioredis.Redis, configured: str | None, *, prefix: str = "gpufleet"
+    ) -> ApiKeyStore:
+        """Use the configured server secret, else the one kept in Redis (made once)."""
+        if configured:
+            return cls(redis, configured.encode(), prefix=prefix)
+        key = f"{prefix}:auth:secret"
+        await redis.set(key, secrets.token_hex(32), nx=True)
+        stored = cast(str, await redis.get(key))
+        return cls(redis, stored.encode(), prefix=prefix)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _digest(self, plaintext: str) -> str:
+        return hmac.new(self._secret, plaintext.encode(), hashlib.sha256).hexdigest()
+
+    def _key(self, key_id: str) -> str:
+        return f"{self.prefix}:apikey:{key_id}"
+
+    @property
+    def _index(self) -> str:
+        return f"{self.prefix}:apikeys"
+
+    @property
+    def _by_digest(self) -> str:
+        return f"{self.prefix}:apikeys:by_digest"
+
+    async def create(
+        self,
+        name: str,
+        *,
+        email: str = "",
+        role: Role = "user",
+        plaintext: str | None = None,
+        rate_limit_per_min: int | None = None,
+        max_concurrent: int | None = None,
+        max_queued: int | None = None,
+        max_priority: int | None = None,
+    ) -> tuple[ApiKey, str]:
+        """Store a new key; return it with its plaintext (the only time it is known)."""
+        key_id = uuid.uuid4().hex[:12]
+        plaintext = plaintext or KEY_PREFIX + secrets.token_urlsafe(32)
+        digest = self._digest(plaintext)
+        record = {
+            "id": key_id,
+            "name": name,
+            "email": email,
+            "role": role,
+            "created_at": self.clock(),
+            "revoked": "0",
+            "digest": digest,
+            "rate_limit_per_min": rate_limit_per_min or "",
+            "max_concurrent": max_concurrent or "",
+            "max_queued": max_queued or "",
+            "max_priority": "" if max_priority is None else max_priority,
+        }
+        if not await self.redis.hsetnx(self._by_digest, digest, key_id):
+            raise ValueError("this key already exists")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(key_id), mapping=cast(Any, record))
+            pipe.sadd(self._index, key_id)
+            await pipe.execute()
+        logger.info("api key %s created for %r (%s)", key_id, name, role)
+        return _from_hash({k: str(v) for k, v in record.items()}), plaintext
+
+    async def verify(self, plaintext: str) -> ApiKey | None:
+        """The live key matching ``plaintext``, or None (unknown or revoked)."""
+        if not plaintext or len(plaintext) > 512:
+            return None
+        digest = self._digest(plaintext)
+        key_id = await self.redis.hget(self._by_digest, digest)
+        if not key_id:
+            return None
+        data = cast(dict[str, str], await self.redis.hgetall(self._key(str(key_id))))
+        if not data or not hmac.compare_digest(data.get("digest", ""), digest):
+            return None
+        key = _from_hash(data)
+        return None if key.revoked else key
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        data = cast(dict[str, str], await self.redis.hgetall(self._key(key_id)))
+        return _from_hash(data) if data else None
+
+    async def list_keys(self) -> list[ApiKey]:
+        ids = sorted(cast(set[str], await self.redis.smembers(self._index)))
+        keys = [await self.get(key_id) for key_id in ids]
+        return sorted((k for k in keys if k), key=lambda k: k.created_at)
+
+    async def revoke(self, key_id: str) -> bool:
+        data = cast(dict[str, str], await self.redis.hgetall(self._key(key_id)))
+        if not data:
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(key_id), "revoked", "1")
+            pipe.hdel(self._by_digest, data.get("digest", ""))
+            await pipe.execute()
+        logger.info("api key %s revoked", key_id)
+        return True
+
+    async def rotate(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """Give a key a new secret; the old one stops working at once."""
+        data = cast(dict[str, str], await self.redis.hgetall(self._key(key_id)))
+        if not data or data.get("revoked") == "1":
+            return None
+        plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
+        digest = self._digest(plaintext)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self._by_digest, data.get("digest", ""))
+            pipe.hset(self._by_digest, digest, key_id)
+            pipe.hset(self._key(key_id), "digest", digest)
+            await pipe.execute()
+        logger.info("api key %s rotated", key_id)
+        return _from_hash({**data, "digest": digest}), plaintext
+
+    async def import_json(self, raw: Any) -> list[ApiKey]:
+        """Import the parsed SURF controller ``api_keys.json`` (entries with name, email, key).
+
+        Accepts a list of entries or ``{"keys": [...]}``. Keys already imported are skipped,
+        so a second import changes nothing.
+        """
+        entries: list[dict[str, Any]] = (
+            raw.get("keys", raw.get("api_keys")) or [] if isinstance(raw, dict) else raw
+        )
+        imported = []
+        for entry in entries:
+            plaintext = str(entry.get("key") or entry.get("api_key") or "")
+            if not plaintext or await self.verify(plaintext):
+                continue
+            role: Role = "admin" if entry.get("role") == "admin" else "user"
+            key, _ = await self.create(
+                str(entry.get("name", "")),
+                email=str(entry.get("email", "")),
+                role=role,
+                plaintext=plaintext,
+            )
+            imported.append(key)
+        return imported
+
+    # -- limits --------------------------------------------------------------------------
+
+    async def hit_rate_limit(self, key: ApiKey) -> float:
+        """Count one request; 0 if allowed, else seconds until the next is allowed."""
+        if not key.rate_limit_per_min:
+            return 0.0
+        window = int(self.clock() // 60)
+        wait = await self._rate(
+            keys=[f"{self.prefix}:ratelimit:{key.id}:{window}"],
+            args=[key.rate_limit_per_min, 60],
+        )
+        return float(cast(int, wait))
+
+    async def enter(self, key: ApiKey, token: str, *, ttl_s: float = 600.0) -> bool:
+        """Take one of the key's concurrent-request places (held up to ``ttl_s``)."""
+        if not key.max_concurrent:
+            return True
+        now = self.clock()
+        ok = await self._concurrent(
+            keys=[f"{self.prefix}:concurrent:{key.id}"],
+            args=[now, now + ttl_s, token, key.max_concurrent, int(ttl_s * 1000)],
+        )
+        return bool(ok)
+
+    async def leave(self, key: ApiKey, token: str) -> None:
+        if key.max_concurrent:
+            await self.redis.zrem(f"{self.prefix}:concurrent:{key.id}", token)
