@@ -4,7 +4,10 @@ calls one function. Nothing else lives here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +16,7 @@ import typer
 from gpufleet import __version__
 from gpufleet.errors import ConfigError
 from gpufleet.settings import Settings, load_settings, redacted
+from gpufleet.store.apikeys import ApiKey, ApiKeyStore
 
 app = typer.Typer(
     name="gpufleet",
@@ -22,6 +26,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+keys_app = typer.Typer(
+    help="Manage API keys (talks to Redis directly: the configured URL, or the embedded "
+    "server of a running gpufleet, or a private one started for the command).",
+    no_args_is_help=True,
+)
+app.add_typer(keys_app, name="keys")
 
 ConfigOption = Annotated[
     Path | None,
@@ -133,6 +143,158 @@ def _print_toml(data: dict[str, Any], prefix: str = "") -> None:
                 for k, v in item.items():
                     typer.echo(f"{k} = {json.dumps(v)}")
                 typer.echo("")
+
+
+@contextlib.asynccontextmanager
+async def _key_store(settings: Settings) -> AsyncIterator[ApiKeyStore]:
+    from gpufleet.store.connection import EmbeddedRedis, connect, running_embedded_url
+
+    url = settings.redis.url or running_embedded_url(settings.redis.data_dir)
+    embedded = None
+    if not url:
+        embedded = EmbeddedRedis(settings.redis.data_dir, appendfsync=settings.redis.appendfsync)
+        url = await asyncio.to_thread(embedded.start)
+    client = connect(url)
+    try:
+        secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
+        yield await ApiKeyStore.open(client, secret, prefix=settings.redis.key_prefix)
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _per_minute(rate: str | None) -> int | None:
+    """'60/min', '2/s', '1000/h' or a bare number (per minute) -> requests per minute."""
+    if not rate:
+        return None
+    count, _, unit = rate.partition("/")
+    factor = {
+        "": 1.0,
+        "m": 1.0,
+        "min": 1.0,
+        "minute": 1.0,
+        "s": 60.0,
+        "sec": 60.0,
+        "second": 60.0,
+        "h": 1 / 60,
+        "hour": 1 / 60,
+    }.get(unit.strip().lower())
+    if factor is None or not count.strip().isdigit():
+        raise typer.BadParameter(f"{rate!r}: use N/min, N/s or N/h", param_hint="--rate-limit")
+    return max(1, round(int(count) * factor))
+
+
+def _print_key(key: ApiKey, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(key.public()))
+    else:
+        limits = ", ".join(
+            f"{name}={value}"
+            for name, value in (
+                ("rate/min", key.rate_limit_per_min),
+                ("concurrent", key.max_concurrent),
+                ("queued", key.max_queued),
+                ("priority", key.max_priority),
+            )
+            if value is not None
+        )
+        state = "revoked" if key.revoked else "active"
+        typer.echo(f"{key.id}  {key.role:<5}  {state:<7}  {key.name} <{key.email}>  {limits}")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for.")],
+    email: Annotated[str, typer.Option(help="Contact e-mail.")] = "",
+    role: Annotated[str, typer.Option(help="admin or user.")] = "user",
+    rate_limit: Annotated[str | None, typer.Option(help="e.g. 60/min")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1)] = None,
+    max_queued: Annotated[int | None, typer.Option(min=1)] = None,
+    max_priority: Annotated[int | None, typer.Option(min=0, max=9)] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create a key and print it once (only its hash is stored)."""
+    if role not in ("admin", "user"):
+        raise typer.BadParameter("admin or user", param_hint="--role")
+    per_minute = _per_minute(rate_limit)
+
+    async def run() -> tuple[ApiKey, str]:
+        async with _key_store(_load(config)) as store:
+            return await store.create(
+                name,
+                email=email,
+                role="admin" if role == "admin" else "user",
+                rate_limit_per_min=per_minute,
+                max_concurrent=max_concurrent,
+                max_queued=max_queued,
+                max_priority=max_priority,
+            )
+
+    key, plaintext = asyncio.run(run())
+    _print_key(key, False)
+    typer.echo(f"\nAPI key (shown once, store it now):\n{plaintext}")
+
+
+@keys_app.command("list")
+def keys_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List keys (never their secrets)."""
+
+    async def run() -> list[ApiKey]:
+        async with _key_store(_load(config)) as store:
+            return await store.list_keys()
+
+    for key in asyncio.run(run()):
+        _print_key(key, as_json)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOption = None) -> None:
+    """Revoke a key at once."""
+
+    async def run() -> bool:
+        async with _key_store(_load(config)) as store:
+            return await store.revoke(key_id)
+
+    if not asyncio.run(run()):
+        typer.echo(f"gpufleet: no key {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {key_id}")
+
+
+@keys_app.command("rotate")
+def keys_rotate(key_id: str, config: ConfigOption = None) -> None:
+    """Give a key a new secret (printed once); the old secret stops working."""
+
+    async def run() -> tuple[ApiKey, str] | None:
+        async with _key_store(_load(config)) as store:
+            return await store.rotate(key_id)
+
+    rotated = asyncio.run(run())
+    if rotated is None:
+        typer.echo(f"gpufleet: no active key {key_id!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"new secret for {key_id} (shown once):\n{rotated[1]}")
+
+
+@keys_app.command("import")
+def keys_import(path: Path, config: ConfigOption = None) -> None:
+    """Import the SURF controller's api_keys.json (name, email, key), hashing each key."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        typer.echo(f"gpufleet: cannot read {path}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def run() -> list[ApiKey]:
+        async with _key_store(_load(config)) as store:
+            return await store.import_json(data)
+
+    imported = asyncio.run(run())
+    typer.echo(f"imported {len(imported)} key(s); the file still holds them in clear: delete it")
 
 
 def main() -> None:

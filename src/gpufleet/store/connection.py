@@ -77,6 +77,11 @@ class EmbeddedRedis:
         pid = self.process.pid if self.process else None
         return f"<EmbeddedRedis {self.url or 'not started'} pid={pid}>"
 
+    @property
+    def socket_path(self) -> Path:
+        """Where the server listens (unless the path is too long), so CLI commands find it."""
+        return self.data_dir / "redis.sock"
+
     def _take_data_dir(self) -> None:
         """Lock the data dir for this process; reap a redis-server orphaned by a crash."""
         fd = os.open(self.data_dir / "gpufleet.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -129,8 +134,10 @@ class EmbeddedRedis:
         ]
         if self.port is None:
             # A unix socket in a short private dir: no port to collide with, no network exposure.
-            self._sock_dir = tempfile.mkdtemp(prefix="gpufleet-redis-")
-            sock = os.path.join(self._sock_dir, "redis.sock")
+            sock = str(self.socket_path)
+            if len(sock) > 100:  # unix socket paths are limited to ~107 bytes
+                self._sock_dir = tempfile.mkdtemp(prefix="gpufleet-redis-")
+                sock = os.path.join(self._sock_dir, "redis.sock")
             args += ["--port", "0", "--unixsocket", sock, "--unixsocketperm", "700"]
             self.url = f"unix://{sock}"
         else:
@@ -223,3 +230,18 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         health_check_interval=30,
         socket_keepalive=True,
     )
+
+
+def running_embedded_url(data_dir: Path | None) -> str | None:
+    """URL of an embedded redis-server a running gpufleet has open in ``data_dir``, if any."""
+    sock = (Path(data_dir) if data_dir else default_data_dir()) / "redis.sock"
+    if not sock.exists():
+        return None
+    url = f"unix://{sock}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return url if client.ping() else None
+    except (redis.ConnectionError, OSError):
+        return None
+    finally:
+        client.close()
