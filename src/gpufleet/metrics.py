@@ -8,7 +8,7 @@ collectors (CPU, memory, open fds, Python version).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Info
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from gpufleet import __version__
 
@@ -21,4 +21,123 @@ HTTP_REQUESTS = Counter(
     "gpufleet_http_requests_total",
     "HTTP requests answered by gpufleet's own API, by route template and status class.",
     ["route", "status_class"],
+)
+
+# -- tasks and queue -----------------------------------------------------------------------
+# Fleet-wide gauges (queue depth, workers, slots, burn rate) are set only by the replica that
+# holds the reconciler lock, from the snapshot it already reads each tick, and cleared when it
+# loses the lock: `sum()` over replicas then never double counts. Counters and histograms are
+# per replica (each counts what it did), so `sum(rate(...))` is the fleet total.
+
+TASKS_SUBMITTED = Counter(
+    "gpufleet_tasks_submitted_total", "Tasks accepted (202) by kind.", ["kind"]
+)
+TASKS_FINISHED = Counter(
+    "gpufleet_tasks_finished_total",
+    "Tasks that reached a final state, by kind and outcome (succeeded, failed, cancelled).",
+    ["kind", "outcome"],
+)
+TASK_ATTEMPTS_FAILED = Counter(
+    "gpufleet_task_attempts_failed_total",
+    "Task attempts that failed, by kind and whether they will be retried.",
+    ["kind", "retry"],
+)
+QUEUE_DEPTH = Gauge("gpufleet_queue_depth", "Tasks waiting, per pool (leader only).", ["pool"])
+QUEUE_OLDEST_WAIT = Gauge(
+    "gpufleet_queue_oldest_wait_seconds", "Age of the oldest waiting task (leader only).", ["pool"]
+)
+TASK_QUEUE_WAIT = Histogram(
+    "gpufleet_task_queue_wait_seconds",
+    "Time from enqueue to start of an attempt.",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
+)
+TASK_RUN = Histogram(
+    "gpufleet_task_run_seconds",
+    "Time one attempt ran on a worker.",
+    ["kind"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+)
+
+# -- fleet ---------------------------------------------------------------------------------
+
+WORKERS = Gauge("gpufleet_workers", "Workers per pool and state (leader only).", ["pool", "state"])
+SLOTS = Gauge("gpufleet_slots", "Slots per pool, busy or free (leader only).", ["pool", "status"])
+SCALE_ACTIONS = Counter(
+    "gpufleet_scale_actions_total",
+    "Scaling actions applied, by pool, action and outcome (ok, error, refused).",
+    ["pool", "action", "outcome"],
+)
+BOOT_SECONDS = Histogram(
+    "gpufleet_boot_seconds",
+    "Create/start/resume to ready, per pool.",
+    ["pool"],
+    buckets=(5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900),
+)
+COLD_STARTS = Counter(
+    "gpufleet_cold_starts_total", "Work that had to wait for a worker to boot.", ["pool"]
+)
+COLD_START_WAIT = Histogram(
+    "gpufleet_cold_start_wait_seconds",
+    "How long work waited for a cold worker.",
+    ["pool"],
+    buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+ORPHANS = Counter(
+    "gpufleet_orphan_instances_total",
+    "Provider instances with gpufleet's prefix the registry did not know, and what was done "
+    "(adopted, deleted).",
+    ["provider", "action"],
+)
+IS_LEADER = Gauge("gpufleet_is_leader", "1 if this replica runs the reconciler.")
+
+# -- money ---------------------------------------------------------------------------------
+
+SPEND = Counter("gpufleet_spend_dollars_total", "Dollars spent on workers, per pool.", ["pool"])
+BURN_RATE = Gauge(
+    "gpufleet_burn_rate_dollars_per_hour",
+    "What the running workers cost per hour now (leader only).",
+    ["pool"],
+)
+COST_PER_TASK = Gauge(
+    "gpufleet_cost_per_succeeded_task_dollars",
+    "Spend divided by succeeded tasks since start, per pool (leader only).",
+    ["pool"],
+)
+
+# -- providers -----------------------------------------------------------------------------
+
+PROVIDER_CALLS = Counter(
+    "gpufleet_provider_calls_total",
+    "Cloud API calls by provider, operation and outcome (ok or the error class).",
+    ["provider", "operation", "outcome"],
+)
+PROVIDER_CALL_SECONDS = Histogram(
+    "gpufleet_provider_call_seconds",
+    "Cloud API call latency.",
+    ["provider", "operation"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+
+# -- proxy ---------------------------------------------------------------------------------
+# `model` is bounded: only models a pool is configured to serve are used as label values;
+# anything else is counted as "other".
+
+PROXY_REQUESTS = Counter(
+    "gpufleet_proxy_requests_total", "Proxied requests by model and outcome.", ["model", "outcome"]
+)
+PROXY_TTFB = Histogram(
+    "gpufleet_proxy_time_to_first_byte_seconds",
+    "Proxy request start to first upstream byte.",
+    ["model"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300),
+)
+PROXY_DURATION = Histogram(
+    "gpufleet_proxy_request_seconds",
+    "Whole proxied request, including any wait for a slot.",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+)
+PROXY_TOKENS = Counter(
+    "gpufleet_proxy_tokens_total", "Tokens through the proxy (in, out).", ["model", "direction"]
 )
