@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import health, keys, workers
+    from gpufleet.api import events, health, keys, workers
     from gpufleet.api.auth import authenticate
 
     router = APIRouter()
@@ -19,5 +19,6 @@ def build_router() -> APIRouter:
     protected = APIRouter(dependencies=[Depends(authenticate)])
     protected.include_router(workers.router)
     protected.include_router(keys.router)
+    protected.include_router(events.router)
     router.include_router(protected)
     return router

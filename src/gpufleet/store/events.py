@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -51,7 +51,7 @@ class EventLog:
 
     async def follow(
         self, last_id: str = "$", *, block_ms: int = 15_000
-    ) -> AsyncIterator[dict[str, Any] | None]:
+    ) -> AsyncGenerator[dict[str, Any] | None, None]:
         """Yield events as they arrive; yields None after each idle ``block_ms`` (keep-alive)."""
         while True:
             answer: Any = await self.redis.xread({self.key: last_id}, block=block_ms, count=100)
