@@ -32,19 +32,21 @@ async def test_sse_stream_delivers_new_events(redis_url: str, redis: Any) -> Non
         components = app.state.components
         _, key = await components.extras["apikeys"].create("admin", role="admin")
         headers = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=server.url, headers=headers) as client:
-            async with client.stream("GET", "/api/v1/events/stream") as response:
-                assert response.headers["content-type"].startswith("text/event-stream")
-                lines = response.aiter_lines()
-                assert await anext(lines) == ": connected"
-                await asyncio.sleep(0.05)
-                await components.events.emit("scale", pool="p", action="Create")
-                data = None
-                while data is None:
-                    line = await asyncio.wait_for(anext(lines), 5)
-                    if line.startswith("data: "):
-                        data = json.loads(line[6:])
-                assert data["action"] == "Create"
-                assert data["pool"] == "p"
+        async with (
+            httpx.AsyncClient(base_url=server.url, headers=headers) as client,
+            client.stream("GET", "/api/v1/events/stream") as response,
+        ):
+            assert response.headers["content-type"].startswith("text/event-stream")
+            lines = response.aiter_lines()
+            assert await anext(lines) == ": connected"
+            await asyncio.sleep(0.05)
+            await components.events.emit("scale", pool="p", action="Create")
+            data = None
+            while data is None:
+                line = await asyncio.wait_for(anext(lines), 5)
+                if line.startswith("data: "):
+                    data = json.loads(line[6:])
+            assert data["action"] == "Create"
+            assert data["pool"] == "p"
     finally:
         await server.stop()
