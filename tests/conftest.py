@@ -83,9 +83,10 @@ async def _no_leaked_asyncio_tasks() -> AsyncIterator[None]:
     before = asyncio.all_tasks()
     yield
     await asyncio.sleep(0)
-    leaked = [
-        t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()
-    ]
+    pending = [t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()]
+    if pending:  # give tasks that are already finishing (cancelled, closing) a moment
+        await asyncio.wait(pending, timeout=1.0)
+    leaked = [t for t in pending if not t.done()]
     for task in leaked:
         task.cancel()
     assert not leaked, f"test left asyncio tasks running: {leaked}"
