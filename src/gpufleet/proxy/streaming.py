@@ -1,0 +1,545 @@
+"""Relaying one proxied request to a worker, shared by the Ollama and OpenAI front doors.
+
+``ProxyService`` is the proxy's per-app state (built by the lifespan, kept in
+``Components.extras["proxy"]``): the upstream ``httpx.AsyncClient``, the
+``SlotBroker`` and the usage meter. ``ProxyService.forward`` is a raw ASGI
+handler so bytes pass through untouched:
+
+- the slot is taken before the upstream call and released after the last byte;
+- the response starts only with the first upstream chunk, so a worker that fails
+  before sending a byte (connect error, 5xx, timeout) is retried on another one;
+- each upstream chunk is sent as it arrives (no re-framing, no buffering); after
+  bytes went out, a failure ends the stream with one error line in the caller's
+  framing (NDJSON ``{"error": …}`` or SSE ``data: {"error": {…}}``);
+- no read deadline before the first byte except ``load_timeout_s`` (a model may be
+  loading), then ``idle_gap_timeout_s`` between chunks;
+- a task watches ``receive()``: when the client disconnects, the handler is
+  cancelled, which closes the upstream connection (Ollama stops generating) and
+  releases the slot at once.
+
+It must not: parse or rebuild the upstream body (only its last bytes are read for
+token counts), or make Redis calls per request beyond the slot acquire/release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import redis.asyncio as aioredis
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope, Send
+
+from gpufleet.proxy.config import ProxySettings
+from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
+from gpufleet.routing import normalize_model
+from gpufleet.settings import PoolSpec, Settings
+from gpufleet.store.workers import WorkerRegistry
+
+logger = logging.getLogger(__name__)
+
+Flavor = Literal["ollama", "openai"]
+# Returns the caller (an object with ``owner``: the API key id, or None); raises to refuse.
+Authenticator = Callable[[Request], Awaitable[Any]]
+
+_PASS_HEADERS = (b"content-type", b"content-length")
+_TOKENS = {
+    "in": re.compile(rb'"(?:prompt_eval_count|prompt_tokens)"\s*:\s*(\d+)'),
+    "out": re.compile(rb'"(?:eval_count|completion_tokens)"\s*:\s*(\d+)'),
+}
+_GO_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class _Retryable(Exception):
+    """The worker failed before a byte reached the client: another worker may serve it."""
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+def make_http_client(settings: ProxySettings) -> httpx.AsyncClient:
+    """The upstream client the lifespan should build (and close) for the proxy.
+
+    Read timeouts are enforced per chunk by the relay (load vs idle gap), so httpx
+    gets none; connection pool without a cap, since the slots are the real bound.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(None, connect=settings.connect_timeout_s),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        trust_env=False,
+    )
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive in seconds: a number, or a Go duration ("5m", "1h30m"); None if
+    unreadable. Negative means "forever"."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        with contextlib.suppress(ValueError):
+            return float(text)
+        parts = _GO_DURATION.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text.replace("+", ""):
+            return sum(float(n) * _UNIT_S[u] for n, u in parts)
+    return None
+
+
+def clamp_keep_alive(value: Any, pool: PoolSpec, settings: ProxySettings) -> int:
+    """The keep_alive gpufleet sends: at least the pool's idle timeout plus a margin (so
+    Ollama keeps the model while gpufleet counts the worker warm), at most the cap."""
+    floor = pool.idle_timeout_s + settings.keep_alive_margin_s
+    seconds = parse_keep_alive(value)
+    if seconds is None or seconds < 0:
+        seconds = settings.keep_alive_max_s if seconds is not None else floor
+    return int(min(max(seconds, floor), settings.keep_alive_max_s))
+
+
+class UsageMeter:
+    """Per-key, per-model counters (requests, tokens in/out, seconds), flushed to the
+    HASH ``{prefix}:proxy:usage:{key}`` (fields ``<model>|requests`` …) at most every
+    ``flush_interval_s``, so the hot path adds no Redis round trip."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, flush_interval_s: float) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.flush_interval_s = flush_interval_s
+        self._pending: dict[tuple[str, str, str], float] = {}
+        self._flushed_at = 0.0
+
+    def count(self, key: str, model: str, tokens_in: int, tokens_out: int, seconds: float) -> None:
+        for name, value in (
+            ("requests", 1),
+            ("tokens_in", tokens_in),
+            ("tokens_out", tokens_out),
+            ("seconds", seconds),
+        ):
+            slot = (key, model, name)
+            self._pending[slot] = self._pending.get(slot, 0) + value
+
+    async def maybe_flush(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._pending and now - self._flushed_at >= self.flush_interval_s:
+            self._flushed_at = now
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for (key, model, name), value in pending.items():
+                    field = f"{model}|{name}"
+                    target = f"{self.prefix}:proxy:usage:{key}"
+                    if name == "seconds":
+                        pipe.hincrbyfloat(target, field, value)
+                    else:
+                        pipe.hincrby(target, field, int(value))
+                await pipe.execute()
+        except Exception as exc:
+            logger.warning("proxy usage: flush of %d counters failed (%s)", len(pending), exc)
+
+    async def read(self, key: str) -> dict[str, float]:
+        raw = await self.redis.hgetall(f"{self.prefix}:proxy:usage:{key}")
+        return {str(k): float(v) for k, v in raw.items()}
+
+
+@dataclass
+class Call:
+    """One proxied request, as the front doors hand it to ``forward``."""
+
+    flavor: Flavor
+    path: str
+    model: str
+    payload: dict[str, Any]
+    body: bytes
+    owner: str
+    priority: int = 0
+    set_keep_alive: bool = False
+
+
+def error_payload(flavor: Flavor, message: str, status: int = 500) -> dict[str, Any]:
+    """An error in the caller's API shape: Ollama's or OpenAI's."""
+    if flavor == "ollama":
+        return {"error": message}
+    kind = (
+        "not_found_error"
+        if status == 404
+        else ("invalid_request_error" if status < 500 else "api_error")
+    )
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def error_bytes(flavor: Flavor, message: str, status: int = 500) -> bytes:
+    return json.dumps(error_payload(flavor, message, status)).encode()
+
+
+async def send_error(
+    send: Send, flavor: Flavor, status: int, message: str, headers: dict[str, str] | None = None
+) -> None:
+    body = error_bytes(flavor, message, status)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _stream_error_line(flavor: Flavor, content_type: bytes, message: str) -> bytes:
+    if b"event-stream" in content_type:
+        return b"data: " + error_bytes("openai", message) + b"\n\n"
+    return error_bytes(flavor, message) + b"\n"
+
+
+def _tokens(tail: bytes) -> tuple[int, int]:
+    found = [m.findall(tail) for m in (_TOKENS["in"], _TOKENS["out"])]
+    return (int(found[0][-1]) if found[0] else 0, int(found[1][-1]) if found[1] else 0)
+
+
+class ProxyService:
+    """The proxy's state for one app: upstream client, slot broker, usage meter."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: WorkerRegistry,
+        redis: aioredis.Redis,
+        http: httpx.AsyncClient | None = None,
+        *,
+        proxy_settings: ProxySettings | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.config = proxy_settings or getattr(settings, "proxy", None) or ProxySettings()
+        self.registry = registry
+        self._own_http = http is None
+        self.http = http or make_http_client(self.config)
+        self.clock = clock
+        self.pools = {p.name: p for p in settings.pools}
+        self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
+        self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
+        self.max_body_bytes = settings.server.max_body_bytes
+
+    def __repr__(self) -> str:
+        return f"<ProxyService {self.broker!r}>"
+
+    async def aclose(self) -> None:
+        await self.broker.aclose()
+        await self.usage.flush()
+        if self._own_http:
+            await self.http.aclose()
+
+    # -- the relay -----------------------------------------------------------------------
+
+    async def forward(self, call: Call, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve ``call`` on a worker; watch for the client leaving meanwhile."""
+        main = asyncio.current_task()
+        assert main is not None
+        state = {"finished": False, "gone": False}
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not state["finished"]:
+                        state["gone"] = True
+                        main.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch(), name="proxy-disconnect-watch")
+        try:
+            await self._serve(call, send, state)
+        except asyncio.CancelledError:
+            if not state["gone"]:
+                raise
+            main.uncancel()
+            logger.info("proxy %s %s: client went away; upstream cancelled", call.path, call.model)
+        finally:
+            watcher.cancel()
+
+    async def _serve(self, call: Call, send: Send, state: dict[str, bool]) -> None:
+        request_id = uuid.uuid4().hex
+        exclude: set[str] = set()
+        started = asyncio.get_running_loop().time()
+        for attempt in range(self.config.retries + 1):
+            try:
+                lease = await self.broker.acquire(
+                    call.model,
+                    key=call.owner,
+                    priority=call.priority,
+                    exclude=exclude,
+                    request_id=request_id,
+                )
+            except ModelNotServed:
+                await send_error(send, call.flavor, 404, _not_found(call))
+                return
+            except QueueFull as exc:
+                status = 429 if exc.per_key else 503
+                headers = {"Retry-After": str(exc.retry_after_s)}
+                await send_error(send, call.flavor, status, str(exc), headers)
+                return
+            except WaitTimeout as exc:
+                headers = {"Retry-After": str(exc.retry_after_s)}
+                await send_error(send, call.flavor, 503, str(exc), headers)
+                return
+            last = attempt == self.config.retries
+            try:
+                tail = await self._relay(call, lease, send, state, last=last)
+            except _Retryable as exc:
+                logger.warning(
+                    "proxy %s %s: worker %s failed before the first byte (%s); %s",
+                    call.path,
+                    call.model,
+                    lease.worker.id,
+                    exc,
+                    "giving up" if last else "trying another worker",
+                )
+                exclude.add(lease.worker.id)
+                if last:
+                    await send_error(send, call.flavor, 502, f"worker failed: {exc}")
+                    return
+                continue
+            finally:
+                await self.broker.release(lease)
+            tokens_in, tokens_out = _tokens(tail)
+            elapsed = asyncio.get_running_loop().time() - started
+            self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
+            await self.usage.maybe_flush()
+            return
+
+    def _upstream_body(self, call: Call, lease: Lease) -> bytes:
+        if not call.set_keep_alive:
+            return call.body
+        pool = self.pools.get(lease.worker.pool)
+        if pool is None:
+            return call.body
+        payload = dict(call.payload)
+        payload["keep_alive"] = clamp_keep_alive(payload.get("keep_alive"), pool, self.config)
+        return json.dumps(payload, separators=(",", ":")).encode()
+
+    async def _relay(
+        self, call: Call, lease: Lease, send: Send, state: dict[str, bool], *, last: bool
+    ) -> bytes:
+        """Stream one upstream answer to the client; return its last bytes (for usage).
+
+        Raises ``_Retryable`` only while nothing has been sent to the client.
+        """
+        loop = asyncio.get_running_loop()
+        request = self.http.build_request(
+            "POST",
+            lease.worker.base_url.rstrip("/") + call.path,
+            content=self._upstream_body(call, lease),
+            headers={"content-type": "application/json"},
+        )
+        sent = False
+        content_type = b"application/json"
+        prev = tail = b""
+        first_by = loop.time() + self.config.load_timeout_s
+        try:
+            async with asyncio.timeout_at(first_by):
+                response = await self.http.send(request, stream=True)
+        except (httpx.TransportError, TimeoutError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            if response.status_code >= 500 and not last:
+                raise _Retryable(f"HTTP {response.status_code}")
+            headers = [(k, v) for k, v in response.headers.raw if k.lower() in _PASS_HEADERS]
+            content_type = response.headers.get("content-type", "").encode()
+            headers += _our_headers(lease)
+            chunks = response.aiter_raw()
+            while True:
+                try:
+                    # Before the first byte the model may be loading (load timeout); after
+                    # it, silence longer than the idle gap means the worker is stuck.
+                    async with asyncio.timeout_at(
+                        first_by if not sent else loop.time() + self.config.idle_gap_timeout_s
+                    ):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                if not chunk:
+                    continue
+                if not sent:
+                    await send(_start(response.status_code, headers))
+                    sent = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                prev, tail = tail, chunk
+            if not sent:
+                await send(_start(response.status_code, headers))
+                sent = True
+            state["finished"] = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return prev + tail
+        except (httpx.TransportError, httpx.StreamError, TimeoutError) as exc:
+            if not sent:
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            await self._end_with_error(call, lease, response, content_type, send, state, exc)
+            return prev + tail
+        finally:
+            await response.aclose()
+
+    async def _end_with_error(
+        self,
+        call: Call,
+        lease: Lease,
+        response: httpx.Response,
+        content_type: bytes,
+        send: Send,
+        state: dict[str, bool],
+        exc: BaseException,
+    ) -> None:
+        reason = "worker stopped sending" if isinstance(exc, TimeoutError) else "worker failed"
+        logger.warning(
+            "proxy %s %s: %s mid-stream on %s (%s)",
+            call.path,
+            call.model,
+            reason,
+            lease.worker.id,
+            type(exc).__name__,
+        )
+        if "content-length" in response.headers:
+            raise _Disconnected(reason) from exc  # a sized body cannot carry an error line
+        state["finished"] = True
+        line = _stream_error_line(call.flavor, content_type, f"{reason}: {type(exc).__name__}")
+        await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _our_headers(lease: Lease) -> list[tuple[bytes, bytes]]:
+    headers = [(b"x-gpufleet-worker", lease.worker.id.encode())]
+    if lease.waited_s > 0:
+        headers.append((b"x-gpufleet-queue-wait", f"{lease.waited_s:.3f}".encode()))
+        if lease.cold_start:
+            headers.append((b"x-gpufleet-cold-start", f"{lease.waited_s:.3f}".encode()))
+    return headers
+
+
+def _not_found(call: Call) -> str:
+    if call.flavor == "ollama":
+        return f"model '{call.model}' not found: no gpufleet pool serves it"
+    return f"The model `{call.model}` does not exist: no gpufleet pool serves it"
+
+
+def model_of(payload: dict[str, Any]) -> str:
+    model = payload.get("model")
+    return normalize_model(model) if isinstance(model, str) else ""
+
+
+def get_service(app: Any) -> ProxyService:
+    """The app's ``ProxyService`` (``Components.extras["proxy"]``), built on first use
+    if the lifespan did not build one (it then owns its own upstream client)."""
+    components = app.state.components
+    service = components.extras.get("proxy")
+    if service is None:
+        service = ProxyService(
+            components.settings,
+            components.registry,
+            components.redis,
+            components.extras.get("proxy_http"),
+        )
+        components.extras["proxy"] = service
+    assert isinstance(service, ProxyService)
+    return service
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole request body, or None if it is larger than ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _priority(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"x-gpufleet-priority":
+            with contextlib.suppress(ValueError):
+                return max(-10, min(10, int(value)))
+    return 0
+
+
+class ForwardEndpoint:
+    """A raw ASGI endpoint that forwards a JSON POST for a model to a worker."""
+
+    def __init__(
+        self,
+        flavor: Flavor,
+        path: str,
+        *,
+        auth: Authenticator | None = None,
+        set_keep_alive: bool = False,
+    ) -> None:
+        self.flavor: Flavor = flavor
+        self.path = path
+        self.auth = auth
+        self.set_keep_alive = set_keep_alive
+
+    def __repr__(self) -> str:
+        return f"<ForwardEndpoint {self.flavor} {self.path}>"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        service = get_service(scope["app"])
+        try:
+            body = await read_body(receive, service.max_body_bytes)
+        except ClientGone:
+            return
+        if body is None:
+            await send_error(send, self.flavor, 413, "request body too large")
+            return
+        owner = "anonymous"
+        if self.auth is not None:
+            principal = await self.auth(Request(scope, receive))
+            owner = getattr(principal, "owner", None) or owner
+        if not body.strip():
+            await send_error(send, self.flavor, 400, "missing request body")
+            return
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:
+            await send_error(send, self.flavor, 400, f"invalid JSON body: {exc}")
+            return
+        model = model_of(payload) if isinstance(payload, dict) else ""
+        if not model:
+            await send_error(send, self.flavor, 400, "model is required")
+            return
+        call = Call(
+            flavor=self.flavor,
+            path=self.path,
+            model=model,
+            payload=payload,
+            body=body,
+            owner=owner,
+            priority=_priority(scope),
+            set_keep_alive=self.set_keep_alive,
+        )
+        await service.forward(call, scope, receive, send)

@@ -1,0 +1,414 @@
+"""Slots for proxied requests: take one at once, or wait for one in a bounded queue.
+
+A proxied request holds one slot of one worker — the same atomic accounting
+(``WorkerRegistry.acquire_slot`` / ``release_slot``, one Lua call each) the
+dispatcher uses for queued tasks, so both share a worker's capacity.
+
+Fast path: if nobody waits for the same pools on this replica, the candidates
+``gpufleet.routing.pick_worker`` orders (from a worker list cached for at most
+``worker_cache_ttl_s``) are tried in turn; the first slot Redis gives wins.
+
+Otherwise the request waits in this replica's queue, ordered by priority, then a
+per-key round (a key's n-th waiting request is in round n, so one busy key cannot
+starve the others), then arrival. While anyone waits, one pump task re-reads the
+registry every ``poll_interval_s`` (≤ 100 ms) — it does **not** subscribe to a
+``{prefix}:slots`` channel, because nothing publishes there yet — and is also woken
+at once when a request on this replica releases its slot. A waiting request is
+demand: it sits in the ZSET ``{prefix}:proxy:waiting:{pool}`` (member = request id,
+score = its deadline, epoch seconds; removed when served or abandoned; a replica
+that dies leaves entries the reconciler must ignore once their score is past) and
+``PUBLISH {prefix}:wake <pool>`` tells the reconciler on any replica to look now.
+
+Held slots are renewed in one pipeline every third of the registry's slot TTL by
+a keeper task, so a long stream keeps its slot and a crashed replica's slots free
+themselves.
+
+Consumers: ``gpufleet.proxy.streaming`` (``acquire``/``release`` around each upstream call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from gpufleet.domain import LIVE_WORKER_STATES, Worker, WorkerState
+from gpufleet.proxy.config import ProxySettings
+from gpufleet.routing import pick_worker, pools_serving
+from gpufleet.settings import PoolSpec
+from gpufleet.store.workers import WorkerRegistry
+from gpufleet.store.workers import keys as worker_keys
+
+logger = logging.getLogger(__name__)
+
+# At most this many slot attempts on the fast path before the request queues: beyond
+# that the cached list is stale enough that the pump's fresh read is the better bet.
+_FAST_PATH_ATTEMPTS = 8
+
+
+class ModelNotServed(Exception):
+    """No configured pool serves the model (the proxy answers 404)."""
+
+
+class QueueFull(Exception):
+    """The waiting queue (of the pool, or of the key) is full (503 / 429 at once)."""
+
+    def __init__(self, message: str, *, per_key: bool, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.per_key = per_key
+        self.retry_after_s = retry_after_s
+
+
+class WaitTimeout(Exception):
+    """No slot within the pool's ``max_wait_s`` (503 + Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def waiting_key(prefix: str, pool: str) -> str:
+    """ZSET of waiting proxy requests of one pool: request id -> deadline (epoch s)."""
+    return f"{prefix}:proxy:waiting:{pool}"
+
+
+def wake_channel(prefix: str) -> str:
+    """Pub/sub channel; the message is a pool name whose demand just grew."""
+    return f"{prefix}:wake"
+
+
+@dataclass
+class Lease:
+    """One held slot."""
+
+    worker: Worker
+    token: str
+    waited_s: float = 0.0
+    cold_start: bool = False
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.worker.id} waited={self.waited_s:.3f}s cold={self.cold_start}>"
+
+
+@dataclass(eq=False)
+class _Waiter:
+    id: str
+    model: str
+    pools: frozenset[str]
+    demand_pool: str
+    key: str
+    priority: int
+    round: int
+    seq: int
+    deadline: float
+    exclude: frozenset[str]
+    cold: bool
+    since: float
+    future: asyncio.Future[Lease] = field(repr=False)
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        return (-self.priority, self.round, self.seq)
+
+
+class SlotBroker:
+    """Gives proxied requests slots; owns the waiting queue, the pump and the keeper."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        redis: aioredis.Redis,
+        pools: Sequence[PoolSpec],
+        settings: ProxySettings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.redis = redis
+        self.pools = {p.name: p for p in pools}
+        self.settings = settings
+        self.clock = clock
+        self.prefix = registry.prefix
+        self._cache: list[Worker] = []
+        self._cache_at = -1e18
+        self._refresh: asyncio.Future[list[Worker]] | None = None
+        self._waiters: list[_Waiter] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._held: dict[str, str] = {}  # token -> worker id
+        self._keeper: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<SlotBroker waiting={len(self._waiters)} held={len(self._held)}>"
+
+    # -- workers -------------------------------------------------------------------------
+
+    async def workers(self, *, fresh: bool = False) -> list[Worker]:
+        """The registry's workers, reused for ``worker_cache_ttl_s`` unless ``fresh``."""
+        loop = asyncio.get_running_loop()
+        if not fresh and loop.time() - self._cache_at <= self.settings.worker_cache_ttl_s:
+            return self._cache
+        if self._refresh is not None:  # one read in flight serves every caller
+            return await asyncio.shield(self._refresh)
+        self._refresh = loop.create_future()
+        try:
+            workers = await self.registry.list_workers()
+        except BaseException as exc:
+            self._refresh.set_exception(exc)
+            self._refresh.exception()  # retrieved: no "never retrieved" warning
+            raise
+        else:
+            self._refresh.set_result(workers)
+            self._cache, self._cache_at = workers, loop.time()
+            return workers
+        finally:
+            self._refresh = None
+
+    def max_wait_s(self, pool: PoolSpec) -> float:
+        own = getattr(pool, "max_wait_s", None)
+        return float(own) if own else self.settings.max_wait_s
+
+    # -- acquire / release ---------------------------------------------------------------
+
+    async def acquire(
+        self,
+        model: str,
+        *,
+        key: str = "anonymous",
+        priority: int = 0,
+        exclude: Iterable[str] = (),
+        request_id: str | None = None,
+    ) -> Lease:
+        """A slot on the best worker for ``model``, waiting for one if need be."""
+        serving = pools_serving(model, self.pools.values())
+        if not serving:
+            raise ModelNotServed(model)
+        names = frozenset(p.name for p in serving)
+        skip = frozenset(exclude)
+        if not any(w.pools & names for w in self._waiters):
+            lease = await self._try(model, await self.workers(), skip, fast=True)
+            if lease is not None:
+                return lease
+        return await self._wait(model, serving, key, priority, skip, request_id)
+
+    async def _try(
+        self,
+        model: str,
+        workers: Sequence[Worker],
+        exclude: frozenset[str],
+        *,
+        fast: bool,
+        free: dict[str, int] | None = None,
+    ) -> Lease | None:
+        attempts = 0
+        for worker in pick_worker(model, workers, self.pools, exclude=exclude):
+            if free is not None and free.get(worker.id, 0) <= 0:
+                continue
+            if fast and attempts >= _FAST_PATH_ATTEMPTS:
+                break
+            attempts += 1
+            token = await self.registry.acquire_slot(worker.id)
+            if token is not None:
+                self._hold(token, worker.id)
+                if free is not None:
+                    free[worker.id] -= 1
+                return Lease(worker, token)
+            if free is not None:
+                free[worker.id] = 0
+        return None
+
+    async def release(self, lease: Lease) -> None:
+        """Give the slot back (idempotent) and let a waiter on this replica have it."""
+        if self._held.pop(lease.token, None) is None:
+            return
+        if self._waiters:
+            self._wake.set()
+        try:
+            await self.registry.release_slot(lease.worker.id, lease.token)
+        except Exception as exc:  # the slot frees itself when its deadline passes
+            logger.warning("slot %s on %s: release failed (%s)", lease.token, lease.worker.id, exc)
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def _demand_pool(self, serving: Sequence[PoolSpec], workers: Sequence[Worker]) -> PoolSpec:
+        """The pool whose demand a waiting request counts as: one that already has live
+        workers (they will be ready soonest), else the cheapest, else the first configured."""
+        live = {w.pool for w in workers if w.state in LIVE_WORKER_STATES}
+        ranked = sorted(
+            enumerate(serving),
+            key=lambda item: (item[1].name not in live, item[1].price_per_hour or 0.0, item[0]),
+        )
+        return ranked[0][1]
+
+    async def _wait(
+        self,
+        model: str,
+        serving: Sequence[PoolSpec],
+        key: str,
+        priority: int,
+        exclude: frozenset[str],
+        request_id: str | None,
+    ) -> Lease:
+        workers = await self.workers(fresh=True)
+        names = frozenset(p.name for p in serving)
+        lease = None
+        if not any(w.pools & names for w in self._waiters):
+            lease = await self._try(model, workers, exclude, fast=False, free=_free(workers))
+        if lease is not None:
+            return lease
+        pool = self._demand_pool(serving, workers)
+        self._check_bounds(pool, key)
+        now = self.clock()
+        waiter = _Waiter(
+            id=request_id or uuid.uuid4().hex,
+            model=model,
+            pools=names,
+            demand_pool=pool.name,
+            key=key,
+            priority=priority,
+            round=sum(1 for w in self._waiters if w.key == key),
+            seq=next(self._seq),
+            deadline=now + self.max_wait_s(pool),
+            exclude=exclude,
+            cold=not any(w.pool in names and w.state is WorkerState.ready for w in workers),
+            since=now,
+            future=asyncio.get_running_loop().create_future(),
+        )
+        self._waiters.append(waiter)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(waiting_key(self.prefix, pool.name), {waiter.id: waiter.deadline})
+                pipe.publish(wake_channel(self.prefix), pool.name)
+                await pipe.execute()
+            logger.info(
+                "request %s waits for %s in pool %s (%s, %d waiting)",
+                waiter.id,
+                model,
+                pool.name,
+                "cold" if waiter.cold else "busy",
+                len(self._waiters),
+            )
+            if self._pump is None or self._pump.done():
+                self._pump = asyncio.create_task(self._run_pump(), name="proxy-slot-pump")
+            return await waiter.future
+        except BaseException:
+            if (
+                waiter.future.done()
+                and not waiter.future.cancelled()
+                and (waiter.future.exception() is None)
+            ):
+                await self.release(waiter.future.result())
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            waiter.future.cancel()
+            with contextlib.suppress(Exception):
+                await self.redis.zrem(waiting_key(self.prefix, waiter.demand_pool), waiter.id)
+
+    def _check_bounds(self, pool: PoolSpec, key: str) -> None:
+        retry = self.settings.retry_after_s
+        if sum(1 for w in self._waiters if w.demand_pool == pool.name) >= self.settings.max_waiting:
+            raise QueueFull(
+                "server busy, please try again.  maximum pending requests exceeded",
+                per_key=False,
+                retry_after_s=retry,
+            )
+        if sum(1 for w in self._waiters if w.key == key) >= self.settings.max_waiting_per_key:
+            raise QueueFull(
+                "too many waiting requests for this API key", per_key=True, retry_after_s=retry
+            )
+
+    async def _run_pump(self) -> None:
+        """Hand free slots to waiters, best first, until nobody waits."""
+        while self._waiters:
+            self._wake.clear()
+            try:
+                await self._pump_once()
+            except Exception:
+                logger.exception("proxy slot pump: tick failed; trying again")
+            if not self._waiters:
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.poll_interval_s):
+                    await self._wake.wait()
+
+    async def _pump_once(self) -> None:
+        workers = await self.workers(fresh=True)
+        free = _free(workers)
+        now = self.clock()
+        for waiter in sorted(self._waiters, key=lambda w: w.order):
+            if waiter.future.done():
+                continue
+            if now >= waiter.deadline:
+                waiter.future.set_exception(
+                    WaitTimeout(
+                        f"no worker for model {waiter.model!r} became free within "
+                        f"{waiter.deadline - waiter.since:.0f} s",
+                        retry_after_s=self.settings.retry_after_s,
+                    )
+                )
+                continue
+            if not any(free.values()):
+                continue
+            lease = await self._try(waiter.model, workers, waiter.exclude, fast=False, free=free)
+            if lease is None:
+                continue
+            if waiter.future.done():  # abandoned while we were taking the slot
+                await self.release(lease)
+                continue
+            lease.waited_s = max(0.0, self.clock() - waiter.since)
+            lease.cold_start = waiter.cold
+            waiter.future.set_result(lease)
+
+    # -- keeping held slots --------------------------------------------------------------
+
+    def _hold(self, token: str, worker_id: str) -> None:
+        self._held[token] = worker_id
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name="proxy-slot-keeper")
+
+    async def _keep(self) -> None:
+        """Renew every held slot each third of the slot TTL; stop after an idle interval."""
+        interval = self.registry.slot_ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            if not self._held:
+                return
+            deadline = self.clock() + self.registry.slot_ttl_s
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for token, worker_id in list(self._held.items()):
+                        pipe.zadd(
+                            worker_keys.worker_slots(self.prefix, worker_id),
+                            {token: deadline},
+                            xx=True,
+                        )
+                    await pipe.execute()
+            except Exception as exc:
+                logger.warning("proxy: renewing %d held slots failed (%s)", len(self._held), exc)
+
+    async def aclose(self) -> None:
+        """Stop the pump and the keeper (the lifespan calls this on shutdown)."""
+        for task in (self._pump, self._keeper):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(
+                    WaitTimeout("gpufleet is shutting down", retry_after_s=1)
+                )
+
+
+def _free(workers: Iterable[Worker]) -> dict[str, int]:
+    return {w.id: w.free_slots for w in workers}
