@@ -17,6 +17,7 @@ from gpufleet.store.apikeys import ApiKeyStore
 PUBLIC = {
     "/health",
     "/ready",
+    "/ui",
     "/metrics",
     "/docs",
     "/docs/oauth2-redirect",

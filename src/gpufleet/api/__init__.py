@@ -11,11 +11,12 @@ from fastapi import APIRouter, Depends
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import events, health, keys, workers
+    from gpufleet.api import events, health, keys, ui, workers
     from gpufleet.api.auth import authenticate
 
     router = APIRouter()
     router.include_router(health.router)
+    router.include_router(ui.router)
     protected = APIRouter(dependencies=[Depends(authenticate)])
     protected.include_router(workers.router)
     protected.include_router(keys.router)
