@@ -95,14 +95,20 @@ class FakeOllama:
         if path in ("/api/embed", "/v1/embeddings", "/api/embeddings"):
             vector = [0.1, 0.2, 0.3]
             if path == "/api/embed":
-                payload: dict[str, Any] = {"model": model, "embeddings": [vector],
-                                           "prompt_eval_count": 2}
+                payload: dict[str, Any] = {
+                    "model": model,
+                    "embeddings": [vector],
+                    "prompt_eval_count": 2,
+                }
             elif path == "/api/embeddings":
                 payload = {"embedding": vector}
             else:
-                payload = {"object": "list", "model": model, "data": [
-                    {"object": "embedding", "embedding": vector, "index": 0}],
-                    "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+                payload = {
+                    "object": "list",
+                    "model": model,
+                    "data": [{"object": "embedding", "embedding": vector, "index": 0}],
+                    "usage": {"prompt_tokens": 2, "total_tokens": 2},
+                }
             await _json(send, 200, payload)
             return
         stream = body.get("stream", not path.startswith("/v1/"))
@@ -113,13 +119,15 @@ class FakeOllama:
             return
         sse = path.startswith("/v1/")
         ctype = b"text/event-stream" if sse else b"application/x-ndjson"
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", ctype)]})
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]}
+        )
         for i, word in enumerate(words):
             if self.die_after is not None and i >= self.die_after:
                 raise RuntimeError("upstream dies mid-stream")
-            await send({"type": "http.response.body", "body": _line(path, model, word),
-                        "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": _line(path, model, word), "more_body": True}
+            )
             if i == 0:
                 await self._hold(receive)
         end = _line(path, model, None) + (b"data: [DONE]\n\n" if sse else b"")
@@ -141,44 +149,84 @@ class FakeOllama:
 def _final(path: str, model: str, text: str) -> dict[str, Any]:
     stats = {"prompt_eval_count": 5, "eval_count": 3}
     if path == "/api/chat":
-        return {"model": model, "created_at": "2024-01-01T00:00:00Z",
-                "message": {"role": "assistant", "content": text}, "done": True,
-                "done_reason": "stop", **stats}
+        return {
+            "model": model,
+            "created_at": "2024-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": "stop",
+            **stats,
+        }
     if path == "/api/generate":
-        return {"model": model, "created_at": "2024-01-01T00:00:00Z", "response": text,
-                "done": True, "done_reason": "stop", **stats}
+        return {
+            "model": model,
+            "created_at": "2024-01-01T00:00:00Z",
+            "response": text,
+            "done": True,
+            "done_reason": "stop",
+            **stats,
+        }
     if path == "/v1/completions":
-        return {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
-    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": model,
-            "system_fingerprint": "fp_ollama",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+        return {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "system_fingerprint": "fp_ollama",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
 
 
 def _line(path: str, model: str, word: str | None) -> bytes:
     if path.startswith("/v1/"):
         delta = {"role": "assistant", "content": word} if word is not None else {}
-        chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0,
-                 "model": model, "system_fingerprint": "fp_ollama",
-                 "choices": [{"index": 0, "delta": delta,
-                              "finish_reason": None if word is not None else "stop"}]}
+        chunk = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "system_fingerprint": "fp_ollama",
+            "choices": [
+                {"index": 0, "delta": delta, "finish_reason": None if word is not None else "stop"}
+            ],
+        }
         return b"data: " + json.dumps(chunk).encode() + b"\n\n"
     if word is None:
         final = _final(path, model, "")
         return json.dumps(final).encode() + b"\n"
     key = "message" if path == "/api/chat" else "response"
     value: Any = {"role": "assistant", "content": word} if key == "message" else word
-    return json.dumps({"model": model, "created_at": "2024-01-01T00:00:00Z", key: value,
-                       "done": False}).encode() + b"\n"
+    return (
+        json.dumps(
+            {"model": model, "created_at": "2024-01-01T00:00:00Z", key: value, "done": False}
+        ).encode()
+        + b"\n"
+    )
 
 
 async def _json(send: Send, status: int, payload: Any) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -189,8 +237,14 @@ async def _json(send: Send, status: int, payload: Any) -> None:
 async def serve(app: Any) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on a free loopback port in this event loop; yield its URL."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="off", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     for _ in range(500):
@@ -253,22 +307,44 @@ class Fleet:
         upstream = upstream or FakeOllama(name=worker_id)
         url = await self.stack.enter_async_context(serve(upstream))
         await self.registry.register(
-            pool=pool, provider="simulated", slots=slots, state=state, worker_id=worker_id,
-            base_url=url, engine="ollama", models_loaded=loaded, models_present=present,
+            pool=pool,
+            provider="simulated",
+            slots=slots,
+            state=state,
+            worker_id=worker_id,
+            base_url=url,
+            engine="ollama",
+            models_loaded=loaded,
+            models_present=present,
         )
         self.upstreams[worker_id] = upstream
         return upstream
 
     def client(self, key: str = "sk-alice", **kw: Any) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=30,
-                                 headers={"Authorization": f"Bearer {key}"}, **kw)
+        return httpx.AsyncClient(
+            base_url=self.url, timeout=30, headers={"Authorization": f"Bearer {key}"}, **kw
+        )
 
 
 POOLS = [
-    {"name": "llm", "provider": "simulated", "engine": "ollama", "slots": 2, "max_workers": 2,
-     "models": ["llama3.2", "qwen2.5:7b"], "idle_timeout_s": 600},
-    {"name": "big", "provider": "simulated", "engine": "ollama", "slots": 1, "max_workers": 1,
-     "models": ["llama3.3:70b"], "idle_timeout_s": 300},
+    {
+        "name": "llm",
+        "provider": "simulated",
+        "engine": "ollama",
+        "slots": 2,
+        "max_workers": 2,
+        "models": ["llama3.2", "qwen2.5:7b"],
+        "idle_timeout_s": 600,
+    },
+    {
+        "name": "big",
+        "provider": "simulated",
+        "engine": "ollama",
+        "slots": 1,
+        "max_workers": 1,
+        "models": ["llama3.3:70b"],
+        "idle_timeout_s": 300,
+    },
 ]
 
 
@@ -308,8 +384,9 @@ async def test_three_times_slots_concurrent_clients_all_served_within_the_cap(
     fleet: Fleet,
 ) -> None:
     hold = asyncio.Event()
-    upstream = await fleet.add_worker("w1", slots=2, loaded=("llama3.2",),
-                                      upstream=FakeOllama(name="w1", hold=hold))
+    upstream = await fleet.add_worker(
+        "w1", slots=2, loaded=("llama3.2",), upstream=FakeOllama(name="w1", hold=hold)
+    )
     async with fleet.client() as client:
         requests = [asyncio.create_task(chat(client)) for _ in range(6)]
         assert await eventually(lambda: _eq(upstream.in_flight, 2))
@@ -349,7 +426,8 @@ async def test_past_max_wait_503_with_retry_after(fleet: Fleet) -> None:
         response = await chat(client)
     assert response.status_code == 503
     assert int(response.headers["retry-after"]) >= 1
-    assert "error" in response.json() and isinstance(response.json()["error"], str)
+    assert "error" in response.json()
+    assert isinstance(response.json()["error"], str)
     assert await fleet.redis.zcard(waiting_key("gpufleet", "llm")) == 0
 
 
@@ -395,9 +473,11 @@ async def test_scale_from_zero_holds_the_request_until_a_worker_is_ready(fleet: 
         request = asyncio.create_task(chat(client, model="llama3.3:70b"))
         assert await eventually(lambda: _zcard(fleet, "big", 1))
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-        assert message is not None and message["data"] == "big"
-        deadline = (await fleet.redis.zrange(waiting_key("gpufleet", "big"), 0, -1,
-                                             withscores=True))[0][1]
+        assert message is not None
+        assert message["data"] == "big"
+        deadline = (
+            await fleet.redis.zrange(waiting_key("gpufleet", "big"), 0, -1, withscores=True)
+        )[0][1]
         assert deadline > time.time()
         # the reconciler's part, by hand: a worker boots, then becomes ready
         await fleet.add_worker("big-1", pool="big", slots=1, state=WorkerState.booting)
@@ -426,8 +506,12 @@ async def test_unknown_model_is_404_but_a_parked_one_is_listed(fleet: Fleet) -> 
 
 
 async def test_retry_on_another_worker_when_the_first_fails_before_a_byte(fleet: Fleet) -> None:
-    broken = await fleet.add_worker("a-broken", slots=2, loaded=("llama3.2",),
-                                    upstream=FakeOllama(name="a-broken", fail_status=503))
+    broken = await fleet.add_worker(
+        "a-broken",
+        slots=2,
+        loaded=("llama3.2",),
+        upstream=FakeOllama(name="a-broken", fail_status=503),
+    )
     good = await fleet.add_worker("b-good", slots=1, present=("llama3.2",))
     async with fleet.client() as client:
         response = await chat(client, stream=True)
@@ -439,8 +523,9 @@ async def test_retry_on_another_worker_when_the_first_fails_before_a_byte(fleet:
 
 
 async def test_mid_stream_failure_ends_with_an_error_line(fleet: Fleet) -> None:
-    await fleet.add_worker("w1", loaded=("llama3.2",),
-                           upstream=FakeOllama(name="w1", tokens=5, die_after=2))
+    await fleet.add_worker(
+        "w1", loaded=("llama3.2",), upstream=FakeOllama(name="w1", tokens=5, die_after=2)
+    )
     async with fleet.client() as client:
         response = await chat(client, stream=True)
     lines = [json.loads(line) for line in response.text.splitlines()]
@@ -454,8 +539,9 @@ async def test_mid_stream_failure_ends_with_an_error_line(fleet: Fleet) -> None:
 async def test_client_disconnect_cancels_upstream_and_frees_the_slot(
     fleet: Fleet, stream: bool
 ) -> None:
-    upstream = await fleet.add_worker("w1", slots=1, loaded=("llama3.2",),
-                                      upstream=FakeOllama(name="w1", hold=asyncio.Event()))
+    upstream = await fleet.add_worker(
+        "w1", slots=1, loaded=("llama3.2",), upstream=FakeOllama(name="w1", hold=asyncio.Event())
+    )
     async with fleet.client() as client:
         request = asyncio.create_task(chat(client, stream=stream))
         assert await eventually(lambda: _eq(upstream.in_flight, 1))
