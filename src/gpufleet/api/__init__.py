@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import events, health, keys, ui, workers
+    from gpufleet.api import events, health, keys, pools, ui, workers
     from gpufleet.api.auth import authenticate
 
     router = APIRouter()
@@ -19,6 +19,7 @@ def build_router() -> APIRouter:
     router.include_router(ui.router)
     protected = APIRouter(dependencies=[Depends(authenticate)])
     protected.include_router(workers.router)
+    protected.include_router(pools.router)
     protected.include_router(keys.router)
     protected.include_router(events.router)
     router.include_router(protected)

@@ -1,0 +1,171 @@
+"""``/api/v1/pools``: each pool's config, workers, demand, spend and backoff; knobs at run time."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gpufleet.api.auth import require_admin
+from gpufleet.api.deps import Components, get_components
+from gpufleet.domain import WorkerState
+from gpufleet.errors import Conflict, NotFound
+from gpufleet.settings import PoolSpec
+from gpufleet.store.pools import PoolStateStore
+
+router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
+
+
+class PoolPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_workers: int | None = Field(None, ge=0, le=10_000)
+    max_workers: int | None = Field(None, ge=0, le=10_000)
+    idle_timeout_s: float | None = Field(None, ge=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _something(self) -> PoolPatch:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of min_workers, max_workers, idle_timeout_s")
+        return self
+
+
+class PoolScale(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(ge=0, le=10_000, description="Keep at least this many workers ready.")
+    duration_s: float = Field(3600, gt=0, le=7 * 86400, description="For this long.")
+
+
+def get_pool_state(request: Request) -> PoolStateStore:
+    components = get_components(request)
+    store = components.extras.get("pool_state")
+    if store is None:
+        store = PoolStateStore(components.redis, prefix=components.settings.redis.key_prefix)
+        components.extras["pool_state"] = store
+    assert isinstance(store, PoolStateStore)
+    return store
+
+
+def _spec(components: Components, name: str) -> PoolSpec:
+    try:
+        return components.settings.pool(name)
+    except KeyError:
+        raise NotFound(f"pool {name!r} not found") from None
+
+
+async def describe(components: Components, store: PoolStateStore, spec: PoolSpec) -> dict[str, Any]:
+    effective, runtime = await store.effective(spec)
+    assert components.registry is not None
+    workers = await components.registry.list_workers(spec.name)
+    by_state = Counter(w.state.value for w in workers)
+    running = [
+        w
+        for w in workers
+        if w.state in (WorkerState.ready, WorkerState.draining, WorkerState.booting)
+    ]
+    demand_of = components.extras.get("demand")
+    demand = await demand_of(spec.name) if demand_of else {}
+    recent = await components.events.recent(10, pool=spec.name) if components.events else []
+    return {
+        "name": spec.name,
+        "provider": spec.provider.value,
+        "engine": spec.engine.value,
+        "slots": spec.slots,
+        "models": spec.models,
+        "min_workers": effective.min_workers,
+        "max_workers": effective.max_workers,
+        "idle_timeout_s": effective.idle_timeout_s,
+        "boot_timeout_s": spec.boot_timeout_s,
+        "price_per_hour": spec.price_per_hour,
+        "overrides": runtime.overrides,
+        "floor": {"workers": runtime.floor, "until": runtime.floor_until}
+        if runtime.floor
+        else None,
+        "workers_by_state": dict(by_state),
+        "slots_busy": sum(w.busy_slots for w in workers if w.state is WorkerState.ready),
+        "slots_free": sum(w.free_slots for w in workers),
+        "demand": demand,
+        "spend_usd": round(runtime.spend_usd, 6),
+        "spend_today_usd": round(runtime.spend_today_usd, 6),
+        "burn_rate_per_hour": round(sum(w.price_per_hour for w in running), 6),
+        "backoff": {
+            "until": runtime.backoff_until,
+            "reason": runtime.backoff_reason,
+            "failures": runtime.failures,
+        }
+        if runtime.backoff_until
+        else None,
+        "last_actions": recent,
+    }
+
+
+@router.get("", summary="Every pool with workers, demand, spend and backoff")
+async def list_pools(
+    request: Request, store: PoolStateStore = Depends(get_pool_state)
+) -> list[dict[str, Any]]:
+    components = get_components(request)
+    return [await describe(components, store, spec) for spec in components.settings.pools]
+
+
+@router.get("/{name}", summary="One pool")
+async def get_pool(
+    name: str, request: Request, store: PoolStateStore = Depends(get_pool_state)
+) -> dict[str, Any]:
+    components = get_components(request)
+    return await describe(components, store, _spec(components, name))
+
+
+@router.patch(
+    "/{name}",
+    summary="Change min/max workers or idle timeout at run time",
+    dependencies=[Depends(require_admin)],
+)
+async def patch_pool(
+    name: str,
+    body: PoolPatch,
+    request: Request,
+    store: PoolStateStore = Depends(get_pool_state),
+) -> dict[str, Any]:
+    components = get_components(request)
+    spec = _spec(components, name)
+    effective, _ = await store.effective(spec)
+    low = body.min_workers if body.min_workers is not None else effective.min_workers
+    high = body.max_workers if body.max_workers is not None else effective.max_workers
+    if low > high:
+        raise Conflict(f"min_workers ({low}) would exceed max_workers ({high})")
+    await store.set_overrides(name, **body.model_dump(exclude_unset=True))
+    if components.events:
+        await components.events.emit(
+            "pool", pool=name, action="patch", reason=str(body.model_dump(exclude_unset=True))
+        )
+    wake = components.extras.get("wake")
+    if wake is not None:
+        wake.set()
+    return await describe(components, store, spec)
+
+
+@router.post(
+    "/{name}/scale",
+    summary="Keep at least N workers ready for a while (pre-warm)",
+    dependencies=[Depends(require_admin)],
+)
+async def scale_pool(
+    name: str,
+    body: PoolScale,
+    request: Request,
+    store: PoolStateStore = Depends(get_pool_state),
+) -> dict[str, Any]:
+    components = get_components(request)
+    spec = _spec(components, name)
+    until = await store.set_floor(name, body.workers, body.duration_s)
+    if components.events:
+        await components.events.emit(
+            "pool", pool=name, action="scale", reason=f"floor {body.workers} until {until:.0f}"
+        )
+    wake = components.extras.get("wake")
+    if wake is not None:
+        wake.set()
+    return await describe(components, store, spec)
