@@ -75,7 +75,11 @@ class FakeOllama:
         body = json.loads(raw) if raw else {}
         path = scope["path"]
         if path == "/api/show":
-            await _json(send, 200, {"modelfile": f"FROM {body.get('model')}", "details": {}})
+            await _json(
+                send,
+                200,
+                {"modelfile": f"FROM {body.get('model')}", "details": {}, "model_info": {}},
+            )
             return
         self.calls += 1
         self.bodies.append(body)
