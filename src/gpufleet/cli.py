@@ -297,6 +297,15 @@ def keys_import(path: Path, config: ConfigOption = None) -> None:
     typer.echo(f"imported {len(imported)} key(s); the file still holds them in clear: delete it")
 
 
+def _register_remote() -> None:
+    from gpufleet import remote
+
+    remote.register(app)
+
+
+_register_remote()
+
+
 def main() -> None:
     app(prog_name="gpufleet")
 

@@ -1,0 +1,364 @@
+"""CLI commands that talk to a running gpufleet over HTTP (``--url``/``--key`` or
+``GPUFLEET_URL``/``GPUFLEET_API_KEY``).
+
+Exit codes, for scripts: 0 ok; 1 the server answered an error (or a task failed);
+2 bad usage; 3 the server could not be reached; 4 timed out waiting.
+Every read command takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
+STATE_COLORS = {
+    "ready": "green",
+    "provisioning": "dark_orange",
+    "booting": "dark_orange",
+    "draining": "dark_orange",
+    "stopping": "dark_orange",
+    "stopped": "red",
+    "paused": "red",
+    "failed": "red",
+    "deleted": "grey50",
+    "succeeded": "green",
+    "running": "dark_orange",
+    "queued": "cyan",
+    "cancelled": "grey50",
+}
+
+UrlOption = Annotated[str, typer.Option("--url", envvar="GPUFLEET_URL", help="gpufleet base URL.")]
+KeyOption = Annotated[
+    str, typer.Option("--key", envvar="GPUFLEET_API_KEY", help="API key.", show_default=False)
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Remote:
+    """One short-lived HTTP client per call: CLI commands make a handful of calls."""
+
+    def __init__(self, url: str, key: str, timeout_s: float = 30.0) -> None:
+        self.base_url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.timeout_s = timeout_s
+
+    def client(self, timeout_s: float | None = None) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.base_url,
+            headers=self.headers,
+            timeout=timeout_s if timeout_s is not None else self.timeout_s,
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            with self.client() as client:
+                answer = client.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            err_console.print(f"[red]timed out talking to {self.base_url}[/red]")
+            raise typer.Exit(EXIT_TIMEOUT) from None
+        except httpx.HTTPError as exc:
+            err_console.print(f"[red]cannot reach {self.base_url}: {exc}[/red]")
+            raise typer.Exit(EXIT_UNREACHABLE) from None
+        if answer.status_code >= 400:
+            try:
+                message = answer.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = answer.text[:300]
+            err_console.print(f"[red]{method} {path}: HTTP {answer.status_code}: {message}[/red]")
+            raise typer.Exit(EXIT_ERROR)
+        if answer.headers.get("content-type", "").startswith("application/json"):
+            return answer.json()
+        return answer.content
+
+
+def _badge(state: str) -> str:
+    return f"[{STATE_COLORS.get(state, 'white')}]{state}[/]"
+
+
+def _emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def workers_table(workers: list[dict[str, Any]]) -> Table:
+    table = Table(title="workers")
+    for column in ("worker", "pool", "state", "slots", "models", "url", "cost $"):
+        table.add_column(column)
+    for w in workers:
+        table.add_row(
+            w["id"],
+            w["pool"],
+            _badge(w["state"]),
+            f"{w['busy_slots']}/{w['slots']}",
+            ", ".join(w.get("models_loaded") or w.get("models_present") or []),
+            w.get("base_url", ""),
+            f"{w.get('cost_usd', 0):.3f}",
+        )
+    return table
+
+
+def status_tables(pools: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[Table]:
+    table = Table(title="pools")
+    for column in (
+        "pool",
+        "provider",
+        "engine",
+        "workers",
+        "queued",
+        "waiting",
+        "min/max",
+        "burn $/h",
+        "spend $",
+        "backoff",
+    ):
+        table.add_column(column)
+    for p in pools:
+        demand = p.get("demand") or {}
+        table.add_row(
+            p["name"],
+            p["provider"],
+            p["engine"],
+            " ".join(f"{_badge(s)}:{n}" for s, n in (p.get("workers_by_state") or {}).items()),
+            str(demand.get("queued", "")),
+            str(demand.get("waiting", "")),
+            f"{p['min_workers']}/{p['max_workers']}",
+            f"{p.get('burn_rate_per_hour', 0):.2f}",
+            f"{p.get('spend_usd', 0):.2f}",
+            (p.get("backoff") or {}).get("reason", ""),
+        )
+    return [table, workers_table(workers)]
+
+
+def status(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: JsonOption = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s.")] = False,
+) -> None:
+    """Pools, workers, queue and spend at a glance."""
+    remote = Remote(url, key)
+
+    def fetch() -> tuple[Any, Any]:
+        return remote.call("GET", "/api/v1/pools"), remote.call("GET", "/api/v1/workers")
+
+    if as_json:
+        pools, workers = fetch()
+        _emit_json({"pools": pools, "workers": workers})
+        return
+    if not watch:
+        for table in status_tables(*fetch()):
+            console.print(table)
+        return
+    with Live(console=console, refresh_per_second=1) as live:
+        while True:
+            from rich.console import Group
+
+            live.update(Group(*status_tables(*fetch())))
+            time.sleep(2)
+
+
+def workers(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: JsonOption = False,
+    pool: Annotated[str | None, typer.Option(help="Only this pool.")] = None,
+    watch: Annotated[bool, typer.Option("--watch")] = False,
+) -> None:
+    """List workers with state, slots, models and cost."""
+    remote = Remote(url, key)
+    params = {"pool": pool} if pool else {}
+    if as_json:
+        _emit_json(remote.call("GET", "/api/v1/workers", params=params))
+        return
+    if not watch:
+        console.print(workers_table(remote.call("GET", "/api/v1/workers", params=params)))
+        return
+    with Live(console=console, refresh_per_second=1) as live:
+        while True:
+            live.update(workers_table(remote.call("GET", "/api/v1/workers", params=params)))
+            time.sleep(2)
+
+
+def events(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: JsonOption = False,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    limit: int = 50,
+) -> None:
+    """Recent scale decisions and worker changes; --follow streams new ones."""
+    remote = Remote(url, key)
+    if not follow:
+        items = remote.call("GET", "/api/v1/events", params={"limit": limit})
+        if as_json:
+            _emit_json(items)
+        for e in reversed(items) if not as_json else []:
+            _print_event(e)
+        return
+    try:
+        with (
+            remote.client(timeout_s=None) as client,
+            client.stream("GET", "/api/v1/events/stream") as answer,
+        ):
+            if answer.status_code >= 400:
+                err_console.print(f"[red]HTTP {answer.status_code}[/red]")
+                raise typer.Exit(EXIT_ERROR)
+            for line in answer.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    print(json.dumps(event)) if as_json else _print_event(event)
+    except httpx.HTTPError as exc:
+        err_console.print(f"[red]stream ended: {exc}[/red]")
+        raise typer.Exit(EXIT_UNREACHABLE) from None
+
+
+def endpoints_export(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Ready worker endpoints per pool, as JSON, for tools that call workers directly."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for w in Remote(url, key).call("GET", "/api/v1/workers", params={"state": "ready"}):
+        out.setdefault(w["pool"], []).append(
+            {
+                "worker": w["id"],
+                "url": w["base_url"],
+                "slots": w["slots"],
+                "models": w.get("models_present", []),
+            }
+        )
+    _emit_json(out)
+
+
+def tasks_submit(
+    file: Annotated[Path, typer.Argument(help="Task JSON, or a bare ComfyUI graph.")],
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: JsonOption = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until it finishes.")] = False,
+    outputs: Annotated[Path | None, typer.Option(help="Download outputs here.")] = None,
+    timeout_s: Annotated[float, typer.Option(help="Give up waiting after this.")] = 3600,
+) -> None:
+    """Submit a task (ComfyUI graph or ollama request) and optionally wait for it."""
+    try:
+        body = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        err_console.print(f"[red]cannot read {file}: {exc}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
+    if isinstance(body, dict) and "payload" not in body:
+        body = {"kind": "comfyui", "payload": body}
+    remote = Remote(url, key)
+    task = remote.call("POST", "/api/v1/tasks", json=body)
+    if not wait:
+        _emit_json(task) if as_json else console.print(f"submitted {task['id']}")
+        return
+    final = _wait(remote, task["id"], timeout_s, quiet=as_json)
+    if outputs is not None:
+        _download(remote, final, outputs)
+    _emit_json(final) if as_json else console.print(
+        f"{final['id']} {_badge(final['status'])} {final.get('error') or ''}"
+    )
+    if final["status"] != "succeeded":
+        raise typer.Exit(EXIT_ERROR)
+
+
+def tasks_get(task_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """One task, as JSON."""
+    _emit_json(Remote(url, key).call("GET", f"/api/v1/tasks/{task_id}"))
+
+
+def tasks_list(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: JsonOption = False,
+    status: Annotated[str | None, typer.Option()] = None,
+    limit: int = 50,
+) -> None:
+    """Recent tasks."""
+    params: dict[str, Any] = {"limit": limit}
+    if status:
+        params["status"] = status
+    page = Remote(url, key).call("GET", "/api/v1/tasks", params=params)
+    items = page.get("items", page) if isinstance(page, dict) else page
+    if as_json:
+        _emit_json(items)
+        return
+    table = Table(title="tasks")
+    for column in ("id", "kind", "status", "pool", "priority", "attempts"):
+        table.add_column(column)
+    for t in items:
+        table.add_row(
+            t["id"],
+            t["kind"],
+            _badge(t["status"]),
+            str(t.get("pool") or ""),
+            str(t.get("priority", "")),
+            str(t.get("attempts", "")),
+        )
+    console.print(table)
+
+
+def tasks_cancel(task_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+    """Cancel a queued or running task."""
+    task = Remote(url, key).call("POST", f"/api/v1/tasks/{task_id}/cancel")
+    console.print(f"{task['id']} {_badge(task['status'])}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the remote commands to the ``gpufleet`` typer app."""
+    tasks_app = typer.Typer(help="Submit and follow tasks.", no_args_is_help=True)
+    endpoints_app = typer.Typer(help="Worker endpoints.", no_args_is_help=True)
+    app.add_typer(tasks_app, name="tasks")
+    app.add_typer(endpoints_app, name="endpoints")
+    app.command()(status)
+    app.command()(workers)
+    app.command()(events)
+    endpoints_app.command("export")(endpoints_export)
+    tasks_app.command("submit")(tasks_submit)
+    tasks_app.command("get")(tasks_get)
+    tasks_app.command("list")(tasks_list)
+    tasks_app.command("cancel")(tasks_cancel)
+
+
+def _print_event(e: dict[str, Any]) -> None:
+    when = time.strftime("%H:%M:%S", time.localtime(e.get("ts", 0)))
+    what = e.get("action") or e.get("state") or e.get("kind")
+    console.print(
+        f"{when} {e.get('pool', '')} {what} {e.get('worker', '')} "
+        f"{e.get('reason', '')} {e.get('outcome', '')}".rstrip()
+    )
+
+
+def _wait(remote: Remote, task_id: str, timeout_s: float, *, quiet: bool) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    with console.status(f"{task_id} queued", spinner="dots") as spinner:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                err_console.print(f"[red]{task_id} still not finished after {timeout_s:.0f} s")
+                raise typer.Exit(EXIT_TIMEOUT)
+            task: dict[str, Any] = remote.call(
+                "GET", f"/api/v1/tasks/{task_id}/wait", params={"timeout_s": min(25, left)}
+            )
+            if task["status"] in ("succeeded", "failed", "cancelled"):
+                return task
+            if not quiet:
+                spinner.update(f"{task_id} {task['status']} (attempt {task.get('attempts', 0)})")
+
+
+def _download(remote: Remote, task: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in (task.get("result") or {}).get("outputs", []):
+        data = remote.call("GET", f"/api/v1/tasks/{task['id']}/outputs/{item['filename']}")
+        (folder / Path(item["filename"]).name).write_bytes(data)
+        err_console.print(f"saved {folder / Path(item['filename']).name}")

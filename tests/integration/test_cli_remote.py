@@ -1,0 +1,89 @@
+"""Remote CLI commands against a live gpufleet on loopback (the CLI runs in a thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from gpufleet.app import create_app
+from gpufleet.cli import app as cli
+from gpufleet.domain import WorkerState
+from gpufleet.loopback import LoopbackServer, free_port
+from gpufleet.settings import load_settings
+
+runner = CliRunner()
+POOLS = [
+    {
+        "name": "llm",
+        "provider": "static",
+        "engine": "ollama",
+        "urls": ["http://h:1"],
+        "slots": 4,
+        "models": ["llama3.1:8b"],
+    }
+]
+
+
+@pytest.fixture
+async def live(redis_url: str, redis: Any) -> AsyncIterator[tuple[str, str, Any]]:
+    app = create_app(load_settings(env_file=None, redis={"url": redis_url}, pools=POOLS))
+    server = LoopbackServer(app, name="gpufleet")
+    await server.start()
+    components = app.state.components
+    _, key = await components.extras["apikeys"].create("cli", role="admin")
+    try:
+        yield server.url, key, components
+    finally:
+        await server.stop()
+
+
+async def invoke(*args: str) -> Result:
+    return await asyncio.to_thread(runner.invoke, cli, list(args))
+
+
+async def test_status_workers_endpoints_events(live: tuple[str, str, Any]) -> None:
+    url, key, components = live
+    await components.registry.register(
+        pool="llm",
+        provider="static",
+        slots=4,
+        worker_id="llm-1",
+        state=WorkerState.ready,
+        base_url="http://h:1",
+        models_present=["llama3.1:8b"],
+    )
+    await components.events.emit("scale", pool="llm", action="Adopt", reason="static url")
+    auth = ["--url", url, "--key", key]
+
+    status = await invoke("status", *auth, "--json")
+    assert status.exit_code == 0, status.output
+    data = json.loads(status.output)
+    assert data["pools"][0]["name"] == "llm"
+    assert data["workers"][0]["id"] == "llm-1"
+    table = await invoke("status", *auth)
+    assert "llm-1" in table.output
+    assert "ready" in table.output
+
+    workers = json.loads((await invoke("workers", *auth, "--json")).output)
+    assert [w["state"] for w in workers] == ["ready"]
+
+    endpoints = json.loads((await invoke("endpoints", "export", *auth)).output)
+    assert endpoints == {
+        "llm": [{"worker": "llm-1", "url": "http://h:1", "slots": 4, "models": ["llama3.1:8b"]}]
+    }
+
+    events = await invoke("events", *auth)
+    assert "Adopt" in events.output
+
+
+async def test_exit_codes(live: tuple[str, str, Any]) -> None:
+    url, _, _ = live
+    bad_key = await invoke("workers", "--url", url, "--key", "gpf_wrong")
+    assert bad_key.exit_code == 1
+    unreachable = await invoke("workers", "--url", f"http://127.0.0.1:{free_port()}", "--key", "k")
+    assert unreachable.exit_code == 3
