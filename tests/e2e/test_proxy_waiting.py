@@ -600,8 +600,14 @@ async def test_auth_and_usage_per_key_and_model(fleet: Fleet) -> None:
     async with fleet.client("sk-bob") as bob:
         await chat(bob)
         await chat(bob, stream=True)
-    await fleet.service.usage.flush()
-    usage = await fleet.service.usage.read("bob")
+    usage: dict[str, float] = {}
+
+    async def counted() -> bool:  # counted just after the last byte went out
+        await fleet.service.usage.flush()
+        usage.update(await fleet.service.usage.read("bob"))
+        return usage.get("llama3.2:latest|requests") == 2
+
+    assert await eventually(counted)
     assert refused.status_code == 401
     assert refused.json() == {"error": "missing or unknown API key"}
     assert usage["llama3.2:latest|requests"] == 2
