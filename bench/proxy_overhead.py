@@ -15,6 +15,19 @@ Ollama backend:
 The proxy under test runs on core 0; the load generators (``hey``, ``wrk`` from
 Debian), the backend and Redis on core 1. Needs: ``apt-get install nginx-light wrk hey``.
 It prints one table plus the ratios the targets are stated in; it asserts nothing.
+
+First run (2 shared cores, --seconds 5; LiteLLM not installed):
+
+| target | p50 ms | p99 ms | open req/s | stream TTFB ms | streams/s @64 | RSS MB |
+|---|---|---|---|---|---|---|
+| direct | 0.80 | 1.70 | 13225 | 0.30 | 581 | - |
+| nginx | 1.00 (+0.20) | 2.60 (+0.90) | 7495 | 0.60 (+0.30) | 579 | 12.5 |
+| gpufleet | 3.50 (+2.70) | 4.90 (+3.20) | 221 | 3.10 (+2.80) | 74 | 72.1 |
+
+gpufleet misses the throughput targets: its upstream client (httpx/httpcore) gets slower
+as concurrent connections grow (~780 req/s at 2 clients, ~120-220 at 32-64; the profile
+is dominated by httpcore's connection-pool scans). A leaner upstream transport behind
+``ProxyService._relay`` is the next step.
 """
 
 from __future__ import annotations
@@ -58,23 +71,51 @@ async def backend_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     body = json.loads(raw or b"{}")
-    final = {"model": body.get("model"), "created_at": "2024-01-01T00:00:00Z",
-             "message": {"role": "assistant", "content": ""}, "done": True,
-             "done_reason": "stop", "prompt_eval_count": 5, "eval_count": STREAM_TOKENS}
+    final = {
+        "model": body.get("model"),
+        "created_at": "2024-01-01T00:00:00Z",
+        "message": {"role": "assistant", "content": ""},
+        "done": True,
+        "done_reason": "stop",
+        "prompt_eval_count": 5,
+        "eval_count": STREAM_TOKENS,
+    }
     if not body.get("stream", True):
         final["message"]["content"] = "hello " * STREAM_TOKENS
         data = json.dumps(final).encode()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/x-ndjson")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/x-ndjson")],
+        }
+    )
     for _ in range(STREAM_TOKENS):
-        line = {"model": body.get("model"), "created_at": "2024-01-01T00:00:00Z",
-                "message": {"role": "assistant", "content": "hello "}, "done": False}
-        await send({"type": "http.response.body", "body": json.dumps(line).encode() + b"\n",
-                    "more_body": True})
+        line = {
+            "model": body.get("model"),
+            "created_at": "2024-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": "hello "},
+            "done": False,
+        }
+        await send(
+            {
+                "type": "http.response.body",
+                "body": json.dumps(line).encode() + b"\n",
+                "more_body": True,
+            }
+        )
         await asyncio.sleep(STREAM_GAP_S)
     await send({"type": "http.response.body", "body": json.dumps(final).encode() + b"\n"})
 
@@ -82,8 +123,16 @@ async def backend_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 def serve_backend(port: int) -> None:
     import uvicorn
 
-    uvicorn.run(backend_app, host="127.0.0.1", port=port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools", lifespan="off")
+    uvicorn.run(
+        backend_app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+    )
 
 
 # -- gpufleet's proxy ------------------------------------------------------------------------
@@ -103,23 +152,45 @@ def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
     from gpufleet.store.connection import connect
     from gpufleet.store.workers import WorkerRegistry
 
-    settings = load_settings(env_file=None, redis={"url": redis_url}, pools=[{
-        "name": "llm", "provider": "simulated", "engine": "ollama", "slots": 1000,
-        "models": ["llama3.2"], "max_workers": 1}])
+    settings = load_settings(
+        env_file=None,
+        redis={"url": redis_url},
+        pools=[
+            {
+                "name": "llm",
+                "provider": "simulated",
+                "engine": "ollama",
+                "slots": 1000,
+                "models": ["llama3.2"],
+                "max_workers": 1,
+            }
+        ],
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         redis = connect(redis_url)
         await redis.flushdb()
         registry = WorkerRegistry(redis)
-        await registry.register(pool="llm", provider="simulated", slots=1000, worker_id="w1",
-                                state=WorkerState.ready, base_url=backend, engine="ollama",
-                                models_loaded=["llama3.2:latest"])
+        await registry.register(
+            pool="llm",
+            provider="simulated",
+            slots=1000,
+            worker_id="w1",
+            state=WorkerState.ready,
+            base_url=backend,
+            engine="ollama",
+            models_loaded=["llama3.2:latest"],
+        )
         config = ProxySettings()
         http = make_http_client(config)
         service = ProxyService(settings, registry, redis, http, proxy_settings=config)
-        app.state.components = Components(settings=settings, redis=redis, registry=registry,
-                                          extras={"proxy": service, "proxy_http": http})
+        app.state.components = Components(
+            settings=settings,
+            redis=redis,
+            registry=registry,
+            extras={"proxy": service, "proxy_http": http},
+        )
         yield
         await service.aclose()
         await http.aclose()
@@ -129,8 +200,15 @@ def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
     install_error_handlers(app)
     app.include_router(build_proxy_router())
     app.add_middleware(SecurityHeadersMiddleware)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools")
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        loop="uvloop",
+        http="httptools",
+    )
 
 
 # -- orchestration ---------------------------------------------------------------------------
@@ -152,9 +230,14 @@ def wait_port(port: int, timeout_s: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], core: int, port: int | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["taskset", "-c", str(core), *cmd], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+def process(
+    cmd: list[str], core: int, port: int | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        ["taskset", "-c", str(core), *cmd],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
+    )
     try:
         if port:
             wait_port(port)
@@ -206,8 +289,20 @@ def rss_kb(pid: int) -> int:
 
 
 def hey(url: str, body: dict[str, Any], *args: str) -> str:
-    cmd = ["taskset", "-c", "1", "hey", "-m", "POST", "-T", "application/json",
-           "-d", json.dumps(body), *args, url]
+    cmd = [
+        "taskset",
+        "-c",
+        "1",
+        "hey",
+        "-m",
+        "POST",
+        "-T",
+        "application/json",
+        "-d",
+        json.dumps(body),
+        *args,
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
@@ -227,7 +322,9 @@ def throughput(url: str, seconds: int, tmp: Path) -> float:
     )
     out = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
@@ -252,9 +349,15 @@ def measure(name: str, url: str, pid: int | None, seconds: int, tmp: Path) -> di
     hey(url, CHAT, "-c", "4", "-n", "200")  # warm connections and caches
     idle = rss_kb(pid) / 1024 if pid else float("nan")
     p50, p99 = latency_at_rate(url, seconds)
-    row = {"target": name, "p50_ms": p50, "p99_ms": p99, "rps_open": throughput(url, seconds, tmp),
-           "ttfb_ms": stream_ttfb(url), "streams_s": stream_throughput(url, seconds),
-           "rss_mb": idle}
+    row = {
+        "target": name,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "rps_open": throughput(url, seconds, tmp),
+        "ttfb_ms": stream_ttfb(url),
+        "streams_s": stream_throughput(url, seconds),
+        "rss_mb": idle,
+    }
     print(f"  {name}: {row}", file=sys.stderr)
     return row
 
@@ -292,12 +395,16 @@ def main() -> None:
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, backend=bport, port=nport))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         with process([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], 0, nport) as proc:
-            rows.append(measure("nginx", f"http://127.0.0.1:{nport}/api/chat", proc.pid,
-                                args.seconds, tmp))
+            rows.append(
+                measure("nginx", f"http://127.0.0.1:{nport}/api/chat", proc.pid, args.seconds, tmp)
+            )
         cmd = [*me, "gpufleet", "--port", str(gport), "--redis", redis.url, "--backend", backend]
         with process(cmd, 0, gport) as proc:
-            rows.append(measure("gpufleet", f"http://127.0.0.1:{gport}/api/chat", proc.pid,
-                                args.seconds, tmp))
+            rows.append(
+                measure(
+                    "gpufleet", f"http://127.0.0.1:{gport}/api/chat", proc.pid, args.seconds, tmp
+                )
+            )
         litellm = ROOT / "bench/.venvs/litellm/bin/litellm"
         if not litellm.exists():
             print("  litellm: skipped (no bench/.venvs/litellm)", file=sys.stderr)
@@ -306,24 +413,34 @@ def main() -> None:
 
 def report(rows: list[dict[str, Any]]) -> None:
     direct = rows[0]
-    print("| target | p50 ms (added) | p99 ms (added) | open req/s | stream TTFB ms (added) "
-          "| streams/s @64 | idle RSS MB |")
+    print(
+        "| target | p50 ms (added) | p99 ms (added) | open req/s | stream TTFB ms (added) "
+        "| streams/s @64 | idle RSS MB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['target']} | {r['p50_ms']:.2f} ({r['p50_ms'] - direct['p50_ms']:+.2f}) "
-              f"| {r['p99_ms']:.2f} ({r['p99_ms'] - direct['p99_ms']:+.2f}) | {r['rps_open']:.0f} "
-              f"| {r['ttfb_ms']:.2f} ({r['ttfb_ms'] - direct['ttfb_ms']:+.2f}) "
-              f"| {r['streams_s']:.0f} | {r['rss_mb']:.1f} |")
+        print(
+            f"| {r['target']} | {r['p50_ms']:.2f} ({r['p50_ms'] - direct['p50_ms']:+.2f}) "
+            f"| {r['p99_ms']:.2f} ({r['p99_ms'] - direct['p99_ms']:+.2f}) | {r['rps_open']:.0f} "
+            f"| {r['ttfb_ms']:.2f} ({r['ttfb_ms'] - direct['ttfb_ms']:+.2f}) "
+            f"| {r['streams_s']:.0f} | {r['rss_mb']:.1f} |"
+        )
     by = {r["target"]: r for r in rows}
     if "gpufleet" in by and "nginx" in by:
         g, n = by["gpufleet"], by["nginx"]
-        print(f"\ngpufleet added p50 {g['p50_ms'] - direct['p50_ms']:.2f} ms (target <= 1), "
-              f"p99 {g['p99_ms'] - direct['p99_ms']:.2f} ms (target <= 5)")
+        print(
+            f"\ngpufleet added p50 {g['p50_ms'] - direct['p50_ms']:.2f} ms (target <= 1), "
+            f"p99 {g['p99_ms'] - direct['p99_ms']:.2f} ms (target <= 5)"
+        )
         print(f"gpufleet / nginx open req/s: {g['rps_open'] / n['rps_open']:.2f} (target >= 0.4)")
-        print(f"gpufleet / direct streams/s: {g['streams_s'] / direct['streams_s']:.2f} "
-              "(target >= 0.9)")
+        print(
+            f"gpufleet / direct streams/s: {g['streams_s'] / direct['streams_s']:.2f} "
+            "(target >= 0.9)"
+        )
     if "litellm" in by:
-        print(f"gpufleet / litellm idle RSS: {by['gpufleet']['rss_mb'] / by['litellm']['rss_mb']:.2f}")
+        print(
+            f"gpufleet / litellm idle RSS: {by['gpufleet']['rss_mb'] / by['litellm']['rss_mb']:.2f}"
+        )
 
 
 if __name__ == "__main__":
