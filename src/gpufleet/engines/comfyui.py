@@ -194,7 +194,8 @@ class ComfyUIEngine(EngineClient):
         """Relay progress until the prompt ends; errors raise, success returns."""
         while True:
             try:
-                raw = await asyncio.wait_for(ws.recv(), self.stall_timeout_s)
+                async with asyncio.timeout(self.stall_timeout_s):
+                    raw = await ws.recv()
             except TimeoutError:
                 raise EngineUnavailable(
                     f"comfyui: no progress for {self.stall_timeout_s}s", stalled=True
