@@ -183,15 +183,16 @@ class ComfyUIEngine(EngineClient):
                               "number": answer.get("number")})
         if ws is not None:
             try:
-                await self._follow_socket(ws, graph, prompt_id, on_event)
+                await self._follow_socket(base_url, ws, graph, prompt_id, on_event)
             except ConnectionClosed as exc:
                 logger.warning("comfyui %s: websocket dropped (%s); polling", base_url, exc)
                 await emit(on_event, {"type": "polling", "reason": "websocket dropped"})
         return await self._poll(base_url, prompt_id)
 
-    async def _follow_socket(self, ws: ClientConnection, graph: dict[str, Any],
+    async def _follow_socket(self, base_url: str, ws: ClientConnection, graph: dict[str, Any],
                              prompt_id: str, on_event: OnEvent) -> None:
         """Relay progress until the prompt ends; errors raise, success returns."""
+        started = False
         while True:
             try:
                 async with asyncio.timeout(self.stall_timeout_s):
@@ -207,8 +208,11 @@ class ComfyUIEngine(EngineClient):
                 kind, data = frame["type"], frame.get("data") or {}
             except (ValueError, KeyError, TypeError):
                 continue
+            if kind == "status" and "sid" not in data and not started:
+                await self._check_still_there(base_url, prompt_id)  # the queue changed
             if data.get("prompt_id") != prompt_id:
                 continue
+            started = started or kind == "execution_start"
             if kind in ("execution_success", "execution_error", "execution_interrupted"):
                 _raise_for_messages([[kind, data]])
                 return
@@ -224,11 +228,9 @@ class ComfyUIEngine(EngineClient):
         deadline = loop.time() + self.stall_timeout_s
         while True:
             entry = await self._history(base_url, prompt_id)
-            if entry is None and not await self._queued(base_url, prompt_id):
+            if entry is None:
+                await self._check_still_there(base_url, prompt_id)
                 entry = await self._history(base_url, prompt_id)
-                if entry is None:
-                    raise EngineUnavailable(f"comfyui: prompt {prompt_id} is neither queued "
-                                            "nor in history (worker restarted?)")
             if entry is not None:
                 _raise_for_messages((entry.get("status") or {}).get("messages") or [])
                 return entry
@@ -236,6 +238,14 @@ class ComfyUIEngine(EngineClient):
                 raise EngineUnavailable(f"comfyui: prompt {prompt_id} unfinished after "
                                         f"{self.stall_timeout_s}s", stalled=True)
             await asyncio.sleep(self.poll_interval_s)
+
+    async def _check_still_there(self, base_url: str, prompt_id: str) -> None:
+        """Raise if a prompt that has not started left the queue without a history entry."""
+        if await self._queued(base_url, prompt_id):
+            return
+        if await self._history(base_url, prompt_id) is None:
+            raise EngineUnavailable(f"comfyui: prompt {prompt_id} is neither queued "
+                                    "nor in history (deleted, or the worker restarted)")
 
     async def _history(self, base_url: str, prompt_id: str) -> dict[str, Any] | None:
         response = await self.request("GET", f"{base_url}/history/{prompt_id}")

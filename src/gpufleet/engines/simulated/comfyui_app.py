@@ -316,9 +316,12 @@ class SimulatedComfyUI:
         body = json.loads(await request.body() or b"{}")
         drop = {str(p) for p in body.get("delete", [])}
         keep = [] if body.get("clear") else [i for i in self.pending if i.prompt_id not in drop]
-        for _ in range(len(self.pending) - len(keep)):
+        removed = len(self.pending) - len(keep)
+        for _ in range(removed):
             self.recorder.exit()
         self.pending = keep
+        if removed:
+            await self._broadcast_status()  # ComfyUI's queue_updated()
         return Response(status_code=200)
 
     async def _interrupt_route(self, request: Request) -> Response:
