@@ -1,0 +1,37 @@
+-- Enqueue one task, or return the task an idempotency key already maps to.
+-- ARGV: prefix, now, id, idem_key ('' = none), fingerprint, kind, pool, model, priority,
+--       then field/value pairs of the task hash (payload, timeouts, owner, ...).
+-- Returns {'created', id} | {'existing', id} | {'conflict', id}.
+local id, idem, fp = ARGV[3], ARGV[4], ARGV[5]
+local t = {kind = ARGV[6], pool = ARGV[7], model = ARGV[8]}
+local priority = tonumber(ARGV[9])
+
+if idem ~= '' then
+  local existing = redis.call('GET', idem)
+  if existing then
+    local other = redis.call('HGET', k_task(existing), 'fp')
+    if other == fp then return {'existing', existing} end
+    if other then return {'conflict', existing} end
+    -- The task it named is gone (retention passed): the key is free again.
+  end
+end
+
+local seq = redis.call('INCR', k_seq)
+t.score = num((9 - priority) * BAND + seq)
+local fields = {'id', id, 'kind', t.kind, 'pool', t.pool, 'model', t.model,
+                'priority', priority, 'status', 'queued', 'attempts', 0, 'seq', seq,
+                'score', t.score, 'fp', fp, 'idem', idem,
+                'created_at', ts(NOW), 'queued_at', ts(NOW)}
+for i = 10, #ARGV, 2 do
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+end
+redis.call('HSET', k_task(id), unpack(fields))
+place(id, t, nil)
+redis.call('ZADD', k_tasks, seq, id)
+redis.call('ZADD', k_status('queued'), seq, id)
+count(k_depth, t, 1)
+if idem ~= '' then redis.call('SET', idem, id) end
+emit(id, 'queued', '')
+redis.call('PUBLISH', c_wake, t.kind .. ' ' .. t.pool .. ' ' .. t.model)
+return {'created', id}

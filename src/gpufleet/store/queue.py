@@ -1,0 +1,593 @@
+"""The durable task queue: Redis data, Lua scripts for every multi-key step.
+
+Guarantees (on a real Redis with AOF; see docs/queue.md):
+
+- a task ``enqueue`` returned is in Redis until it finishes and its retention passes;
+- every move between waiting, running and finished is one Lua script, so a task is
+  never in two places or none: ``lease`` pops it from its queue *and* records the lease;
+- a lease not renewed by ``heartbeat`` expires; ``requeue_expired`` (also run inside
+  every ``lease``) puts the task back, or fails it when it has used ``max_attempts``;
+- retryable failures wait ``retry_backoff_s * 2**(attempt-1)`` (capped, with jitter);
+- finished tasks and their events are deleted ``result_ttl_s`` after they finish.
+
+Python builds arguments and parses answers, nothing more. The dispatcher (lease,
+heartbeat, ack/fail) and the REST router (enqueue, get, list, cancel, wait, events)
+are the consumers; the scaler reads ``stats()`` and listens on ``keys.wake()``.
+Lease holders learn about a cancel from ``heartbeat()`` answering ``cancelled``, from
+``wait(task_id)`` returning, or by subscribing to ``keys.cancel_channel()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from gpufleet.domain import TERMINAL_TASK_STATUSES, TaskStatus
+from gpufleet.errors import IdempotencyConflict, StoreError, TaskConflict, TaskNotFound
+from gpufleet.settings import QueueSettings
+from gpufleet.store.keys import Keys
+from gpufleet.tasks import (
+    Lease,
+    LeaseOutcome,
+    QueueStats,
+    Task,
+    TaskEvent,
+    TaskPage,
+    TaskSubmit,
+)
+
+logger = logging.getLogger(__name__)
+
+SCRIPTS = (
+    "enqueue",
+    "lease",
+    "heartbeat",
+    "ack",
+    "fail",
+    "cancel",
+    "requeue_expired",
+    "stats",
+    "keynames",
+)
+# Hash fields a listing returns: everything but the payload, which may be megabytes.
+SUMMARY_FIELDS = [
+    "id",
+    "kind",
+    "status",
+    "priority",
+    "pool",
+    "model",
+    "workflow_id",
+    "owner",
+    "max_attempts",
+    "attempts",
+    "timeout_s",
+    "created_at",
+    "queued_at",
+    "started_at",
+    "finished_at",
+    "next_attempt_at",
+    "worker",
+    "lease_deadline",
+    "result",
+    "error",
+    "errors",
+]
+# How often a waiter re-reads the task even without a notification (a lost pub/sub
+# message, a reconnect): bounds the damage, never the normal path.
+RECHECK_S = 5.0
+_CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_task_id(now: float) -> str:
+    """26 chars, ULID layout (48-bit ms time + 80 random bits): sorts by creation time."""
+    value = (int(now * 1000) << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def _load_script(name: str) -> str:
+    lua = resources.files("gpufleet.store") / "lua"
+    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+
+@dataclass(frozen=True)
+class RequeueReport:
+    requeued: int  # expired leases put back in their queue
+    dead: int  # expired leases that had no attempts left (now failed)
+    promoted: int  # retries whose backoff passed, back in their queue
+    reaped: int  # finished tasks deleted after their retention
+
+
+class TaskQueue:
+    """Tasks in Redis under ``key_prefix``. One per Redis client; scripts register once."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        settings: QueueSettings,
+        key_prefix: str = "gpufleet",
+        clock: Callable[[], float] = time.time,
+        *,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(key_prefix)
+        self.clock = clock
+        self.jitter = jitter
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(_load_script(name)) for name in SCRIPTS
+        }
+        self._notifier = _Notifier(redis, self.keys.task_channel())
+
+    def __repr__(self) -> str:
+        return f"<TaskQueue {self.keys.prefix}>"
+
+    async def aclose(self) -> None:
+        """Stop the pub/sub listener that ``wait`` and ``events`` start on first use."""
+        await self._notifier.aclose()
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        argv = [self.keys.prefix, f"{self.clock():.6f}", *args]
+        try:
+            return await self._scripts[name](keys=[], args=argv)
+        except RedisError as exc:
+            raise StoreError(f"queue {name} failed: {exc}") from exc
+
+    # -- producers ---------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        spec: TaskSubmit,
+        *,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Task:
+        """Store a new task and make it runnable; with ``idempotency_key`` at most one per key.
+
+        A second call with the same key (and owner) returns the first task; with the same
+        key but a different request it raises ``IdempotencyConflict``.
+        """
+        now = self.clock()
+        task_id = new_task_id(now)
+        max_attempts = spec.max_attempts or self.settings.default_max_attempts
+        idem = self.keys.idempotency(owner, idempotency_key) if idempotency_key else ""
+        fingerprint = ""
+        if idem:
+            canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+            fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
+        fields: list[str] = [
+            "payload",
+            json.dumps(spec.payload, separators=(",", ":")),
+            "max_attempts",
+            str(max_attempts),
+        ]
+        for name, value in (
+            ("timeout_s", spec.timeout_s),
+            ("workflow_id", spec.workflow_id),
+            ("owner", owner),
+        ):
+            if value is not None:
+                fields += [name, str(value)]
+        verdict, stored_id = await self._run(
+            "enqueue",
+            task_id,
+            idem,
+            fingerprint,
+            spec.kind.value,
+            spec.pool or "",
+            spec.model or "",
+            str(spec.priority),
+            *fields,
+        )
+        verdict, stored_id = _s(verdict), _s(stored_id)
+        if verdict == "existing":
+            return await self.get(stored_id)
+        if verdict == "conflict":
+            raise IdempotencyConflict(
+                f"Idempotency-Key {idempotency_key!r} was used for task {stored_id} "
+                "with a different request",
+                task_id=stored_id,
+            )
+        logger.debug("task %s queued (%s, priority %s)", task_id, spec.kind, spec.priority)
+        stamp = float(f"{now:.6f}")
+        return Task(
+            id=task_id,
+            kind=spec.kind,
+            status=TaskStatus.queued,
+            priority=spec.priority,
+            pool=spec.pool,
+            model=spec.model,
+            workflow_id=spec.workflow_id,
+            owner=owner,
+            payload=spec.payload,
+            max_attempts=max_attempts,
+            timeout_s=spec.timeout_s,
+            created_at=stamp,
+            queued_at=stamp,
+        )
+
+    async def cancel(self, task_id: str, *, reason: str = "cancelled by request") -> Task:
+        """Cancel a queued or running task; a finished one raises ``TaskConflict`` (409)."""
+        verdict, status = await self._run(
+            "cancel", task_id, str(self.settings.result_ttl_s), reason
+        )
+        verdict, status = _s(verdict), _s(status)
+        if verdict == "missing":
+            raise TaskNotFound(f"no task {task_id}")
+        if verdict == "conflict":
+            raise TaskConflict(f"task {task_id} already {status}", status=status)
+        logger.info("task %s cancelled (was %s)", task_id, status)
+        return await self.get(task_id)
+
+    # -- consumers (the dispatcher) ------------------------------------------------------
+
+    async def lease(
+        self,
+        worker_id: str,
+        pools: Sequence[str] = (),
+        models: Sequence[str] | None = None,
+        *,
+        kinds: Sequence[str] = (),
+        limit: int = 1,
+    ) -> builtins.list[Lease]:
+        """Take up to ``limit`` of the best waiting tasks this worker can serve.
+
+        A task matches when it names one of ``pools``, or names no pool and its kind is in
+        ``kinds``; and it names no model, or one of ``models`` (``models=None``: any model).
+        Best = highest priority, then oldest. Each comes back running, leased until
+        ``now + lease_ttl_s``; renew with ``heartbeat`` every ``heartbeat_interval_s``.
+        """
+        now = self.clock()
+        deadline = now + self.settings.lease_ttl_s
+        model_list = list(models or ())
+        flat = await self._run(
+            "lease",
+            worker_id,
+            f"{deadline:.6f}",
+            str(limit),
+            str(self.settings.result_ttl_s),
+            "1" if models is None else "0",
+            str(len(pools)),
+            *pools,
+            str(len(kinds)),
+            *kinds,
+            str(len(model_list)),
+            *model_list,
+        )
+        leases: builtins.list[Lease] = []
+        i = 0
+        while i < len(flat):
+            n = int(flat[i])
+            token = _s(flat[i + 1])
+            task = Task.from_hash(_pairs(flat[i + 2 : i + 2 + n]))
+            leases.append(Lease(task=task, token=token, deadline=float(f"{deadline:.6f}")))
+            i += 2 + n
+        for lease in leases:
+            logger.debug(
+                "task %s leased by %s (attempt %s)", lease.task_id, worker_id, lease.task.attempts
+            )
+        return leases
+
+    async def heartbeat(self, task_id: str, token: str) -> LeaseOutcome:
+        """Renew a lease. ``cancelled``: stop the work; ``lost``: it is no longer yours."""
+        deadline = self.clock() + self.settings.lease_ttl_s
+        return LeaseOutcome(_s(await self._run("heartbeat", task_id, token, f"{deadline:.6f}")))
+
+    async def ack(self, task_id: str, token: str, result: Any = None) -> LeaseOutcome:
+        """Finish a leased task as succeeded with ``result`` (any JSON value)."""
+        outcome = LeaseOutcome(
+            _s(
+                await self._run(
+                    "ack",
+                    task_id,
+                    token,
+                    json.dumps(result, separators=(",", ":")),
+                    str(self.settings.result_ttl_s),
+                )
+            )
+        )
+        if outcome is not LeaseOutcome.ok:
+            logger.info("task %s: ack with token %s ignored (%s)", task_id, token, outcome)
+        return outcome
+
+    async def fail(
+        self,
+        task_id: str,
+        token: str,
+        error: str | Mapping[str, Any],
+        *,
+        retryable: bool = True,
+    ) -> LeaseOutcome:
+        """Record a failed attempt: ``retry`` (waits for its backoff) or ``failed`` for good.
+
+        ``error`` is a message or an object (kept as is, ``message`` and ``code`` by
+        convention); every attempt's error stays in ``Task.errors``.
+        """
+        body = {"message": error} if isinstance(error, str) else dict(error)
+        outcome = LeaseOutcome(
+            _s(
+                await self._run(
+                    "fail",
+                    task_id,
+                    token,
+                    json.dumps(body, separators=(",", ":"), default=str),
+                    "1" if retryable else "0",
+                    str(self.settings.result_ttl_s),
+                    str(self.settings.retry_backoff_s),
+                    str(self.settings.retry_backoff_max_s),
+                    f"{self.jitter():.6f}",
+                )
+            )
+        )
+        logger.info("task %s attempt failed (%s): %s", task_id, outcome, body.get("message", ""))
+        return outcome
+
+    async def requeue_expired(self, limit: int = 1000) -> RequeueReport:
+        """Housekeeping for a periodic loop: expired leases, due retries, old results."""
+        answer = await self._run("requeue_expired", str(limit), str(self.settings.result_ttl_s))
+        report = RequeueReport(*(int(x) for x in answer))
+        if report.requeued or report.dead:
+            logger.warning(
+                "requeued %d task(s) whose lease expired; %d out of attempts failed",
+                report.requeued,
+                report.dead,
+            )
+        return report
+
+    # -- readers -------------------------------------------------------------------------
+
+    async def get(self, task_id: str, *, include_payload: bool = True) -> Task:
+        key = self.keys.task(task_id)
+        try:
+            if include_payload:
+                data = {_s(k): _s(v) for k, v in (await self.redis.hgetall(key)).items()}
+            else:
+                values = await self.redis.hmget(key, SUMMARY_FIELDS)
+                data = {f: _s(v) for f, v in zip(SUMMARY_FIELDS, values, strict=True) if v}
+        except RedisError as exc:
+            raise StoreError(f"cannot read task {task_id}: {exc}") from exc
+        if "id" not in data:
+            raise TaskNotFound(f"no task {task_id}")
+        return Task.from_hash(data)
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        pool: str | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Newest first, without payloads. ``cursor`` is the previous page's ``next_cursor``.
+
+        ``status`` reads its own index; ``kind``/``pool``/``owner`` filter while scanning at
+        most ``20 * limit`` entries, so a sparse filter may return a short page with a cursor.
+        """
+        index = self.keys.tasks_by_status(status) if status else self.keys.tasks()
+        top = f"({int(cursor)}" if cursor else "+inf"
+        found: builtins.list[Task] = []
+        scanned = 0
+        batch = max(limit, 50)
+        try:
+            while len(found) < limit and scanned < 20 * limit:
+                entries: Any = await self.redis.zrevrangebyscore(
+                    index, top, "-inf", start=0, num=batch, withscores=True
+                )
+                if not entries:
+                    top = ""
+                    break
+                scanned += len(entries)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for member, _ in entries:
+                        pipe.hmget(self.keys.task(_s(member)), SUMMARY_FIELDS)
+                    rows = await pipe.execute()
+                for (_, score), values in zip(entries, rows, strict=True):
+                    top = f"({int(score)}"
+                    data = {f: _s(v) for f, v in zip(SUMMARY_FIELDS, values, strict=True) if v}
+                    if "id" not in data:
+                        continue  # expired a moment ago; the reaper drops the index entry
+                    if (
+                        (kind and data.get("kind") != kind)
+                        or (pool and data.get("pool") != pool)
+                        or (owner and data.get("owner") != owner)
+                    ):
+                        continue
+                    found.append(Task.from_hash(data))
+                    if len(found) == limit:
+                        break
+        except RedisError as exc:
+            raise StoreError(f"cannot list tasks: {exc}") from exc
+        return TaskPage(tasks=found, next_cursor=top[1:] if top.startswith("(") else None)
+
+    async def stats(self) -> QueueStats:
+        """Depths and in-flight counts (O(1) counters) and oldest waiting (queue heads)."""
+        depth_flat, inflight_flat, delayed, oldest_flat = await self._run("stats")
+        depth = {k: int(v) for k, v in _pairs(depth_flat).items()}
+        inflight = {k: int(v) for k, v in _pairs(inflight_flat).items()}
+        oldest = {k: float(v) for k, v in _pairs(oldest_flat).items()}
+
+        def group(source: Mapping[str, float], prefix: str) -> dict[str, Any]:
+            return {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
+
+        return QueueStats(
+            queued=depth.get("all", 0),
+            running=inflight.get("all", 0),
+            delayed=int(delayed),
+            queued_by_pool=group(depth, "pool:"),
+            queued_unpooled=group(depth, "nopool:"),
+            queued_by_engine=group(depth, "kind:"),
+            queued_by_model=group(depth, "model:"),
+            running_by_pool=group(inflight, "pool:"),
+            running_by_engine=group(inflight, "kind:"),
+            running_by_model=group(inflight, "model:"),
+            oldest_by_pool=group(oldest, "pool:"),
+            oldest_unpooled=group(oldest, "nopool:"),
+        )
+
+    async def wait(self, task_id: str, timeout_s: float) -> Task:
+        """The task (without payload) once finished, or as it stands after ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        async with self._notifier.watch(task_id) as inbox:
+            while True:
+                task = await self.get(task_id, include_payload=False)
+                remaining = deadline - loop.time()
+                if task.finished or remaining <= 0:
+                    return task
+                await inbox.next(min(remaining, RECHECK_S))
+
+    async def events(
+        self, task_id: str, *, after: str | None = None, keepalive_s: float = 15.0
+    ) -> AsyncIterator[TaskEvent | None]:
+        """Every state change after stream id ``after`` (all when None), until finished.
+
+        Yields None after ``keepalive_s`` without a change (for SSE keep-alives).
+        Raises ``TaskNotFound`` before the first event if the task does not exist.
+        """
+        if not await self.redis.exists(self.keys.task(task_id)):
+            raise TaskNotFound(f"no task {task_id}")
+        stream = self.keys.task_events(task_id)
+        last = after or "0-0"
+        async with self._notifier.watch(task_id) as inbox:
+            while True:
+                entries: Any = await self.redis.xrange(stream, min=f"({last}", count=100)
+                for event_id, data in entries:
+                    last = _s(event_id)
+                    fields = {_s(k): _s(v) for k, v in data.items()}
+                    event = TaskEvent(
+                        id=last,
+                        task_id=task_id,
+                        status=TaskStatus(fields["status"]),
+                        ts=float(fields["ts"]),
+                        detail=fields.get("detail", ""),
+                    )
+                    yield event
+                    if event.status in TERMINAL_TASK_STATUSES:
+                        return
+                if entries:
+                    continue
+                status = await self.redis.hget(self.keys.task(task_id), "status")
+                if status is None or _s(status) in TERMINAL_TASK_STATUSES:
+                    return  # finished before `after`, or expired
+                if not await inbox.next(keepalive_s):
+                    yield None
+
+
+class _Inbox:
+    """Wake-ups for one waiter; ``next`` returns False on timeout."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+
+    async def next(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        self._event.clear()
+        return True
+
+
+class _Notifier:
+    """One pub/sub connection per ``TaskQueue`` fanning task changes out to local waiters.
+
+    Started on first use, so processes that never wait (dispatchers, benchmarks) hold no
+    subscription. Waiters re-read Redis after every wake-up, so a lost message costs at
+    most ``RECHECK_S``; after a reconnect every waiter is woken.
+    """
+
+    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._inboxes: dict[str, set[_Inbox]] = {}
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @contextlib.asynccontextmanager
+    async def watch(self, task_id: str) -> AsyncIterator[_Inbox]:
+        inbox = _Inbox()
+        self._inboxes.setdefault(task_id, set()).add(inbox)
+        try:
+            if self._task is None or self._task.done():
+                self._ready.clear()
+                self._task = asyncio.create_task(self._listen(), name="gpufleet-task-events")
+            with contextlib.suppress(TimeoutError):
+                # Subscribed before the caller reads state: no change slips between.
+                await asyncio.wait_for(self._ready.wait(), RECHECK_S)
+            yield inbox
+        finally:
+            waiters = self._inboxes.get(task_id)
+            if waiters is not None:
+                waiters.discard(inbox)
+                if not waiters:
+                    del self._inboxes[task_id]
+
+    async def _listen(self) -> None:
+        backoff_s = 0.1
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                while True:
+                    message = await pubsub.get_message(timeout=RECHECK_S)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+                self._ready.set()
+                for waiters in list(self._inboxes.values()):
+                    for inbox in waiters:
+                        inbox.notify()
+                backoff_s = 0.1
+                async for message in pubsub.listen():
+                    if message["type"] != "message":
+                        continue
+                    task_id = _s(message["data"]).partition(" ")[0]
+                    for inbox in self._inboxes.get(task_id, ()):
+                        inbox.notify()
+            except RedisError as exc:
+                self._ready.clear()
+                logger.warning("task events subscription lost (%s); reconnecting", exc)
+            finally:
+                with contextlib.suppress(RedisError, RuntimeError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(5.0, backoff_s * 2)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
