@@ -82,7 +82,9 @@ async def test_key_layout_matches_lua(queue: TaskQueue) -> None:
 
 async def test_enqueue_get_and_timeline(queue: TaskQueue, clock: Clock) -> None:
     task = await queue.enqueue(comfy(workflow_id="text_to_image_v1"), owner="k1")
-    assert task.status == "queued" and task.attempts == 0 and task.max_attempts == 3
+    assert task.status == "queued"
+    assert task.attempts == 0
+    assert task.max_attempts == 3
     stored = await queue.get(task.id)
     assert stored == task
     assert stored.created_at == stored.queued_at == clock.now
@@ -114,7 +116,8 @@ async def test_lease_matches_pool_kind_and_model(queue: TaskQueue) -> None:
     assert await lease_ids(queue, 9, pools=["gpu-b"], kinds=[], models=None) == [in_b]
     assert await lease_ids(queue, 9, pools=[], kinds=["ollama"], models=None) == [llama]
     stats = await queue.stats()
-    assert stats.queued == 0 and stats.running == 5
+    assert stats.queued == 0
+    assert stats.running == 5
 
 
 async def test_stats_counts_and_oldest(queue: TaskQueue, clock: Clock) -> None:
@@ -124,7 +127,8 @@ async def test_stats_counts_and_oldest(queue: TaskQueue, clock: Clock) -> None:
     await queue.enqueue(comfy(pool="gpu-a", priority=9))
     await queue.enqueue(ollama("llama3:8b"))
     stats = await queue.stats()
-    assert stats.queued == 3 and stats.running == 0
+    assert stats.queued == 3
+    assert stats.running == 0
     assert stats.queued_by_pool == {"gpu-a": 2}
     assert stats.queued_unpooled == {"ollama": 1}
     assert stats.queued_by_engine == {"comfyui": 2, "ollama": 1}
@@ -133,21 +137,25 @@ async def test_stats_counts_and_oldest(queue: TaskQueue, clock: Clock) -> None:
     assert stats.oldest_age_s(clock.now + 5) == 15
     await lease_ids(queue, 1, pools=["gpu-a"])
     stats = await queue.stats()
-    assert stats.running_by_pool == {"gpu-a": 1} and stats.queued_by_pool == {"gpu-a": 1}
+    assert stats.running_by_pool == {"gpu-a": 1}
+    assert stats.queued_by_pool == {"gpu-a": 1}
 
 
 async def test_heartbeat_ack_and_stale_token(queue: TaskQueue) -> None:
     task = await queue.enqueue(comfy())
     (lease,) = await queue.lease("w1", kinds=["comfyui"])
-    assert lease.task.status == "running" and lease.task.attempts == 1
+    assert lease.task.status == "running"
+    assert lease.task.attempts == 1
     assert lease.task.payload == GRAPH
     assert await queue.heartbeat(task.id, lease.token) is LeaseOutcome.ok
     assert await queue.heartbeat(task.id, "w2:1") is LeaseOutcome.lost
     assert await queue.ack(task.id, lease.token, {"images": ["a.png"]}) is LeaseOutcome.ok
     assert await queue.ack(task.id, lease.token, None) is LeaseOutcome.lost
     done = await queue.get(task.id)
-    assert done.status == "succeeded" and done.result == {"images": ["a.png"]}
-    assert done.finished_at is not None and done.started_at is not None
+    assert done.status == "succeeded"
+    assert done.result == {"images": ["a.png"]}
+    assert done.finished_at is not None
+    assert done.started_at is not None
     assert (await queue.stats()).running == 0
 
 
@@ -163,11 +171,13 @@ async def test_expired_lease_requeues_with_attempts(queue: TaskQueue, clock: Clo
     report = await queue.requeue_expired()
     assert report.requeued == 1
     back = await queue.get(task.id)
-    assert back.status == "queued" and back.attempts == 1
+    assert back.status == "queued"
+    assert back.attempts == 1
     assert back.errors[0]["code"] == "lease_expired"
     assert await queue.heartbeat(task.id, first.token) is LeaseOutcome.lost
     (second,) = await queue.lease("w2", kinds=["comfyui"])
-    assert second.task.attempts == 2 and second.token != first.token
+    assert second.task.attempts == 2
+    assert second.token != first.token
     # The first holder's late ack no longer counts: the second holder owns the task.
     assert await queue.ack(task.id, first.token) is LeaseOutcome.lost
     assert await queue.ack(task.id, second.token) is LeaseOutcome.ok
@@ -189,7 +199,8 @@ async def test_lease_itself_requeues_expired(queue: TaskQueue, clock: Clock) -> 
     await queue.lease("w1", kinds=["comfyui"])
     clock.advance(15.5)
     (again,) = await queue.lease("w2", kinds=["comfyui"])
-    assert again.task_id == task.id and again.task.attempts == 2
+    assert again.task_id == task.id
+    assert again.task.attempts == 2
 
 
 async def test_expiry_after_last_attempt_is_dead(queue: TaskQueue, clock: Clock) -> None:
@@ -199,7 +210,8 @@ async def test_expiry_after_last_attempt_is_dead(queue: TaskQueue, clock: Clock)
         clock.advance(16)
     assert (await queue.requeue_expired()).dead == 1
     dead = await queue.get(task.id)
-    assert dead.status == "failed" and len(dead.errors) == 2
+    assert dead.status == "failed"
+    assert len(dead.errors) == 2
 
 
 async def test_retry_backoff_then_dead_letter(queue: TaskQueue, clock: Clock) -> None:
@@ -212,7 +224,8 @@ async def test_retry_backoff_then_dead_letter(queue: TaskQueue, clock: Clock) ->
         if attempt < 3:
             assert outcome is LeaseOutcome.retry
             waiting = await queue.get(task.id)
-            assert waiting.status == "queued" and waiting.next_attempt_at is not None
+            assert waiting.status == "queued"
+            assert waiting.next_attempt_at is not None
             delays.append(waiting.next_attempt_at - clock.now)
             assert await queue.lease("w1", kinds=["comfyui"]) == []  # not due yet
             assert (await queue.stats()).delayed == 1
@@ -234,8 +247,10 @@ async def test_non_retryable_fails_at_once(queue: TaskQueue) -> None:
     outcome = await queue.fail(task.id, lease.token, "invalid graph", retryable=False)
     assert outcome is LeaseOutcome.failed
     failed = await queue.get(task.id)
-    assert failed.status == "failed" and failed.attempts == 1
-    assert failed.error is not None and failed.error["message"] == "invalid graph"
+    assert failed.status == "failed"
+    assert failed.attempts == 1
+    assert failed.error is not None
+    assert failed.error["message"] == "invalid graph"
 
 
 async def test_cancel_queued_never_starts(queue: TaskQueue) -> None:
@@ -258,7 +273,8 @@ async def test_cancel_delayed_retry(queue: TaskQueue, clock: Clock) -> None:
     clock.advance(60)
     assert await queue.lease("w1", kinds=["comfyui"]) == []
     stats = await queue.stats()
-    assert stats.queued == 0 and stats.delayed == 0
+    assert stats.queued == 0
+    assert stats.delayed == 0
 
 
 async def test_cancel_running_tells_the_holder(queue: TaskQueue, redis: aioredis.Redis) -> None:
@@ -271,7 +287,8 @@ async def test_cancel_running_tells_the_holder(queue: TaskQueue, redis: aioredis
     await asyncio.sleep(0.05)
     await queue.cancel(task.id)
     message = await pubsub.get_message(timeout=5)
-    assert message is not None and message["data"] == task.id
+    assert message is not None
+    assert message["data"] == task.id
     assert (await watcher).status == "cancelled"
     await pubsub.aclose()
     assert await queue.heartbeat(task.id, lease.token) is LeaseOutcome.cancelled
@@ -396,7 +413,8 @@ async def test_wait_returns_when_finished(queue: TaskQueue) -> None:
     (lease,) = await queue.lease("w1", kinds=["comfyui"])
     await queue.ack(lease.task_id, lease.token, {"ok": True})
     done = await waiter
-    assert done.status == "succeeded" and done.result == {"ok": True}
+    assert done.status == "succeeded"
+    assert done.result == {"ok": True}
 
 
 async def test_wait_times_out_with_current_state(queue: TaskQueue) -> None:
@@ -430,7 +448,8 @@ async def test_events_follow_every_change(queue: TaskQueue, clock: Clock) -> Non
     assert seen[2].startswith("queued:retry in")
     # A follower arriving late still gets the history, then the stream ends.
     late = [e.status async for e in queue.events(task.id) if e is not None]
-    assert late[-1] == "succeeded" and len(late) == 5
+    assert late[-1] == "succeeded"
+    assert len(late) == 5
 
 
 async def test_wake_channel_on_enqueue(queue: TaskQueue, redis: aioredis.Redis) -> None:
@@ -439,7 +458,8 @@ async def test_wake_channel_on_enqueue(queue: TaskQueue, redis: aioredis.Redis) 
     await pubsub.get_message(timeout=1)
     await queue.enqueue(comfy(pool="gpu-a"))
     message = await pubsub.get_message(timeout=5)
-    assert message is not None and message["data"] == "comfyui gpu-a "
+    assert message is not None
+    assert message["data"] == "comfyui gpu-a "
     await pubsub.aclose()
 
 

@@ -28,7 +28,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -154,8 +154,9 @@ class TaskQueue:
         """Stop the pub/sub listener that ``wait`` and ``events`` start on first use."""
         await self._notifier.aclose()
 
-    async def _run(self, name: str, *args: Any) -> Any:
-        argv = [self.keys.prefix, f"{self.clock():.6f}", *args]
+    async def _run(self, name: str, *args: Any, now: float | None = None) -> Any:
+        stamp = self.clock() if now is None else now
+        argv = [self.keys.prefix, f"{stamp:.6f}", *args]
         try:
             return await self._scripts[name](keys=[], args=argv)
         except RedisError as exc:
@@ -206,6 +207,7 @@ class TaskQueue:
             spec.model or "",
             str(spec.priority),
             *fields,
+            now=now,
         )
         verdict, stored_id = _s(verdict), _s(stored_id)
         if verdict == "existing":
@@ -281,6 +283,7 @@ class TaskQueue:
             *kinds,
             str(len(model_list)),
             *model_list,
+            now=now,
         )
         leases: builtins.list[Lease] = []
         i = 0
@@ -298,8 +301,9 @@ class TaskQueue:
 
     async def heartbeat(self, task_id: str, token: str) -> LeaseOutcome:
         """Renew a lease. ``cancelled``: stop the work; ``lost``: it is no longer yours."""
-        deadline = self.clock() + self.settings.lease_ttl_s
-        return LeaseOutcome(_s(await self._run("heartbeat", task_id, token, f"{deadline:.6f}")))
+        now = self.clock()
+        deadline = f"{now + self.settings.lease_ttl_s:.6f}"
+        return LeaseOutcome(_s(await self._run("heartbeat", task_id, token, deadline, now=now)))
 
     async def ack(self, task_id: str, token: str, result: Any = None) -> LeaseOutcome:
         """Finish a leased task as succeeded with ``result`` (any JSON value)."""
@@ -468,7 +472,7 @@ class TaskQueue:
 
     async def events(
         self, task_id: str, *, after: str | None = None, keepalive_s: float = 15.0
-    ) -> AsyncIterator[TaskEvent | None]:
+    ) -> AsyncGenerator[TaskEvent | None, None]:
         """Every state change after stream id ``after`` (all when None), until finished.
 
         Yields None after ``keepalive_s`` without a change (for SSE keep-alives).

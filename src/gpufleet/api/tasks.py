@@ -1,0 +1,197 @@
+"""``/api/v1/tasks``: submit, read, list, cancel, wait for and follow queued work.
+
+``POST`` answers 202 with the stored task once the enqueue script has run (with AOF
+``appendfsync always`` that means on disk). The body limit (``server.max_body_bytes``,
+413) is enforced here, on ``Content-Length`` and on the bytes actually streamed, before
+anything is parsed or written; validation errors are 422 naming the field. Nothing is
+written to Redis for a rejected request.
+
+Callers see their own tasks; admin keys (and everyone when auth is off) see all.
+The queue itself is built by ``create_app`` (``components.extras["queue"]``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from gpufleet.api.auth import Principal, authenticate
+from gpufleet.api.deps import get_components
+from gpufleet.domain import Engine, TaskStatus
+from gpufleet.errors import Forbidden, TaskNotFound
+from gpufleet.store.queue import TaskQueue
+from gpufleet.tasks import Task, TaskSubmit
+
+router = APIRouter(prefix="/api/v1/tasks", tags=["tasks"])
+
+TASK_ID = Path(pattern=r"^[0-9a-z]{1,64}$", description="Task id.")
+MAX_WAIT_S = 300.0
+
+
+class TaskList(BaseModel):
+    tasks: list[Task]
+    next_cursor: str | None = None
+
+
+def get_queue(request: Request) -> TaskQueue:
+    queue = get_components(request).extras.get("queue")
+    assert isinstance(queue, TaskQueue), "create_app builds the task queue"
+    return queue
+
+
+async def read_limited_body(request: Request) -> bytes:
+    """The request body, or 413 as soon as it is known to pass ``server.max_body_bytes``."""
+    limit = get_components(request).settings.server.max_body_bytes
+    too_large = HTTPException(413, f"request body is larger than {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def _invalid(errors: list[Any]) -> RequestValidationError:
+    """422 in the app's shape, with each field's path under the body."""
+    return RequestValidationError([{**err, "loc": ("body", *err.get("loc", ()))} for err in errors])
+
+
+def _check_submit(request: Request, spec: TaskSubmit, principal: Principal) -> None:
+    settings = get_components(request).settings
+    if spec.pool is not None and settings.pools:
+        pool = next((p for p in settings.pools if p.name == spec.pool), None)
+        if pool is None:
+            msg = f"unknown pool {spec.pool!r}"
+            raise _invalid([{"loc": ("pool",), "msg": msg, "type": "value_error"}])
+        if pool.engine != spec.kind:
+            msg = f"pool {spec.pool!r} runs {pool.engine}, not {spec.kind}"
+            raise _invalid([{"loc": ("pool",), "msg": msg, "type": "value_error"}])
+    key = principal.key
+    if key is not None and key.max_priority is not None and spec.priority > key.max_priority:
+        raise Forbidden(f"priority {spec.priority} is above this key's limit {key.max_priority}")
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Queue a ComfyUI graph or an Ollama request",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TaskSubmit.model_json_schema()}},
+        }
+    },
+)
+async def submit_task(
+    request: Request,
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+    idempotency_key: str | None = Header(None, min_length=1, max_length=200),
+) -> Task:
+    raw = await read_limited_body(request)
+    try:
+        spec = TaskSubmit.model_validate_json(raw)
+    except ValidationError as exc:
+        raise _invalid(list(exc.errors(include_url=False))) from None
+    _check_submit(request, spec, principal)
+    return await queue.enqueue(spec, owner=principal.owner, idempotency_key=idempotency_key)
+
+
+@router.get("", summary="List tasks, newest first")
+async def list_tasks(
+    status: TaskStatus | None = None,
+    kind: Engine | None = None,
+    pool: str | None = Query(None, max_length=63),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, pattern=r"^\d{1,20}$"),
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+) -> TaskList:
+    page = await queue.list(
+        status=status.value if status else None,
+        kind=kind.value if kind else None,
+        pool=pool,
+        owner=None if principal.is_admin else principal.owner,
+        limit=limit,
+        cursor=cursor,
+    )
+    return TaskList(tasks=page.tasks, next_cursor=page.next_cursor)
+
+
+async def _visible(queue: TaskQueue, task_id: str, principal: Principal, **kw: Any) -> Task:
+    task = await queue.get(task_id, **kw)
+    if not principal.can_see(task.owner):
+        raise TaskNotFound(f"no task {task_id}")  # others' tasks do not exist for you
+    return task
+
+
+@router.get("/{task_id}", summary="One task, with payload and result")
+async def get_task(
+    task_id: str = TASK_ID,
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+) -> Task:
+    return await _visible(queue, task_id, principal)
+
+
+@router.post("/{task_id}/cancel", summary="Cancel a queued or running task (409 if finished)")
+async def cancel_task(
+    task_id: str = TASK_ID,
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+) -> Task:
+    await _visible(queue, task_id, principal, include_payload=False)
+    return await queue.cancel(task_id)
+
+
+@router.get("/{task_id}/wait", summary="Long poll: the task once finished, or after timeout_s")
+async def wait_task(
+    task_id: str = TASK_ID,
+    timeout_s: float = Query(30.0, ge=0, le=MAX_WAIT_S),
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+) -> Task:
+    await _visible(queue, task_id, principal, include_payload=False)
+    return await queue.wait(task_id, timeout_s)
+
+
+@router.get("/{task_id}/events", summary="Server-sent events of every state change")
+async def task_events(
+    request: Request,
+    task_id: str = TASK_ID,
+    after: str | None = Query(None, pattern=r"^\d+-\d+$", description="Resume after this id."),
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+) -> StreamingResponse:
+    await _visible(queue, task_id, principal, include_payload=False)
+    header = request.headers.get("last-event-id", "")
+    resume = header if re.fullmatch(r"\d+-\d+", header) else after
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b": connected\n\n"
+        events = queue.events(task_id, after=resume)
+        try:
+            async for event in events:
+                if event is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                data = json.dumps(event.to_json())
+                yield f"id: {event.id}\nevent: {event.status}\ndata: {data}\n\n".encode()
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,201 @@
+"""``/api/v1/tasks`` on a small app (the tasks router only) over a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from gpufleet.api.deps import Components
+from gpufleet.api.errors import install_error_handlers
+from gpufleet.api.tasks import router
+from gpufleet.settings import load_settings
+from gpufleet.store.queue import TaskQueue
+
+GRAPH = {
+    "3": {"class_type": "KSampler", "inputs": {"seed": 7, "model": ["4", 0]}},
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
+}
+
+
+@pytest.fixture
+async def client(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
+    settings = load_settings(
+        env_file=None,
+        auth={"enabled": False},
+        server={"max_body_bytes": 4096},
+        queue={"heartbeat_interval_s": 1},
+    )
+    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
+        c.queue = queue  # type: ignore[attr-defined]
+        yield c
+    await queue.aclose()
+
+
+def queue_of(client: httpx.AsyncClient) -> TaskQueue:
+    return client.queue  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_comfyless_body_is_accepted_as_is(client: httpx.AsyncClient) -> None:
+    body = {"workflow_id": "text_to_image_v1", "priority": 5, "payload": GRAPH}
+    r = await client.post("/api/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    task = r.json()
+    assert task["kind"] == "comfyui"
+    assert task["status"] == "queued"
+    assert task["workflow_id"] == "text_to_image_v1"
+    assert task["payload"] == GRAPH
+    got = await client.get(f"/api/v1/tasks/{task['id']}")
+    assert got.status_code == 200
+    assert got.json()["created_at"] == task["created_at"]
+
+
+async def test_ollama_task_takes_model_from_body(client: httpx.AsyncClient) -> None:
+    body = {"kind": "ollama", "payload": {"api": "embed", "body": {"model": "nomic", "input": "x"}}}
+    r = await client.post("/api/v1/tasks", json=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["model"] == "nomic"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"payload": GRAPH, "priority": 10}, "priority"),
+        ({"payload": {"1": {"inputs": {}}}}, "payload"),
+        ({"kind": "ollama", "payload": {"api": "pull", "body": {}}}, "payload"),
+        ({"kind": "sdxl", "payload": GRAPH}, "kind"),
+        ({"priority": 1}, "payload"),
+        ({"payload": GRAPH, "pool": "Bad Pool"}, "pool"),
+    ],
+)
+async def test_validation_errors_name_the_field(
+    client: httpx.AsyncClient, redis: aioredis.Redis, body: dict[str, Any], field: str
+) -> None:
+    r = await client.post("/api/v1/tasks", json=body)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "validation_error"
+    assert field in [f["field"] for f in error["fields"]]
+    assert await redis.dbsize() == 0
+
+
+async def test_not_json_is_422(client: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    r = await client.post("/api/v1/tasks", content=b"{nope", headers={"content-type": "x"})
+    assert r.status_code == 422
+    assert await redis.dbsize() == 0
+
+
+async def test_body_over_limit_is_413(client: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    big = {"payload": {"1": {"class_type": "X", "inputs": {"text": "a" * 5000}}}}
+    r = await client.post("/api/v1/tasks", json=big)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "payload_too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+        for _ in range(10):
+            yield b" " * 1000
+        yield json.dumps({"payload": GRAPH}).encode()
+
+    r = await client.post("/api/v1/tasks", content=chunks())
+    assert r.status_code == 413
+    assert await redis.dbsize() == 0
+
+
+async def test_unknown_task_is_404(client: httpx.AsyncClient) -> None:
+    for method, path in [
+        ("GET", "/api/v1/tasks/nosuchtask"),
+        ("POST", "/api/v1/tasks/nosuchtask/cancel"),
+        ("GET", "/api/v1/tasks/nosuchtask/wait?timeout_s=0"),
+        ("GET", "/api/v1/tasks/nosuchtask/events"),
+    ]:
+        r = await client.request(method, path)
+        assert r.status_code == 404, (method, path)
+        assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_idempotency_key_race(client: httpx.AsyncClient, redis: aioredis.Redis) -> None:
+    body = {"payload": GRAPH, "workflow_id": "wf"}
+    headers = {"Idempotency-Key": "same-key"}
+    answers = await asyncio.gather(
+        *(client.post("/api/v1/tasks", json=body, headers=headers) for _ in range(50))
+    )
+    assert {r.status_code for r in answers} == {202}
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert (await queue_of(client).stats()).queued == 1
+    other = await client.post("/api/v1/tasks", json={**body, "priority": 9}, headers=headers)
+    assert other.status_code == 409
+    assert other.json()["error"]["code"] == "idempotency_conflict"
+
+
+async def test_list_filters_and_pages(client: httpx.AsyncClient) -> None:
+    ollama = {"kind": "ollama", "payload": {"api": "chat", "body": {"model": "m"}}}
+    ids = []
+    for i in range(5):
+        body = ollama if i % 2 else {"payload": GRAPH, "pool": "gpu-a"}
+        ids.append((await client.post("/api/v1/tasks", json=body)).json()["id"])
+    r = await client.get("/api/v1/tasks", params={"limit": 2})
+    page = r.json()
+    assert [t["id"] for t in page["tasks"]] == ids[::-1][:2]
+    assert all(t["payload"] is None for t in page["tasks"])
+    r = await client.get("/api/v1/tasks", params={"limit": 10, "cursor": page["next_cursor"]})
+    assert [t["id"] for t in r.json()["tasks"]] == ids[::-1][2:]
+    r = await client.get("/api/v1/tasks", params={"kind": "ollama"})
+    assert [t["id"] for t in r.json()["tasks"]] == [ids[3], ids[1]]
+    r = await client.get("/api/v1/tasks", params={"pool": "gpu-a", "status": "queued"})
+    assert [t["id"] for t in r.json()["tasks"]] == [ids[4], ids[2], ids[0]]
+    r = await client.get("/api/v1/tasks", params={"status": "bogus"})
+    assert r.status_code == 422
+
+
+async def test_cancel_then_409(client: httpx.AsyncClient) -> None:
+    task_id = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()["id"]
+    r = await client.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert r.status_code == 200
+    assert r.json()["status"] == "cancelled"
+    r = await client.post(f"/api/v1/tasks/{task_id}/cancel")
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "conflict"
+
+
+async def test_wait_long_polls_until_finished(client: httpx.AsyncClient) -> None:
+    task_id = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()["id"]
+    waiter = asyncio.create_task(client.get(f"/api/v1/tasks/{task_id}/wait?timeout_s=30"))
+    await asyncio.sleep(0.05)
+    queue = queue_of(client)
+    (lease,) = await queue.lease("w1", kinds=["comfyui"])
+    await queue.ack(lease.task_id, lease.token, {"images": ["out.png"]})
+    r = await waiter
+    assert r.status_code == 200
+    assert r.json()["status"] == "succeeded"
+    assert r.json()["result"] == {"images": ["out.png"]}
+    r = await client.get(f"/api/v1/tasks/{task_id}/wait?timeout_s=0")
+    assert r.json()["status"] == "succeeded"
+
+
+async def test_events_stream_every_change(client: httpx.AsyncClient) -> None:
+    task_id = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()["id"]
+    stream = asyncio.create_task(client.get(f"/api/v1/tasks/{task_id}/events"))
+    await asyncio.sleep(0.05)
+    queue = queue_of(client)
+    (lease,) = await queue.lease("w1", kinds=["comfyui"])
+    await queue.fail(lease.task_id, lease.token, "invalid graph", retryable=False)
+    r = await stream
+    assert r.headers["content-type"].startswith("text/event-stream")
+    frames = [f for f in r.text.split("\n\n") if f.startswith("id:")]
+    kinds = [line.split(": ", 1)[1] for f in frames for line in f.split("\n") if "event:" in line]
+    assert kinds == ["queued", "running", "failed"]
+    first_id = frames[0].split("\n")[0].split(": ", 1)[1]
+    r = await client.get(f"/api/v1/tasks/{task_id}/events", headers={"Last-Event-ID": first_id})
+    assert r.text.count("event: ") == 2
