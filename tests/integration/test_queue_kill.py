@@ -1,0 +1,93 @@
+"""A consumer process SIGKILLed while it holds leases loses no task."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+
+import redis.asyncio as aioredis
+
+from gpufleet.settings import QueueSettings
+from gpufleet.store.queue import TaskQueue
+from gpufleet.tasks import LeaseOutcome, TaskSubmit
+
+GRAPH = {"1": {"class_type": "KSampler", "inputs": {}}}
+
+# The doomed consumer: acks a few tasks, then leases more and heartbeats them until killed.
+CONSUMER = """
+import asyncio, sys
+import redis.asyncio as aioredis
+from gpufleet.settings import QueueSettings
+from gpufleet.store.queue import TaskQueue
+
+async def main(url):
+    queue = TaskQueue(aioredis.Redis.from_url(url, decode_responses=True), QueueSettings(), "kill")
+    for lease in await queue.lease("doomed", kinds=["comfyui"], limit=5):
+        await queue.ack(lease.task_id, lease.token, {"by": "doomed"})
+    held = await queue.lease("doomed", kinds=["comfyui"], limit=20)
+    print("holding", len(held), flush=True)
+    while True:
+        for lease in held:
+            await queue.heartbeat(lease.task_id, lease.token)
+        await asyncio.sleep(0.2)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+class Later:
+    """A clock that reads real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def test_sigkilled_consumer_loses_nothing(redis: aioredis.Redis, redis_url: str) -> None:
+    settings = QueueSettings()
+    clock = Later()
+    queue = TaskQueue(redis, settings, "kill", clock=clock)
+    ids = {(await queue.enqueue(TaskSubmit(payload=GRAPH))).id for _ in range(50)}
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CONSUMER, redis_url, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line.strip() == b"holding 20"
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    stats = await queue.stats()
+    assert stats.running == 20
+    assert stats.queued == 25
+    # Nothing comes back before the lease TTL has passed (the dead process cannot renew) ...
+    assert (await queue.requeue_expired()).requeued == 0
+    # ... and everything does once it has.
+    clock.offset = settings.lease_ttl_s + settings.heartbeat_interval_s
+    assert (await queue.requeue_expired()).requeued == 20
+
+    acked: list[str] = []
+    while leases := await queue.lease("survivor", kinds=["comfyui"], limit=8):
+        for lease in leases:
+            assert (
+                await queue.ack(lease.task_id, lease.token, {"by": "survivor"}) is LeaseOutcome.ok
+            )
+            acked.append(lease.task_id)
+    assert len(acked) == 45
+    by: dict[str, str] = {}
+    for task_id in ids:
+        task = await queue.get(task_id)
+        assert task.status == "succeeded"
+        by[task_id] = task.result["by"]
+    assert sorted(by.values()).count("doomed") == 5
+    retried = [t for t in ids if (await queue.get(t)).attempts == 2]
+    assert len(retried) == 20
+    stats = await queue.stats()
+    assert stats.queued == 0
+    assert stats.running == 0
