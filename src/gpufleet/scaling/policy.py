@@ -84,6 +84,40 @@ def park_timeout_s(pool: PoolView) -> float:
     return min(MAX_PARK_S, penalty_usd / pool.parked_cost_per_hour * 3600.0)
 
 
+def idle_timeout_from_cost(pool: PoolView) -> float:
+    """The break-even idle timeout: idle rent equal to one revive (boot billed + users' wait).
+
+    Not applied by ``plan`` (it uses the pool's ``idle_timeout_s``); the simulator reports it
+    as a tuning suggestion next to the configured value.
+    """
+    wait_cost = pool.price_per_hour if pool.wait_cost_per_hour is None else pool.wait_cost_per_hour
+    if pool.price_per_hour <= 0:
+        return pool.idle_timeout_s
+    return pool.revive_boot_s * (pool.price_per_hour + wait_cost) / pool.price_per_hour
+
+
+def next_wake_s(snapshot: Snapshot) -> float | None:
+    """The earliest future time at which ``plan`` would decide differently with no new events.
+
+    Idle timeouts, park timeouts, boot timeouts and backoff deadlines. The reconciler may sleep
+    until then (or its tick interval, whichever is sooner); the simulator skips idle time with it.
+    """
+    pools = {p.name: p for p in snapshot.pools}
+    times: list[float] = [p.backoff_until for p in snapshot.pools if p.backoff_until]
+    for w in snapshot.workers:
+        p = pools.get(w.pool)
+        if p is None:
+            continue
+        if w.state in BOOTING_STATES:
+            times.append((w.boot_started_at or w.state_since) + p.boot_timeout_s)
+        elif w.state is WorkerState.ready and w.idle_since is not None:
+            times.append(w.idle_since + p.idle_timeout_s)
+        elif w.state is WorkerState.stopped and p.can_create:
+            times.append(w.state_since + park_timeout_s(p))
+    future = [t for t in times if t > snapshot.now]
+    return min(future) if future else None
+
+
 @dataclass
 class _PoolTally:
     """Working counts for one pool during one plan call (never leaves this module)."""

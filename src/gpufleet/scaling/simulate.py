@@ -1,0 +1,550 @@
+"""Trace-driven evaluation: replay a workload through ``policy.plan`` on a virtual clock.
+
+The simulator builds the same ``Snapshot`` the live reconciler builds, calls the same ``plan``,
+and applies the returned actions to a virtual fleet with drawn boot delays and prices. It is
+event-driven: it wakes on arrivals, completions, boot ends, every ``tick_s`` while work waits,
+and at the policy's own next timer (``policy.next_wake_s``), so 23 quiet nights cost nothing.
+
+Readers take the public traces as they are (``GPUFLEET_TRACES_DIR`` or ``../shared/traces``
+next to the repository); ``bursty`` makes synthetic ones. The baselines and the report live in
+``simulate_report`` style functions at the bottom: ``run_report`` / ``main(argv)`` are what
+``gpufleet simulate`` calls. May read files and print; must not touch Redis or a provider.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import math
+import os
+import random
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from gpufleet.domain import WorkerState
+from gpufleet.scaling import policy
+from gpufleet.scaling.actions import (
+    Action,
+    Create,
+    Delete,
+    Drain,
+    Hold,
+    MarkFailed,
+    Pause,
+    Resume,
+    Start,
+    Stop,
+)
+from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
+
+GENTD26 = "gentd26_image_requests.csv"
+LOAD_LATENCY = "gentd26_model_load_latency.csv"
+AZURE = "azure_llm_2023_conv.csv"
+LIVE = frozenset({WorkerState.booting, WorkerState.ready, WorkerState.draining})
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    arrival_s: float
+    service_s: float
+    model: str = ""
+    succeeded: bool = True
+
+
+# --- trace readers ---------------------------------------------------------------------------
+
+
+def traces_dir(path: str | Path | None = None) -> Path:
+    """``path``, else ``$GPUFLEET_TRACES_DIR``, else ``../shared/traces`` beside the repo."""
+    if path:
+        return Path(path)
+    if os.environ.get("GPUFLEET_TRACES_DIR"):
+        return Path(os.environ["GPUFLEET_TRACES_DIR"])
+    return Path(__file__).resolve().parents[3].parent / "shared" / "traces"
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text.strip()[:26]).timestamp()
+
+
+def read_gentd26(path: Path, limit: int | None = None) -> list[Job]:
+    """GenTD26 text-to-image requests: arrival, exec time, base model, SUCCEED or not."""
+    jobs: list[Job] = []
+    with path.open(newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            if limit is not None and i >= limit:
+                break
+            jobs.append(
+                Job(
+                    _epoch(row["gmt_create"]),
+                    max(1.0, float(row["exec_time_seconds"] or 1.0)),
+                    row["checkpoint_model_version_id"],
+                    row["predict_status"] == "SUCCEED",
+                )
+            )
+    return _rebase(jobs)
+
+
+def read_load_latency_s(path: Path) -> list[float]:
+    """GenTD26 base-model load latencies, in seconds (the file has milliseconds)."""
+    with path.open(newline="") as f:
+        return [float(row["value"]) / 1000.0 for row in csv.DictReader(f)]
+
+
+def read_azure(
+    path: Path, tokens_per_s: float = 30.0, prefill_tokens_per_s: float = 3000.0
+) -> list[Job]:
+    """Azure LLM conversation hour: service time = prefill + generation at the given rates."""
+    jobs: list[Job] = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            service = (
+                int(row["ContextTokens"]) / prefill_tokens_per_s
+                + int(row["GeneratedTokens"]) / tokens_per_s
+            )
+            jobs.append(Job(_epoch(row["TIMESTAMP"]), max(0.1, service), "llm"))
+    return _rebase(jobs)
+
+
+def _rebase(jobs: list[Job]) -> list[Job]:
+    jobs.sort(key=lambda j: j.arrival_s)
+    t0 = jobs[0].arrival_s if jobs else 0.0
+    return [replace(j, arrival_s=j.arrival_s - t0) for j in jobs]
+
+
+def bursty(
+    seed: int = 0,
+    duration_s: float = 2 * 86400.0,
+    bursts_per_day: float = 12.0,
+    burst_size: tuple[int, int] = (1, 60),
+    burst_spread_s: float = 300.0,
+    service_s: tuple[float, float] = (10.0, 60.0),
+    models: int = 3,
+) -> list[Job]:
+    """Synthetic on/off trace: Poisson bursts, each a cluster of jobs spread over a few minutes."""
+    rng = random.Random(seed)
+    jobs: list[Job] = []
+    t = rng.expovariate(bursts_per_day / 86400.0)
+    while t < duration_s:
+        model = f"m{rng.randrange(models)}"
+        for _ in range(rng.randint(*burst_size)):
+            arrival = t + rng.uniform(0.0, burst_spread_s)
+            jobs.append(Job(arrival, rng.uniform(*service_s), model))
+        t += rng.expovariate(bursts_per_day / 86400.0)
+    jobs.sort(key=lambda j: j.arrival_s)
+    return jobs
+
+
+# --- the virtual fleet -----------------------------------------------------------------------
+
+
+class SimPolicy(Protocol):
+    name: str
+
+    def plan(self, snapshot: Snapshot) -> list[Action]: ...
+
+    def next_wake_s(self, snapshot: Snapshot) -> float | None: ...
+
+
+@dataclass
+class SimWorker:
+    id: str
+    state: WorkerState
+    state_since: float
+    boot_started_at: float | None = None
+    ready_since: float | None = None
+    last_busy_at: float | None = None
+    busy: int = 0
+    boot_gen: int = 0
+    models: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class SimConfig:
+    pool: PoolView
+    tick_s: float = 5.0
+    create_boot_s: tuple[float, float] = (120.0, 300.0)  # Novita: 2-5 min incl. image pull
+    revive_boot_s: tuple[float, float] = (45.0, 75.0)  # start of a stopped instance / resume
+    load_latency_s: tuple[float, ...] = ()  # model load on a worker's first job of a model
+    seed: int = 0
+
+
+@dataclass
+class SimResult:
+    policy: str
+    cost_usd: float = 0.0
+    gpu_hours: float = 0.0
+    idle_gpu_hours: float = 0.0
+    waits_s: list[float] = field(default_factory=list)
+    boots: int = 0
+    actions: int = 0
+    holds: int = 0
+    finished: int = 0
+    succeeded: int = 0
+    series: list[tuple[float, int, int]] = field(default_factory=list)  # (t, demand, live)
+
+    def wait_pct(self, q: float) -> float:
+        if not self.waits_s:
+            return 0.0
+        ordered = sorted(self.waits_s)
+        return ordered[min(len(ordered) - 1, int(q / 100.0 * len(ordered)))]
+
+
+class Simulator:
+    """One replay of ``jobs`` through ``sim_policy``; ``run()`` returns the totals."""
+
+    def __init__(self, jobs: Sequence[Job], config: SimConfig, sim_policy: SimPolicy) -> None:
+        self.jobs, self.cfg, self.policy = jobs, config, sim_policy
+        self.rng = random.Random(config.seed)
+        self.workers: dict[str, SimWorker] = {}
+        self.queue: deque[int] = deque()
+        self.events: list[tuple[float, int, str, str]] = []
+        self.seq = 0
+        self.now = 0.0
+        self.result = SimResult(sim_policy.name)
+        self.spend_today_usd = 0.0
+        self.horizon_s = math.inf
+
+    def run(self) -> SimResult:
+        nxt = 0
+        next_plan = 0.0
+        while True:
+            times = [next_plan]
+            if nxt < len(self.jobs):
+                times.append(self.jobs[nxt].arrival_s)
+            if self.events:
+                times.append(self.events[0][0])
+            if nxt >= len(self.jobs) and not self.events and next_plan == math.inf:
+                break
+            t = min(times)
+            if t > self.horizon_s:
+                if self.queue:
+                    raise RuntimeError(f"{self.policy.name}: work still queued at t={t:.0f}s")
+                break
+            self._advance(t)
+            while nxt < len(self.jobs) and self.jobs[nxt].arrival_s <= t:
+                self.queue.append(nxt)
+                nxt += 1
+            while self.events and self.events[0][0] <= t:
+                self._fire(heapq.heappop(self.events))
+            self._dispatch()
+            snap = self._snapshot()
+            self._apply(self.policy.plan(snap))
+            self._dispatch()
+            next_plan = self._next_plan(self._snapshot())
+        return self.result
+
+    def _next_plan(self, snap: Snapshot) -> float:
+        if self.queue:
+            return self.now + self.cfg.tick_s
+        wake = self.policy.next_wake_s(snap)
+        if wake is None:
+            return math.inf
+        tick = self.cfg.tick_s
+        return max(self.now + 1e-6, math.ceil(wake / tick) * tick)
+
+    def _push(self, t: float, kind: str, ref: str) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, ref))
+
+    def _advance(self, t: float) -> None:
+        dt_h = (t - self.now) / 3600.0
+        pool = self.cfg.pool
+        live = sum(1 for w in self.workers.values() if w.state in LIVE)
+        idle = sum(1 for w in self.workers.values() if w.state is WorkerState.ready and w.busy == 0)
+        parked = sum(
+            1 for w in self.workers.values() if w.state in (WorkerState.stopped, WorkerState.paused)
+        )
+        cost = dt_h * (live * pool.price_per_hour + parked * pool.parked_cost_per_hour)
+        self.result.cost_usd += cost
+        self.result.gpu_hours += dt_h * live
+        self.result.idle_gpu_hours += dt_h * idle
+        if int(t // 86400) != int(self.now // 86400):
+            self.spend_today_usd = 0.0
+        self.spend_today_usd += cost
+        demand = len(self.queue) + sum(w.busy for w in self.workers.values())
+        if not self.result.series or self.result.series[-1][1:] != (demand, live):
+            self.result.series.append((t, demand, live))
+        self.now = t
+
+    def _fire(self, event: tuple[float, int, str, str]) -> None:
+        _, _, kind, ref = event
+        w = self.workers.get(ref.split("#")[0])
+        if w is None:
+            return
+        if kind == "ready" and w.state is WorkerState.booting and ref == f"{w.id}#{w.boot_gen}":
+            self._set(w, WorkerState.ready)
+            w.ready_since = self.now
+        elif kind == "done":
+            w.busy -= 1
+            w.last_busy_at = self.now
+
+    def _dispatch(self) -> None:
+        free = [w for w in self.workers.values() if w.state is WorkerState.ready]
+        while self.queue and free:
+            job = self.jobs[self.queue[0]]
+            ready = [w for w in free if w.busy < self.cfg.pool.slots]
+            if not ready:
+                return
+            w = next((w for w in ready if job.model in w.models), ready[0])
+            self.queue.popleft()
+            load = 0.0
+            if job.model not in w.models and self.cfg.load_latency_s:
+                load = self.rng.choice(self.cfg.load_latency_s)
+                w.models.add(job.model)
+            w.busy += 1
+            self.result.waits_s.append(self.now - job.arrival_s)
+            self.result.finished += 1
+            self.result.succeeded += job.succeeded
+            self._push(self.now + load + job.service_s, "done", w.id)
+
+    def _snapshot(self) -> Snapshot:
+        pool = replace(self.cfg.pool, spend_today_usd=self.spend_today_usd)
+        workers = tuple(
+            WorkerView(
+                w.id,
+                pool.name,
+                w.state,
+                pool.slots,
+                w.busy,
+                f"i-{w.id}",
+                w.state_since,
+                w.boot_started_at,
+                w.ready_since,
+                w.last_busy_at,
+            )
+            for w in self.workers.values()
+        )
+        in_flight = sum(w.busy for w in self.workers.values())
+        oldest = self.now - self.jobs[self.queue[0]].arrival_s if self.queue else 0.0
+        demand = Demand(pool.name, (pool.name,), len(self.queue), 0, in_flight, oldest)
+        return Snapshot(self.now, (pool,), workers, (demand,))
+
+    def _set(self, w: SimWorker, state: WorkerState) -> None:
+        w.state, w.state_since = state, self.now
+
+    def _boot(self, w: SimWorker, delay: tuple[float, float]) -> None:
+        self._set(w, WorkerState.booting)
+        w.boot_started_at, w.ready_since, w.last_busy_at = self.now, None, None
+        w.boot_gen += 1
+        self.result.boots += 1
+        self._push(self.now + self.rng.uniform(*delay), "ready", f"{w.id}#{w.boot_gen}")
+
+    def _apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Hold):
+                self.result.holds += 1
+                continue
+            self.result.actions += 1
+            if isinstance(a, Create):
+                w = SimWorker(f"w{self.seq}-{len(self.workers)}", WorkerState.booting, self.now)
+                self.seq += 1
+                self.workers[w.id] = w
+                self._boot(w, self.cfg.create_boot_s)
+                continue
+            found = self.workers.get(getattr(a, "worker_id", ""))
+            if found is not None:
+                self._apply_to(found, a)
+
+    def _apply_to(self, w: SimWorker, a: Action) -> None:
+        if isinstance(a, Start | Resume):
+            self._boot(w, self.cfg.revive_boot_s)
+        elif isinstance(a, Drain):
+            self._set(w, WorkerState.draining)
+        elif isinstance(a, Stop | Pause) and w.busy == 0:  # re-checked, like apply() live
+            self._set(w, WorkerState.stopped if isinstance(a, Stop) else WorkerState.paused)
+            w.models.clear()
+        elif isinstance(a, Delete) and w.busy == 0:
+            del self.workers[w.id]
+        elif isinstance(a, MarkFailed):
+            self._set(w, WorkerState.failed)
+
+
+def simulate(
+    jobs: Sequence[Job], config: SimConfig, sim_policy: SimPolicy, horizon_s: float = 7 * 86400.0
+) -> SimResult:
+    """Replay ``jobs``; raises if work is still queued ``horizon_s`` after the last arrival."""
+    sim = Simulator(jobs, config, sim_policy)
+    last = jobs[-1].arrival_s if jobs else 0.0
+    sim.horizon_s = last + horizon_s
+    return sim.run()
+
+
+# --- policies: ours and the baselines ---------------------------------------------------------
+
+
+def _live(s: Snapshot) -> list[WorkerView]:
+    return [w for w in s.workers if w.state in LIVE]
+
+
+def _idle_s(w: WorkerView, now: float) -> float:
+    return now - w.idle_since if w.state is WorkerState.ready and w.idle_since is not None else -1
+
+
+def _future(times: list[float], now: float) -> float | None:
+    later = [t for t in times if t > now]
+    return min(later) if later else None
+
+
+class Gpufleet:
+    """``policy.plan`` itself, optionally with the pool's idle timeout replaced."""
+
+    def __init__(self, name: str = "gpufleet", idle_timeout_s: float | None = None) -> None:
+        self.name, self.idle_timeout_s = name, idle_timeout_s
+
+    def _pool(self, s: Snapshot) -> Snapshot:
+        if self.idle_timeout_s is None:
+            return s
+        pools = tuple(replace(p, idle_timeout_s=self.idle_timeout_s) for p in s.pools)
+        return replace(s, pools=pools)
+
+    def plan(self, snapshot: Snapshot) -> list[Action]:
+        return policy.plan(self._pool(snapshot))
+
+    def next_wake_s(self, snapshot: Snapshot) -> float | None:
+        return policy.next_wake_s(self._pool(snapshot))
+
+
+class AlwaysOn:
+    """(a) one worker, always on."""
+
+    name = "a: always-on x1"
+
+    def plan(self, snapshot: Snapshot) -> list[Action]:
+        pool = snapshot.pools[0].name
+        return [] if _live(snapshot) else [Create(pool, "always on")]
+
+    def next_wake_s(self, snapshot: Snapshot) -> float | None:
+        return None
+
+
+class ComfyLess:
+    """(b) +1 worker when none is idle and tasks wait (cooldown 120 s); delete one when more
+    than one worker is idle past 300 s. It never goes below one idle worker."""
+
+    name = "b: ComfyLess"
+
+    def __init__(self, cooldown_s: float = 120.0, idle_timeout_s: float = 300.0) -> None:
+        self.cooldown_s, self.idle_timeout_s = cooldown_s, idle_timeout_s
+        self.last_up_at = -math.inf
+
+    def plan(self, s: Snapshot) -> list[Action]:
+        pool, live, out = s.pools[0], _live(s), list[Action]()
+        idle = [w for w in live if _idle_s(w, s.now) >= 0]
+        queued = s.demand[0].queued if s.demand else 0
+        cooled = s.now - self.last_up_at >= self.cooldown_s
+        if queued and not idle and len(live) < pool.max_workers and cooled:
+            out.append(Create(pool.name, "tasks wait, no idle worker"))
+            self.last_up_at = s.now
+        past = sorted((w for w in idle if _idle_s(w, s.now) >= self.idle_timeout_s), key=_key)
+        out += [Delete(pool.name, w.id, w.instance_id, "idle") for w in past[1:]]
+        return out
+
+    def next_wake_s(self, s: Snapshot) -> float | None:
+        times = [s.now - _idle_s(w, s.now) + self.idle_timeout_s for w in _live(s)]
+        return _future([*times, self.last_up_at + self.cooldown_s], s.now)
+
+
+def _key(w: WorkerView) -> tuple[float, str]:
+    return (w.idle_since or 0.0, w.id)
+
+
+class RunPodLike:
+    """(c) cover demand at once (start a stopped worker first); stop a worker idle 5 s."""
+
+    name = "c: RunPod-like 5s idle"
+
+    def __init__(self, idle_timeout_s: float = 5.0) -> None:
+        self.idle_timeout_s = idle_timeout_s
+
+    def plan(self, s: Snapshot) -> list[Action]:
+        pool, live, out = s.pools[0], _live(s), list[Action]()
+        demand = s.demand[0].total if s.demand else 0
+        need = min(math.ceil(demand / pool.slots), pool.max_workers) - len(live)
+        stopped = sorted(w.id for w in s.workers if w.state is WorkerState.stopped)
+        for i in range(max(0, need)):
+            out.append(
+                Start(pool.name, stopped[i], "demand")
+                if i < len(stopped)
+                else Create(pool.name, "demand")
+            )
+        if need < 0:
+            idle = [w for w in live if _idle_s(w, s.now) >= self.idle_timeout_s]
+            out += [Stop(pool.name, w.id, "idle") for w in sorted(idle, key=_key)[:-need]]
+        return out
+
+    def next_wake_s(self, s: Snapshot) -> float | None:
+        times = [s.now - _idle_s(w, s.now) + self.idle_timeout_s for w in _live(s)]
+        return _future(times, s.now)
+
+
+class KedaLike:
+    """(d) desired = ceil((queued + in flight) / slots); scale down to the highest desired of
+    the last 300 s (cooldown), deleting idle workers."""
+
+    name = "d: KEDA-like 300s"
+
+    def __init__(self, cooldown_s: float = 300.0) -> None:
+        self.cooldown_s = cooldown_s
+        self.history: deque[tuple[float, int]] = deque()
+
+    def plan(self, s: Snapshot) -> list[Action]:
+        pool, live, out = s.pools[0], _live(s), list[Action]()
+        desired = min(
+            math.ceil((s.demand[0].total if s.demand else 0) / pool.slots), pool.max_workers
+        )
+        self.history.append((s.now, desired))
+        while self.history and self.history[0][0] < s.now - self.cooldown_s:
+            self.history.popleft()
+        stable = max(d for _, d in self.history)
+        out += [Create(pool.name, "queue length")] * max(0, desired - len(live))
+        idle = sorted((w for w in live if _idle_s(w, s.now) >= 0), key=_key)
+        extra = len(live) - stable
+        out += [Delete(pool.name, w.id, w.instance_id, "cooldown over") for w in idle[:extra]]
+        return out
+
+    def next_wake_s(self, s: Snapshot) -> float | None:
+        live = len(_live(s))
+        above = [t for t, d in self.history if d >= live]
+        if not self.history or self.history[-1][1] >= live or not above:
+            return None  # nothing to scale down, or it happens as soon as a worker idles
+        return _future([max(above) + self.cooldown_s + 1e-3], s.now)
+
+
+def clairvoyant(jobs: Sequence[Job], config: SimConfig) -> SimResult:
+    """(e) knows every arrival: each job starts on arrival on a worker booted just in time.
+
+    Worker k runs whenever at least k workers' worth of slots are busy ("layers" of the
+    concurrency profile); a gap inside a layer costs min(gap, a revive boot), and each layer's
+    first boot is a create, both at the fastest boot the simulator can draw. A lower bound on
+    cost among schedules where no job waits (a policy that lets jobs queue can pack them tighter).
+    """
+    pool, slots = config.pool, config.pool.slots
+    edges = sorted(
+        [(j.arrival_s, 1) for j in jobs] + [(j.arrival_s + j.service_s, -1) for j in jobs]
+    )
+    busy, level, opened, last_end = 0, 0, dict[int, float](), dict[int, float]()
+    result = SimResult("e: clairvoyant", waits_s=[0.0] * len(jobs), finished=len(jobs))
+    result.succeeded = sum(j.succeeded for j in jobs)
+    seconds = 0.0
+    for t, step in edges:
+        busy += step
+        want = math.ceil(busy / slots)
+        for k in range(level + 1, want + 1):  # layers opening
+            if k in last_end:
+                seconds += min(t - last_end[k], config.revive_boot_s[0])
+            else:
+                seconds += config.create_boot_s[0]
+            result.boots += 1
+            opened[k] = t
+        for k in range(want + 1, level + 1):  # layers closing
+            seconds += t - opened.pop(k)
+            last_end[k] = t
+        level = want
+    result.gpu_hours = seconds / 3600.0
+    result.cost_usd = result.gpu_hours * pool.price_per_hour
+    return result
