@@ -535,11 +535,10 @@ def clairvoyant(jobs: Sequence[Job], config: SimConfig) -> SimResult:
         busy += step
         want = math.ceil(busy / slots)
         for k in range(level + 1, want + 1):  # layers opening
-            if k in last_end:
-                seconds += min(t - last_end[k], config.revive_boot_s[0])
-            else:
-                seconds += config.create_boot_s[0]
-            result.boots += 1
+            gap = t - last_end[k] if k in last_end else math.inf
+            boot = config.revive_boot_s[0] if k in last_end else config.create_boot_s[0]
+            seconds += min(gap, boot)
+            result.boots += gap > boot
             opened[k] = t
         for k in range(want + 1, level + 1):  # layers closing
             seconds += t - opened.pop(k)
@@ -548,3 +547,221 @@ def clairvoyant(jobs: Sequence[Job], config: SimConfig) -> SimResult:
     result.gpu_hours = seconds / 3600.0
     result.cost_usd = result.gpu_hours * pool.price_per_hour
     return result
+
+
+# --- scenarios and the report ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    jobs: list[Job]
+    config: SimConfig
+
+
+def _mean(r: tuple[float, float]) -> float:
+    return (r[0] + r[1]) / 2.0
+
+
+def _pool(name: str, engine: str, **knobs: float) -> PoolView:
+    from gpufleet.domain import Engine, ProviderKind
+
+    create, revive = (120.0, 300.0), (45.0, 75.0)
+    base = PoolView(
+        name,
+        ProviderKind.novita,
+        Engine(engine),
+        create_boot_s=_mean(create),
+        revive_boot_s=_mean(revive),
+        # Assumed rates: a 24 GB GPU at $0.50/h; a stopped instance bills its 50 GB disk,
+        # ~$0.005/h. Override with --price / --parked-price.
+        price_per_hour=0.50,
+        parked_cost_per_hour=0.005,
+    )
+    return replace(base, **knobs)  # type: ignore[arg-type]
+
+
+def scenarios(
+    directory: Path, which: Sequence[str] = ("gentd26", "azure", "bursty")
+) -> list[Scenario]:
+    """The shipped traces as they are, plus a seeded synthetic bursty one."""
+    out: list[Scenario] = []
+    loads: tuple[float, ...] = ()
+    if (directory / LOAD_LATENCY).exists():
+        loads = tuple(read_load_latency_s(directory / LOAD_LATENCY))
+    if "gentd26" in which and (directory / GENTD26).exists():
+        pool = _pool("comfyui", "comfyui", slots=1, max_workers=8)
+        out.append(
+            Scenario(
+                "gentd26", read_gentd26(directory / GENTD26), SimConfig(pool, load_latency_s=loads)
+            )
+        )
+    if "azure" in which and (directory / AZURE).exists():
+        pool = _pool("ollama", "ollama", slots=4, max_workers=20)
+        out.append(
+            Scenario("azure", read_azure(directory / AZURE), SimConfig(pool, load_latency_s=loads))
+        )
+    if "bursty" in which:
+        pool = _pool("burst", "comfyui", slots=1, max_workers=10)
+        out.append(Scenario("bursty", bursty(seed=0), SimConfig(pool, load_latency_s=loads)))
+    return out
+
+
+def policies(pool: PoolView) -> list[SimPolicy]:
+    tuned = round(policy.idle_timeout_from_cost(pool))
+    return [
+        Gpufleet(f"gpufleet idle={pool.idle_timeout_s:.0f}s"),
+        Gpufleet(f"gpufleet idle={tuned}s (break-even)", float(tuned)),
+        Gpufleet("gpufleet idle=30s", 30.0),
+        AlwaysOn(),
+        ComfyLess(),
+        RunPodLike(),
+        KedaLike(),
+    ]
+
+
+def _pareto(results: list[SimResult]) -> set[str]:
+    """Names of the results no other result beats on both cost and p95 wait."""
+    front = set()
+    for r in results:
+        beaten = any(
+            o is not r
+            and o.cost_usd <= r.cost_usd
+            and o.wait_pct(95) <= r.wait_pct(95)
+            and (o.cost_usd < r.cost_usd or o.wait_pct(95) < r.wait_pct(95))
+            for o in results
+        )
+        if not beaten:
+            front.add(r.policy)
+    return front
+
+
+def report_table(scenario: Scenario, results: list[SimResult]) -> str:
+    pool = scenario.config.pool
+    bound = next(r for r in results if r.policy.startswith("e:"))
+    front = _pareto([r for r in results if not r.policy.startswith("e:")])
+    lines = [
+        f"### {scenario.name}: {len(scenario.jobs)} jobs over "
+        f"{scenario.jobs[-1].arrival_s / 3600:.1f} h; pool {pool.engine}, {pool.slots} slot(s), "
+        f"max_workers={pool.max_workers}, ${pool.price_per_hour:.2f}/h running, "
+        f"${pool.parked_cost_per_hour:.3f}/h parked, "
+        f"park_timeout={policy.park_timeout_s(pool):.0f}s",
+        "",
+        "| policy | $ | × clairvoyant | GPU-h | idle GPU-h | p50 s | p95 s | p99 s | boots "
+        "| $/succeeded | actions | Pareto |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        per = r.cost_usd / r.succeeded if r.succeeded else 0.0
+        lines.append(
+            f"| {r.policy} | {r.cost_usd:.2f} | {r.cost_usd / bound.cost_usd:.2f} | "
+            f"{r.gpu_hours:.1f} | {r.idle_gpu_hours:.1f} | {r.wait_pct(50):.0f} | "
+            f"{r.wait_pct(95):.0f} | {r.wait_pct(99):.0f} | {r.boots} | {per:.4f} | {r.actions} | "
+            f"{'yes' if r.policy in front else ('-' if r.policy.startswith('e:') else 'no')} |"
+        )
+    lines += ["", _targets(scenario, results, bound, front), ""]
+    return "\n".join(lines)
+
+
+def _targets(
+    scenario: Scenario, results: list[SimResult], bound: SimResult, front: set[str]
+) -> str:
+    cfg = scenario.config
+    boot = _mean(cfg.create_boot_s)
+    comfyless = next(r for r in results if r.policy.startswith("b:"))
+    out = []
+    for r in (r for r in results if r.policy.startswith("gpufleet")):
+        ratio = r.cost_usd / bound.cost_usd
+        saving = 1.0 - r.cost_usd / comfyless.cost_usd
+        beats_b = saving >= 0.25 and r.wait_pct(95) <= comfyless.wait_pct(95)
+        out.append(
+            f"- {r.policy}: cost {ratio:.2f}× clairvoyant (target ≤ 1.15: "
+            f"{'met' if ratio <= 1.15 else 'missed'}); p95 {r.wait_pct(95):.0f}s vs boot "
+            f"{boot:.0f}s + 10 s ({'met' if r.wait_pct(95) <= boot + 10 else 'missed'}); "
+            f"{saving:.0%} cheaper than ComfyLess at p95 {r.wait_pct(95):.0f}s vs "
+            f"{comfyless.wait_pct(95):.0f}s (target ≥ 25% at equal or better p95: "
+            f"{'met' if beats_b else 'missed'}); "
+            f"Pareto vs (a)-(d): {'yes' if r.policy in front else 'no'}"
+        )
+    return "\n".join(out)
+
+
+def _chart(path: Path, runs: list[tuple[Scenario, list[SimResult]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 3.2 * len(runs)), squeeze=False)
+    for ax, (scenario, results) in zip(axes[:, 0], runs, strict=True):
+        shown = [r for r in results if r.policy.startswith(("gpufleet", "b:"))][1:]
+        first = shown[0].series
+        ax.step(
+            [t / 3600 for t, _, _ in first],
+            [d for _, d, _ in first],
+            where="post",
+            label="demand (queued + running)",
+            color="0.6",
+            linewidth=0.6,
+        )
+        for r in shown:
+            ax.step(
+                [t / 3600 for t, _, _ in r.series],
+                [w for _, _, w in r.series],
+                where="post",
+                label=f"workers: {r.policy}",
+                linewidth=0.8,
+            )
+        ax.set_title(scenario.name)
+        ax.set_xlabel("hours")
+        ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_report(
+    directory: Path | None = None,
+    out_dir: Path | None = None,
+    which: Sequence[str] = ("gentd26", "azure", "bursty"),
+    chart: bool = True,
+) -> str:
+    """Run every policy on every scenario; return the markdown report (and write it + PNG)."""
+    import time as wallclock  # progress only; the replay itself runs on the virtual clock
+
+    runs: list[tuple[Scenario, list[SimResult]]] = []
+    for scenario in scenarios(traces_dir(directory), which):
+        results: list[SimResult] = []
+        for pol in policies(scenario.config.pool):
+            started = wallclock.perf_counter()
+            results.append(simulate(scenario.jobs, scenario.config, pol))
+            print(
+                f"  {scenario.name}: {pol.name} in {wallclock.perf_counter() - started:.1f}s",
+                flush=True,
+            )
+        results.append(clairvoyant(scenario.jobs, scenario.config))
+        runs.append((scenario, results))
+    text = "\n".join(report_table(s, r) for s, r in runs)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.md").write_text("# gpufleet simulate\n\n" + text)
+        if chart and runs:
+            _chart(out_dir / "demand_vs_workers.png", runs)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="gpufleet simulate", description=__doc__)
+    parser.add_argument("--traces", type=Path, help="trace directory (default: ../shared/traces)")
+    parser.add_argument("--out", type=Path, help="write report.md and demand_vs_workers.png here")
+    parser.add_argument("--only", nargs="*", default=["gentd26", "azure", "bursty"])
+    parser.add_argument("--no-chart", action="store_true")
+    args = parser.parse_args(argv)
+    print(run_report(args.traces, args.out, args.only, chart=not args.no_chart))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
