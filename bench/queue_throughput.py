@@ -114,11 +114,64 @@ def result(enqueue: float, drain: float, tally: Tally) -> dict[str, float]:
 # -- gpufleet ----------------------------------------------------------------------------
 
 
+class Dispatcher:
+    """The shape of gpufleet's dispatcher: lease up to the free slots, heartbeat, ack."""
+
+    def __init__(self, queue: Any, slots: int, heartbeat_s: float, tally: Tally) -> None:
+        self.queue, self.free, self.heartbeat_s, self.tally = queue, slots, heartbeat_s, tally
+        self.slot_freed = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.running: set[asyncio.Task[None]] = set()
+
+    async def listen(self) -> None:
+        pubsub = self.queue.redis.pubsub()
+        await pubsub.subscribe(self.queue.keys.wake())
+        async for message in pubsub.listen():
+            if message["type"] == "message":
+                self.wake.set()
+
+    async def heartbeat(self, lease: Any) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            await self.queue.heartbeat(lease.task_id, lease.token)
+
+    async def work(self, lease: Any) -> None:
+        payload = lease.task.payload or {}
+        self.tally.started(payload["1"]["inputs"].get("t"))
+        beat = asyncio.create_task(self.heartbeat(lease))
+        try:
+            await asyncio.sleep(0)  # the no-op
+        finally:
+            beat.cancel()
+        await self.queue.ack(lease.task_id, lease.token, None)
+        self.free += 1
+        self.slot_freed.set()
+        self.tally.finished()
+
+    async def dispatch(self) -> None:
+        while True:
+            if self.free == 0:
+                self.slot_freed.clear()
+                await self.slot_freed.wait()
+                continue
+            self.wake.clear()
+            leases = await self.queue.lease("bench", kinds=["comfyui"], limit=self.free)
+            if not leases:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), 1.0)
+                continue
+            for lease in leases:
+                self.free -= 1
+                task = asyncio.create_task(self.work(lease))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+
+
 async def gpufleet_part(args: argparse.Namespace) -> dict[str, float]:
     from gpufleet.settings import QueueSettings
     from gpufleet.store.connection import connect
     from gpufleet.store.queue import TaskQueue
-    from gpufleet.tasks import Lease, TaskSubmit
+    from gpufleet.tasks import TaskSubmit
 
     redis = connect(args.redis)
     settings = QueueSettings()
@@ -127,60 +180,11 @@ async def gpufleet_part(args: argparse.Namespace) -> dict[str, float]:
     spec = TaskSubmit(payload={"1": {"class_type": NOOP_GRAPH_CLASS, "inputs": {}}})
     enqueue_rate = await run_concurrently(args.tasks, 32, lambda _: queue.enqueue(spec))
 
-    free = args.concurrency
-    slot_freed = asyncio.Event()
-    wake = asyncio.Event()
-    running: set[asyncio.Task[None]] = set()
-
-    async def listen() -> None:
-        pubsub = redis.pubsub()
-        await pubsub.subscribe(queue.keys.wake())
-        async for message in pubsub.listen():
-            if message["type"] == "message":
-                wake.set()
-
-    async def heartbeat(lease: Lease) -> None:
-        while True:
-            await asyncio.sleep(settings.heartbeat_interval_s)
-            await queue.heartbeat(lease.task_id, lease.token)
-
-    async def work(lease: Lease) -> None:
-        nonlocal free
-        payload = lease.task.payload or {}
-        tally.started(payload["1"]["inputs"].get("t"))
-        beat = asyncio.create_task(heartbeat(lease))
-        try:
-            await asyncio.sleep(0)  # the no-op
-        finally:
-            beat.cancel()
-        await queue.ack(lease.task_id, lease.token, None)
-        free += 1
-        slot_freed.set()
-        tally.finished()
-
-    async def dispatch() -> None:
-        nonlocal free
-        while True:
-            if free == 0:
-                slot_freed.clear()
-                await slot_freed.wait()
-                continue
-            wake.clear()
-            leases = await queue.lease("bench", kinds=["comfyui"], limit=free)
-            if not leases:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), 1.0)
-                continue
-            for lease in leases:
-                free -= 1
-                task = asyncio.create_task(work(lease))
-                running.add(task)
-                task.add_done_callback(running.discard)
-
+    consumer = Dispatcher(queue, args.concurrency, settings.heartbeat_interval_s, tally)
     tally.expect(args.tasks)
-    listener = asyncio.create_task(listen())
+    listener = asyncio.create_task(consumer.listen())
     start = time.perf_counter()
-    dispatcher = asyncio.create_task(dispatch())
+    dispatcher = asyncio.create_task(consumer.dispatch())
     await asyncio.wait_for(tally.done.wait(), 300)
     drain_rate = args.tasks / (time.perf_counter() - start)
 
