@@ -1,0 +1,103 @@
+"""The trace simulator on small synthetic traces, and the real trace files when present."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from gpufleet.domain import Engine, ProviderKind
+from gpufleet.scaling import simulate as sim
+from gpufleet.scaling.snapshot import PoolView
+
+POOL = PoolView(
+    "p",
+    ProviderKind.novita,
+    Engine.comfyui,
+    max_workers=6,
+    price_per_hour=0.5,
+    parked_cost_per_hour=0.005,
+)
+CONFIG = sim.SimConfig(POOL, load_latency_s=(5.0, 20.0))
+JOBS = sim.bursty(seed=3, duration_s=86400.0, bursts_per_day=8, burst_size=(1, 20))
+
+
+def all_policies() -> list[sim.SimPolicy]:
+    return sim.policies(POOL)
+
+
+@pytest.mark.parametrize("index", range(len(all_policies())))
+def test_every_arrival_finishes_exactly_once(index):
+    result = sim.simulate(JOBS, CONFIG, all_policies()[index])
+    assert result.finished == len(JOBS)
+    assert len(result.waits_s) == len(JOBS)
+    assert min(result.waits_s) >= 0.0
+    assert result.succeeded == sum(j.succeeded for j in JOBS)
+
+
+def test_clairvoyant_is_never_costlier_than_any_policy():
+    bound = sim.clairvoyant(JOBS, CONFIG)
+    for policy in all_policies():
+        result = sim.simulate(JOBS, CONFIG, policy)
+        assert bound.cost_usd <= result.cost_usd, policy.name
+    assert bound.cost_usd >= sum(j.service_s for j in JOBS) / 3600 * POOL.price_per_hour
+
+
+def test_one_job_is_billed_boot_plus_work_plus_idle_timeout():
+    pool = replace(POOL, idle_timeout_s=600.0, park_timeout_s=0.0)
+    config = sim.SimConfig(pool, create_boot_s=(100.0, 100.0), revive_boot_s=(50.0, 50.0))
+    result = sim.simulate([sim.Job(0.0, 100.0)], config, sim.Gpufleet())
+    # boots 0-100 s, works 100-200 s, idles 200-800 s, is stopped, then deleted at once
+    assert result.gpu_hours == pytest.approx(800 / 3600)
+    assert result.idle_gpu_hours == pytest.approx(600 / 3600)
+    assert result.waits_s == [100.0]
+    assert result.boots == 1
+
+
+def test_replay_is_deterministic_for_a_seed():
+    first = sim.simulate(JOBS, CONFIG, sim.Gpufleet())
+    again = sim.simulate(JOBS, CONFIG, sim.Gpufleet())
+    assert (first.cost_usd, first.waits_s) == (again.cost_usd, again.waits_s)
+
+
+def test_bursty_generator_is_seeded_and_sorted():
+    assert sim.bursty(seed=1) == sim.bursty(seed=1)
+    assert sim.bursty(seed=1) != sim.bursty(seed=2)
+    arrivals = [j.arrival_s for j in sim.bursty(seed=1)]
+    assert arrivals == sorted(arrivals)
+
+
+def test_traces_dir_prefers_argument_then_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPUFLEET_TRACES_DIR", str(tmp_path))
+    assert sim.traces_dir() == tmp_path
+    assert sim.traces_dir("/elsewhere") == sim.Path("/elsewhere")
+    monkeypatch.delenv("GPUFLEET_TRACES_DIR")
+    assert sim.traces_dir().parts[-2:] == ("shared", "traces")
+
+
+TRACES = sim.traces_dir()
+needs_traces = pytest.mark.skipif(
+    not (TRACES / sim.GENTD26).exists(), reason="shared traces not present"
+)
+
+
+@needs_traces
+def test_reads_gentd26_as_it_is():
+    jobs = sim.read_gentd26(TRACES / sim.GENTD26, limit=200)
+    assert len(jobs) == 200
+    assert jobs[0].arrival_s == 0.0
+    assert all(j.service_s >= 1.0 and j.model.startswith("M") for j in jobs)
+
+
+@needs_traces
+def test_reads_load_latency_in_seconds():
+    loads = sim.read_load_latency_s(TRACES / sim.LOAD_LATENCY)
+    assert len(loads) > 7000
+    assert 10.0 < sorted(loads)[len(loads) // 2] < 40.0  # README: median 22.7 s
+
+
+@needs_traces
+def test_reads_azure_hour():
+    jobs = sim.read_azure(TRACES / sim.AZURE)
+    assert len(jobs) > 19_000
+    assert 3000.0 < jobs[-1].arrival_s <= 3600.0
