@@ -6,12 +6,15 @@ import asyncio
 import signal
 import sys
 import time
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from gpufleet.settings import QueueSettings
+from gpufleet.store.connection import EmbeddedRedis
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import LeaseOutcome, TaskSubmit
+from tests.conftest import free_port
 
 GRAPH = {"1": {"class_type": "KSampler", "inputs": {}}}
 
@@ -91,3 +94,34 @@ async def test_sigkilled_consumer_loses_nothing(redis: aioredis.Redis, redis_url
     stats = await queue.stats()
     assert stats.queued == 0
     assert stats.running == 0
+
+
+async def test_redis_sigkill_keeps_accepted_tasks(tmp_path: Path) -> None:
+    """appendfsync always: every task that got an answer survives a SIGKILL of redis-server."""
+    server = EmbeddedRedis(tmp_path, port=free_port(), appendfsync="always")
+    await asyncio.to_thread(server.start)
+    try:
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        queue = TaskQueue(client, QueueSettings(), "durable")
+        ids = [
+            (await queue.enqueue(TaskSubmit(payload=GRAPH, priority=i % 10))).id for i in range(30)
+        ]
+        held = await queue.lease("w1", kinds=["comfyui"], limit=5)
+        await queue.ack(held[0].task_id, held[0].token, {"ok": 1})
+        await client.aclose()
+        server.kill()
+        server.stop()
+        await asyncio.to_thread(server.start)
+        client = aioredis.Redis.from_url(server.url, decode_responses=True)
+        queue = TaskQueue(client, QueueSettings(), "durable")
+        statuses = [(await queue.get(task_id)).status for task_id in ids]
+        assert statuses.count("succeeded") == 1
+        assert statuses.count("running") == 4
+        assert statuses.count("queued") == 25
+        stats = await queue.stats()
+        assert stats.queued == 25
+        assert stats.running == 4
+        assert await queue.ack(held[1].task_id, held[1].token) is LeaseOutcome.ok
+        await client.aclose()
+    finally:
+        await asyncio.to_thread(server.stop)
