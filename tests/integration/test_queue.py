@@ -1,4 +1,8 @@
-"""The task queue on a real redis-server: order, leases, expiry, retries, cancel, retention."""
+"""The task queue: order, leases, expiry, retries, cancel, retention.
+
+Every test that takes ``store`` runs twice, as a contract: on the real redis-server and on
+fakeredis (with Lua). Concurrency and memory checks run on the real server only.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
@@ -43,10 +48,17 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=["redis", "fakeredis"])
+def store(request: pytest.FixtureRequest) -> aioredis.Redis:
+    if request.param == "fakeredis":
+        return request.getfixturevalue("fake_redis")  # type: ignore[no-any-return]
+    return request.getfixturevalue("redis")  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-async def queue(redis: aioredis.Redis, clock: Clock) -> AsyncIterator[TaskQueue]:
+async def queue(store: aioredis.Redis, clock: Clock) -> AsyncIterator[TaskQueue]:
     settings = QueueSettings(lease_ttl_s=15, heartbeat_interval_s=5, retry_backoff_s=2)
-    q = TaskQueue(redis, settings, "t", clock=clock, jitter=lambda: 1.0)
+    q = TaskQueue(store, settings, "t", clock=clock, jitter=lambda: 1.0)
     yield q
     await q.aclose()
 
@@ -277,10 +289,10 @@ async def test_cancel_delayed_retry(queue: TaskQueue, clock: Clock) -> None:
     assert stats.delayed == 0
 
 
-async def test_cancel_running_tells_the_holder(queue: TaskQueue, redis: aioredis.Redis) -> None:
+async def test_cancel_running_tells_the_holder(queue: TaskQueue, store: aioredis.Redis) -> None:
     task = await queue.enqueue(comfy())
     (lease,) = await queue.lease("w1", kinds=["comfyui"])
-    pubsub = redis.pubsub()
+    pubsub = store.pubsub()
     await pubsub.subscribe(queue.keys.cancel_channel())
     await pubsub.get_message(timeout=1)
     watcher = asyncio.create_task(queue.wait(task.id, timeout_s=30))
@@ -297,7 +309,7 @@ async def test_cancel_running_tells_the_holder(queue: TaskQueue, redis: aioredis
     assert (await queue.stats()).running == 0
 
 
-async def test_cancel_races_lease(redis: aioredis.Redis, queue: TaskQueue) -> None:
+async def test_cancel_races_lease(queue: TaskQueue) -> None:
     """Cancel and lease at once: each task ends either cancelled-and-never-leased or leased."""
     ids = [(await queue.enqueue(comfy())).id for _ in range(40)]
 
@@ -345,13 +357,13 @@ async def test_ack_races_cancel(queue: TaskQueue) -> None:
         assert status == ("succeeded" if ack is LeaseOutcome.ok else "cancelled")
 
 
-async def test_idempotency_race_100_submits(queue: TaskQueue, redis: aioredis.Redis) -> None:
+async def test_idempotency_race_100_submits(queue: TaskQueue, store: aioredis.Redis) -> None:
     spec = comfy(workflow_id="wf")
     tasks = await asyncio.gather(
         *(queue.enqueue(spec, owner="k1", idempotency_key="abc") for _ in range(100))
     )
     assert len({t.id for t in tasks}) == 1
-    assert await redis.zcard(queue.keys.tasks()) == 1
+    assert await store.zcard(queue.keys.tasks()) == 1
     assert (await queue.stats()).queued == 1
     with pytest.raises(IdempotencyConflict):
         await queue.enqueue(comfy(priority=9), owner="k1", idempotency_key="abc")
@@ -452,8 +464,8 @@ async def test_events_follow_every_change(queue: TaskQueue, clock: Clock) -> Non
     assert len(late) == 5
 
 
-async def test_wake_channel_on_enqueue(queue: TaskQueue, redis: aioredis.Redis) -> None:
-    pubsub = redis.pubsub()
+async def test_wake_channel_on_enqueue(queue: TaskQueue, store: aioredis.Redis) -> None:
+    pubsub = store.pubsub()
     await pubsub.subscribe(queue.keys.wake())
     await pubsub.get_message(timeout=1)
     await queue.enqueue(comfy(pool="gpu-a"))
@@ -464,10 +476,13 @@ async def test_wake_channel_on_enqueue(queue: TaskQueue, redis: aioredis.Redis) 
 
 
 async def test_retention_returns_to_baseline(
-    redis: aioredis.Redis, queue: TaskQueue, clock: Clock
+    store: aioredis.Redis, queue: TaskQueue, clock: Clock
 ) -> None:
     """After a run and its retention, no key of the run is left (only the seq counter)."""
+    redis = store
+    real = not isinstance(redis, fakeredis.FakeAsyncRedis)
     baseline = await redis.dbsize()
+    memory_before = (await redis.info("memory"))["used_memory"] if real else 0
     specs = [comfy(pool="gpu-a"), comfy(), ollama(), ollama("qwen2:7b", priority=9)]
     for i in range(200):
         await queue.enqueue(specs[i % 4], owner="k1", idempotency_key=f"key-{i}")
@@ -499,3 +514,6 @@ async def test_retention_returns_to_baseline(
     assert report.reaped == 200
     leftover = sorted(await redis.keys("*"))
     assert leftover == [queue.keys.seq()]
+    if real:  # allocator slack aside, the memory comes back too
+        memory_after = (await redis.info("memory"))["used_memory"]
+        assert memory_after - memory_before < 256 * 1024
