@@ -228,6 +228,8 @@ class QueueStats:
     running_by_model: dict[str, int]
     oldest_by_pool: dict[str, float]
     oldest_unpooled: dict[str, float]
+    queued_by_owner: dict[str, int]  # API key id -> waiting tasks (the max_queued limit)
+    running_by_owner: dict[str, int]  # API key id -> running tasks (for max_concurrent)
 
     def oldest_age_s(self, now: float) -> float:
         """Age of the oldest waiting task anywhere (0 when none waits)."""

@@ -14,7 +14,7 @@ import fakeredis
 import pytest
 import redis.asyncio as aioredis
 
-from gpufleet.errors import IdempotencyConflict, TaskConflict, TaskNotFound
+from gpufleet.errors import IdempotencyConflict, LimitExceeded, TaskConflict, TaskNotFound
 from gpufleet.settings import QueueSettings
 from gpufleet.store.keys import Keys
 from gpufleet.store.queue import TaskQueue
@@ -517,3 +517,16 @@ async def test_retention_returns_to_baseline(
     if real:  # allocator slack aside, the memory comes back too
         memory_after = (await redis.info("memory"))["used_memory"]
         assert memory_after - memory_before < 256 * 1024
+
+
+async def test_max_queued_per_owner(queue: TaskQueue) -> None:
+    for _ in range(3):
+        await queue.enqueue(comfy(), owner="k1", max_queued=3)
+    with pytest.raises(LimitExceeded):
+        await queue.enqueue(comfy(), owner="k1", max_queued=3)
+    await queue.enqueue(comfy(), owner="k2", max_queued=3)  # another key's budget
+    await queue.lease("w1", kinds=["comfyui"], limit=1)  # running tasks do not count
+    await queue.enqueue(comfy(), owner="k1", max_queued=3)
+    stats = await queue.stats()
+    assert stats.queued_by_owner == {"k1": 3, "k2": 1}
+    assert stats.running_by_owner == {"k1": 1}

@@ -104,7 +104,12 @@ async def submit_task(
     except ValidationError as exc:
         raise _invalid(list(exc.errors(include_url=False))) from None
     _check_submit(request, spec, principal)
-    return await queue.enqueue(spec, owner=principal.owner, idempotency_key=idempotency_key)
+    return await queue.enqueue(
+        spec,
+        owner=principal.owner,
+        idempotency_key=idempotency_key,
+        max_queued=principal.key.max_queued if principal.key else None,
+    )
 
 
 @router.get("", summary="List tasks, newest first")

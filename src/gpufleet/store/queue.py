@@ -38,7 +38,13 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gpufleet.domain import TERMINAL_TASK_STATUSES, TaskStatus
-from gpufleet.errors import IdempotencyConflict, StoreError, TaskConflict, TaskNotFound
+from gpufleet.errors import (
+    IdempotencyConflict,
+    LimitExceeded,
+    StoreError,
+    TaskConflict,
+    TaskNotFound,
+)
 from gpufleet.settings import QueueSettings
 from gpufleet.store.keys import Keys
 from gpufleet.tasks import (
@@ -170,11 +176,13 @@ class TaskQueue:
         *,
         owner: str | None = None,
         idempotency_key: str | None = None,
+        max_queued: int | None = None,
     ) -> Task:
         """Store a new task and make it runnable; with ``idempotency_key`` at most one per key.
 
         A second call with the same key (and owner) returns the first task; with the same
-        key but a different request it raises ``IdempotencyConflict``.
+        key but a different request it raises ``IdempotencyConflict``. ``max_queued``: the
+        owner's limit of waiting tasks (``LimitExceeded`` when reached).
         """
         now = self.clock()
         task_id = new_task_id(now)
@@ -190,11 +198,7 @@ class TaskQueue:
             "max_attempts",
             str(max_attempts),
         ]
-        for name, value in (
-            ("timeout_s", spec.timeout_s),
-            ("workflow_id", spec.workflow_id),
-            ("owner", owner),
-        ):
+        for name, value in (("timeout_s", spec.timeout_s), ("workflow_id", spec.workflow_id)):
             if value is not None:
                 fields += [name, str(value)]
         verdict, stored_id = await self._run(
@@ -206,12 +210,18 @@ class TaskQueue:
             spec.pool or "",
             spec.model or "",
             str(spec.priority),
+            owner or "",
+            str(max_queued or 0),
             *fields,
             now=now,
         )
         verdict, stored_id = _s(verdict), _s(stored_id)
         if verdict == "existing":
             return await self.get(stored_id)
+        if verdict == "limited":
+            raise LimitExceeded(
+                f"this key already has {stored_id} queued tasks (limit {max_queued})"
+            )
         if verdict == "conflict":
             raise IdempotencyConflict(
                 f"Idempotency-Key {idempotency_key!r} was used for task {stored_id} "
@@ -454,6 +464,8 @@ class TaskQueue:
             running_by_pool=group(inflight, "pool:"),
             running_by_engine=group(inflight, "kind:"),
             running_by_model=group(inflight, "model:"),
+            queued_by_owner=group(depth, "owner:"),
+            running_by_owner=group(inflight, "owner:"),
             oldest_by_pool=group(oldest, "pool:"),
             oldest_unpooled=group(oldest, "nopool:"),
         )

@@ -1,10 +1,12 @@
 -- Enqueue one task, or return the task an idempotency key already maps to.
 -- ARGV: prefix, now, id, idem_key ('' = none), fingerprint, kind, pool, model, priority,
---       then field/value pairs of the task hash (payload, timeouts, owner, ...).
--- Returns {'created', id} | {'existing', id} | {'conflict', id}.
+--       owner, max_queued (0 = no limit: the owner's queued tasks, running ones excluded),
+--       then field/value pairs of the task hash (payload, timeouts, ...).
+-- Returns {'created', id} | {'existing', id} | {'conflict', id} | {'limited', n queued}.
 local id, idem, fp = ARGV[3], ARGV[4], ARGV[5]
-local t = {kind = ARGV[6], pool = ARGV[7], model = ARGV[8]}
+local t = {kind = ARGV[6], pool = ARGV[7], model = ARGV[8], owner = ARGV[10]}
 local priority = tonumber(ARGV[9])
+local max_queued = tonumber(ARGV[11])
 
 if idem ~= '' then
   local existing = redis.call('GET', idem)
@@ -16,13 +18,18 @@ if idem ~= '' then
   end
 end
 
+if max_queued > 0 and t.owner ~= '' then
+  local queued = tonumber(redis.call('HGET', k_depth, 'owner:' .. t.owner) or '0')
+  if queued >= max_queued then return {'limited', tostring(queued)} end
+end
+
 local seq = redis.call('INCR', k_seq)
 t.score = num((9 - priority) * BAND + seq)
 local fields = {'id', id, 'kind', t.kind, 'pool', t.pool, 'model', t.model,
                 'priority', priority, 'status', 'queued', 'attempts', 0, 'seq', seq,
                 'score', t.score, 'fp', fp, 'idem', idem,
-                'created_at', ts(NOW), 'queued_at', ts(NOW)}
-for i = 10, #ARGV, 2 do
+                'owner', t.owner, 'created_at', ts(NOW), 'queued_at', ts(NOW)}
+for i = 12, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
 end

@@ -57,7 +57,7 @@ for _ = 1, limit do
     local _, qs = queue_of(t0)
     redis.call('SREM', qs, best_q)
   end
-  local t = load(id, {'kind', 'pool', 'model', 'seq', 'attempts'})
+  local t = load(id, {'kind', 'pool', 'model', 'owner', 'seq', 'attempts'})
   local attempt = tonumber(t.attempts) + 1
   local token = worker .. ':' .. attempt
   set_status(id, 'queued', 'running', t.seq)

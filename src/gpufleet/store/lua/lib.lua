@@ -67,6 +67,7 @@ local function count(h, t, delta)
     hincr(h, 'nopool:' .. t.kind, delta)
   end
   if t.model ~= nil and t.model ~= '' then hincr(h, 'model:' .. t.model, delta) end
+  if t.owner ~= nil and t.owner ~= '' then hincr(h, 'owner:' .. t.owner, delta) end
 end
 
 local function emit(id, status, detail)
@@ -137,7 +138,7 @@ local function unqueue(id, t)
   count(k_depth, t, -1)
 end
 
-local RUN_FIELDS = {'kind', 'pool', 'model', 'status', 'seq', 'score', 'attempts',
+local RUN_FIELDS = {'kind', 'pool', 'model', 'owner', 'status', 'seq', 'score', 'attempts',
                     'max_attempts', 'errors', 'worker', 'token', 'idem'}
 
 -- Expired leases go back to their queue (or to failed after max_attempts).
