@@ -235,6 +235,7 @@ class Simulator:
             snap = self._snapshot()
             self._apply(self.policy.plan(snap))
             self._dispatch()
+            self._record()
             next_plan = self._next_plan(self._snapshot())
         return self.result
 
@@ -266,10 +267,14 @@ class Simulator:
         if int(t // 86400) != int(self.now // 86400):
             self.spend_today_usd = 0.0
         self.spend_today_usd += cost
+        self.now = t
+        self._record()
+
+    def _record(self) -> None:
+        live = sum(1 for w in self.workers.values() if w.state in LIVE)
         demand = len(self.queue) + sum(w.busy for w in self.workers.values())
         if not self.result.series or self.result.series[-1][1:] != (demand, live):
-            self.result.series.append((t, demand, live))
-        self.now = t
+            self.result.series.append((self.now, demand, live))
 
     def _fire(self, event: tuple[float, int, str, str]) -> None:
         _, _, kind, ref = event
@@ -692,17 +697,24 @@ def _chart(path: Path, runs: list[tuple[Scenario, list[SimResult]]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(runs), 1, figsize=(12, 3.2 * len(runs)), squeeze=False)
-    for ax, (scenario, results) in zip(axes[:, 0], runs, strict=True):
-        shown = [r for r in results if r.policy.startswith(("gpufleet", "b:"))][1:]
+    panels: list[tuple[Scenario, list[SimResult], tuple[float, float] | None]] = []
+    for scenario, results in runs:
+        end_h = scenario.jobs[-1].arrival_s / 3600 + 0.5
+        panels.append((scenario, results, (0.0, end_h)))
+        if end_h > 72:  # a long trace gets a two-day close-up as well
+            panels.append((scenario, results, (120.0, 168.0)))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.0 * len(panels)), squeeze=False)
+    for ax, (scenario, results, xlim) in zip(axes[:, 0], panels, strict=True):
+        shown = [r for r in results if r.policy.startswith(("gpufleet", "b:", "c:"))][1:]
         first = shown[0].series
+        hours = [t / 3600 for t, _, _ in first]
         ax.step(
-            [t / 3600 for t, _, _ in first],
+            hours,
             [d for _, d, _ in first],
             where="post",
-            label="demand (queued + running)",
             color="0.6",
             linewidth=0.6,
+            label="demand (queued + running)",
         )
         for r in shown:
             ax.step(
@@ -712,11 +724,13 @@ def _chart(path: Path, runs: list[tuple[Scenario, list[SimResult]]]) -> None:
                 label=f"workers: {r.policy}",
                 linewidth=0.8,
             )
-        ax.set_title(scenario.name)
+        ax.set_xlim(*(xlim or (0.0, hours[-1])))
+        ax.set_title(f"{scenario.name}" + (f" (hours {xlim[0]:.0f}-{xlim[1]:.0f})" if xlim else ""))
         ax.set_xlabel("hours")
+        ax.set_ylabel("tasks / workers")
         ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
