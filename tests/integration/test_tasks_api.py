@@ -12,10 +12,12 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.tasks import router
 from gpufleet.settings import load_settings
+from gpufleet.store.apikeys import ApiKey
 from gpufleet.store.queue import TaskQueue
 
 GRAPH = {
@@ -40,6 +42,7 @@ async def client(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
         c.queue = queue  # type: ignore[attr-defined]
+        c.app = app  # type: ignore[attr-defined]
         yield c
     await queue.aclose()
 
@@ -199,3 +202,33 @@ async def test_events_stream_every_change(client: httpx.AsyncClient) -> None:
     first_id = frames[0].split("\n")[0].split(": ", 1)[1]
     r = await client.get(f"/api/v1/tasks/{task_id}/events", headers={"Last-Event-ID": first_id})
     assert r.text.count("event: ") == 2
+
+
+def as_key(client: httpx.AsyncClient, key_id: str, **limits: Any) -> None:
+    """Make the app believe every request comes with this (non-admin) API key."""
+    key = ApiKey(id=key_id, name=key_id, email="", role="user", created_at=0.0, **limits)
+    app: FastAPI = client.app  # type: ignore[attr-defined]
+    app.dependency_overrides[authenticate] = lambda: Principal(key)
+
+
+async def test_keys_see_only_their_own_tasks(client: httpx.AsyncClient) -> None:
+    as_key(client, "alice")
+    mine = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()
+    assert mine["owner"] == "alice"
+    as_key(client, "bob")
+    theirs = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()
+    assert (await client.get(f"/api/v1/tasks/{mine['id']}")).status_code == 404
+    assert (await client.post(f"/api/v1/tasks/{mine['id']}/cancel")).status_code == 404
+    listed = (await client.get("/api/v1/tasks")).json()["tasks"]
+    assert [t["id"] for t in listed] == [theirs["id"]]
+
+
+async def test_key_limits(client: httpx.AsyncClient) -> None:
+    as_key(client, "carol", max_priority=5, max_queued=2)
+    r = await client.post("/api/v1/tasks", json={"payload": GRAPH, "priority": 9})
+    assert r.status_code == 403
+    for _ in range(2):
+        assert (await client.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
+    r = await client.post("/api/v1/tasks", json={"payload": GRAPH})
+    assert r.status_code == 429
+    assert r.json()["error"]["code"] == "rate_limited"
