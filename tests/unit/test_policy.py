@@ -330,3 +330,20 @@ def test_next_wake_is_the_earliest_timer():
     assert next_wake_s(snap([p], workers)) == NOW + 300  # b's boot timeout
     assert next_wake_s(snap([p], workers[:1])) == NOW + 500
     assert next_wake_s(snap([p], [])) is None
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_unknown_surf_workspace_is_adopted_never_deleted(healthy):
+    inst = InstanceView("ws1", ProviderKind.surf, "gpu-ws1", "surf", healthy)
+    p = pool("surf", ProviderKind.surf)
+    s = snap(
+        [p],
+        [],
+        [demand(1, pools=("surf",))],
+        instances=(inst,),
+        listed_providers=frozenset({ProviderKind.surf}),
+    )
+    actions = plan(s)
+    assert [type(a) for a in actions if not isinstance(a, Hold)] == [Adopt]
+    # a running workspace covers the demand; a paused one does not (nothing else to start)
+    assert any(isinstance(a, Hold) for a in actions) is not healthy

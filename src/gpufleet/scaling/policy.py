@@ -41,7 +41,13 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
-from gpufleet.scaling.snapshot import InstanceView, PoolView, Snapshot, WorkerView
+from gpufleet.scaling.snapshot import (
+    CREATABLE_PROVIDERS,
+    InstanceView,
+    PoolView,
+    Snapshot,
+    WorkerView,
+)
 
 BOOTING_STATES = frozenset({WorkerState.provisioning, WorkerState.booting})
 SUPPLY_STATES = frozenset({WorkerState.provisioning, WorkerState.booting, WorkerState.ready})
@@ -224,11 +230,26 @@ def _collect_orphans(tick: _Tick) -> None:
         if inst.instance_id in known or inst.provider not in tick.snapshot.listed_providers:
             continue
         pool = tick.pools.get(inst.pool)
-        if pool is not None and inst.healthy:
+        if inst.provider not in CREATABLE_PROVIDERS:
+            _adopt_fixed(tick, pool, inst)
+        elif pool is not None and inst.healthy:
             pool.orphans.append(inst)
         else:
             why = "orphan of no configured pool" if pool is None else "unhealthy orphan"
             tick.actions.append(Delete(inst.pool, "", inst.instance_id, why))
+
+
+def _adopt_fixed(tick: _Tick, pool: _PoolTally | None, inst: InstanceView) -> None:
+    """A SURF workspace the registry does not know is registered, never deleted: the scaler
+    did not create it and cannot create another."""
+    if pool is None:
+        return  # matches no pool's name filter: not ours to touch
+    why = f"workspace {inst.name or inst.instance_id} is not in the registry"
+    tick.actions.append(Adopt(pool.view.name, inst.instance_id, why))
+    if inst.healthy:
+        pool.live += 1
+        pool.supply_slots += pool.view.slots
+        pool.unclaimed_slots += pool.view.slots
 
 
 def _by_price(tick: _Tick, names: tuple[str, ...]) -> list[_PoolTally]:
