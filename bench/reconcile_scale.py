@@ -10,7 +10,8 @@ the share of one tick the decision uses. It asserts nothing.
 
 First run (2 shared cores):
 
-    workers=2000 pools=20 queued=100000 actions=1639: median 8.8 ms, p90 9.1 ms (0.18% of a 5 s tick)
+    workers=2000 pools=20 queued=100000 actions=1639: median 8.8 ms, p90 9.1 ms
+    (0.18% of a 5 s tick)
 """
 
 from __future__ import annotations
