@@ -530,3 +530,46 @@ async def test_max_queued_per_owner(queue: TaskQueue) -> None:
     stats = await queue.stats()
     assert stats.queued_by_owner == {"k1": 3, "k2": 1}
     assert stats.running_by_owner == {"k1": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_100k_tasks_then_retention_back_to_baseline(redis: aioredis.Redis) -> None:
+    """The issue's retention claim at full size: 100k tasks, then their TTL, then nothing."""
+    clock = Clock()
+    queue = TaskQueue(redis, QueueSettings(), "big", clock=clock)
+    await redis.set("unrelated", "1")
+    baseline_keys = await redis.dbsize()
+    baseline_dataset = (await redis.memory_stats())["dataset.bytes"]
+    n = 100_000
+    spec = comfy()
+
+    async def producer(count: int) -> None:
+        for _ in range(count):
+            await queue.enqueue(spec, owner="k1")
+
+    await asyncio.gather(*(producer(n // 40) for _ in range(40)))
+
+    async def consumer(name: str) -> None:
+        while leases := await queue.lease(name, kinds=["comfyui"], limit=20):
+            await asyncio.gather(*(queue.ack(le.task_id, le.token, {"n": 1}) for le in leases))
+
+    await asyncio.gather(*(consumer(f"c{i}") for i in range(4)))
+    stats = await queue.stats()
+    assert stats.queued == 0
+    assert stats.running == 0
+    assert len((await queue.list(status="succeeded", limit=500)).tasks) == 500
+    clock.advance(queue.settings.result_ttl_s + 1)
+    while (await queue.requeue_expired(limit=5000)).reaped:
+        pass
+    assert await redis.dbsize() == baseline_keys + 1  # + the seq counter
+    # Data memory (not client buffers or the script cache) comes back too, once Redis's
+    # cron has shrunk its hash tables; poll for that instead of guessing a delay.
+    growth = 0
+    for _ in range(100):
+        growth = (await redis.memory_stats())["dataset.bytes"] - baseline_dataset
+        if growth < 256 * 1024:
+            break
+        await asyncio.sleep(0.1)
+    assert growth < 256 * 1024
+    await queue.aclose()
