@@ -302,7 +302,7 @@ async def test_cancel_running_tells_the_holder(queue: TaskQueue, store: aioredis
     assert message is not None
     assert message["data"] == task.id
     assert (await watcher).status == "cancelled"
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert await queue.heartbeat(task.id, lease.token) is LeaseOutcome.cancelled
     assert await queue.ack(task.id, lease.token, 1) is LeaseOutcome.cancelled
     assert await queue.fail(task.id, lease.token, "x") is LeaseOutcome.cancelled
@@ -472,7 +472,7 @@ async def test_wake_channel_on_enqueue(queue: TaskQueue, store: aioredis.Redis) 
     message = await pubsub.get_message(timeout=5)
     assert message is not None
     assert message["data"] == "comfyui gpu-a "
-    await pubsub.aclose()
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_retention_returns_to_baseline(

@@ -114,7 +114,7 @@ async def test_redis_sigkill_keeps_accepted_tasks(tmp_path: Path) -> None:
         await asyncio.to_thread(server.start)
         client = aioredis.Redis.from_url(server.url, decode_responses=True)
         queue = TaskQueue(client, QueueSettings(), "durable")
-        statuses = [(await queue.get(task_id)).status for task_id in ids]
+        statuses = [str((await queue.get(task_id)).status) for task_id in ids]
         assert statuses.count("succeeded") == 1
         assert statuses.count("running") == 4
         assert statuses.count("queued") == 25
