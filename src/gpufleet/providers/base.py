@@ -358,9 +358,9 @@ TRANSIENT = (errors.RateLimited, errors.ProviderUnavailable)
 
 
 def _wait(policy: RetryPolicy) -> Callable[[tenacity.RetryCallState], float]:
-    backoff = tenacity.wait_exponential_jitter(
-        initial=policy.initial_s, max=policy.max_wait_s, jitter=policy.jitter_s
-    )
+    backoff = tenacity.wait_exponential(
+        multiplier=policy.initial_s, max=policy.max_wait_s
+    ) + tenacity.wait_random(0, policy.jitter_s)
 
     def wait(state: tenacity.RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

@@ -125,14 +125,14 @@ class NovitaProvider(Provider):
                 raise errors.ProviderBadResponse(
                     "novita: list answer has no 'instances' list", provider=self.name
                 )
+            total = wire._int(body.get("total"), -1)
             if not items:
-                if page == 0:
+                if page == 0 and total != 0:
                     continue
                 break
             new = [i for i in items if isinstance(i, dict) and str(i.get("id")) not in seen]
             for item in new:
                 seen[str(item.get("id"))] = item
-            total = wire._int(body.get("total"), -1)
             stale_pages = 0 if new else stale_pages + 1
             if (total >= 0 and len(seen) >= total) or stale_pages >= 2:
                 break

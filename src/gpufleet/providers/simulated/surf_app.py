@@ -120,10 +120,13 @@ class SimSurf(SimCloud):
     def busy(self) -> int:
         return sum(1 for w in self.workspaces.values() if w.status in ("running", "resuming"))
 
+    def _accrue(self, ws: SimWorkspace, until: float) -> None:
+        if ws.status == "running" and until > ws.billed_until:
+            ws.billed_s += until - ws.billed_until
+        ws.billed_until = max(ws.billed_until, until)
+
     def _set(self, ws: SimWorkspace, status: str, at: float) -> None:
-        if ws.status == "running" and at > ws.billed_until:
-            ws.billed_s += at - ws.billed_until
-        ws.billed_until = max(ws.billed_until, at)
+        self._accrue(ws, at)
         old, ws.status, ws.since = ws.status, status, at
         ws.transitions.append(status)
         if self.on_change is not None and old != status:
@@ -141,7 +144,7 @@ class SimSurf(SimCloud):
                     ws.actions[-1]["time_updated"] = _iso(at)
                     if not done:
                         ws.actions[-1]["result"] = {"error": self.config.resume_error}
-            self._set(ws, ws.status, now)
+            self._accrue(ws, now)
 
     def to_json(self, ws: SimWorkspace) -> dict[str, Any]:
         allowed = ALLOWED.get(ws.status, [])
