@@ -125,3 +125,30 @@ async def test_redis_sigkill_keeps_accepted_tasks(tmp_path: Path) -> None:
         await client.aclose()
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_waiter_survives_redis_restart(tmp_path: Path) -> None:
+    """A long poll in progress when Redis restarts still returns once the task finishes."""
+    server = EmbeddedRedis(tmp_path, port=free_port(), appendfsync="always")
+    await asyncio.to_thread(server.start)
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    queue = TaskQueue(client, QueueSettings(), "restart")
+    try:
+        task = await queue.enqueue(TaskSubmit(payload=GRAPH))
+        waiter = asyncio.create_task(queue.wait(task.id, timeout_s=60))
+        await asyncio.sleep(0.1)
+        server.kill()
+        server.stop()
+        await asyncio.to_thread(server.start)
+        producer = aioredis.Redis.from_url(server.url, decode_responses=True)
+        other = TaskQueue(producer, QueueSettings(), "restart")
+        (lease,) = await other.lease("w1", kinds=["comfyui"])
+        await other.ack(lease.task_id, lease.token, "done")
+        await producer.aclose()
+        finished = await asyncio.wait_for(waiter, 30)
+        assert finished.status == "succeeded"
+        assert finished.result == "done"
+    finally:
+        await queue.aclose()
+        await client.aclose()
+        await asyncio.to_thread(server.stop)

@@ -97,6 +97,7 @@ SUMMARY_FIELDS = [
 # How often a waiter re-reads the task even without a notification (a lost pub/sub
 # message, a reconnect): bounds the damage, never the normal path.
 RECHECK_S = 5.0
+STORE_RETRY_S = 0.2
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
@@ -475,8 +476,16 @@ class TaskQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         async with self._notifier.watch(task_id) as inbox:
+            task: Task | None = None
             while True:
-                task = await self.get(task_id, include_payload=False)
+                try:
+                    task = await self.get(task_id, include_payload=False)
+                except StoreError:
+                    # Redis went away mid-wait: ride out a restart until the deadline.
+                    if task is None or loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(STORE_RETRY_S)
+                    continue
                 remaining = deadline - loop.time()
                 if task.finished or remaining <= 0:
                     return task
