@@ -1,0 +1,237 @@
+"""Every provider passes the same tests (STYLE.md habit 12); skips only by declared capability.
+
+Parametrized over the real ``NovitaProvider`` against the simulated Novita app, the real
+``SurfProvider`` against the simulated SURF app, and ``StaticProvider``. A ``Harness`` gives
+each test what differs: how to get a live instance, how to let time pass, and what the
+cloud itself holds (checked on the simulated cloud's own state, not the client's view).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from gpufleet import errors
+from gpufleet.providers.base import (
+    ACTIONS,
+    Capability,
+    InstanceState,
+    Provider,
+    RetryPolicy,
+    Unsupported,
+)
+from gpufleet.providers.novita import NovitaProvider
+from gpufleet.providers.simulated import (
+    FakeClock,
+    Fault,
+    SimNovitaConfig,
+    SimSurfConfig,
+    create_novita_app,
+    create_surf_app,
+)
+from gpufleet.providers.static import StaticProvider
+from gpufleet.providers.surf import SurfProvider
+from gpufleet.settings import NovitaSettings, PoolSpec, SurfSettings
+
+
+@dataclass
+class Harness:
+    provider: Provider
+    pool: PoolSpec
+    clock: FakeClock
+    # ids the cloud itself holds as live (None: no remote state, e.g. static)
+    cloud_ids: Callable[[], set[str]]
+    cloud_status: Callable[[str], str] = lambda _id: ""
+    faults: list[Fault] | None = None
+    wrong_credentials: Callable[[], Provider] | None = None
+    closers: list[Provider] = field(default_factory=list)
+
+    async def live_instance(self) -> str:
+        """A running instance id: created (Novita), resumed (SURF), or configured (static)."""
+        caps = self.provider.capabilities
+        if Capability.create in caps:
+            inst = await self.provider.create(self.pool, f"{self.pool.name}-contract")
+            instance_id = inst.id
+        else:
+            instance_id = (await self.provider.list(self.pool))[0].id
+            if Capability.resume in caps:
+                await self.provider.resume(instance_id)
+        await self.settle()
+        return instance_id
+
+    async def settle(self) -> None:
+        self.clock.advance(3600)
+
+
+NOVITA_POOL = PoolSpec(name="comfy", provider="novita", engine="comfyui", product_id="4090.sim",
+                       image="ghcr.io/example/comfyui:latest")
+SURF_POOL = PoolSpec(name="gpu", provider="surf", engine="ollama", name_filter="gpufleet-gpu")
+STATIC_POOL = PoolSpec(name="home", provider="static", engine="ollama",
+                       urls=["http://gpu-box.lan:11434", "http://gpu-box-2.lan:11434/"])
+
+
+def _novita(clock: FakeClock) -> Harness:
+    app = create_novita_app(SimNovitaConfig(), clock=clock)
+    sim = app.state.sim
+
+    def make(key: str) -> NovitaProvider:
+        settings = NovitaSettings(api_key=key, base_url="http://novita.sim/gpu-instance/openapi/v1")
+        return NovitaProvider(settings, pools=[NOVITA_POOL], transport=httpx.ASGITransport(app=app),
+                              retry=RetryPolicy(sleep=clock.sleep))
+
+    def cloud_ids() -> set[str]:
+        sim.advance()
+        return {i.id for i in sim.instances.values()
+                if i.status not in ("toRemove", "removing", "removed")}
+
+    return Harness(make("sim-novita-key"), NOVITA_POOL, clock, cloud_ids,
+                   cloud_status=lambda i: sim.instances[i].status, faults=sim.faults,
+                   wrong_credentials=lambda: make("wrong"))
+
+
+def _surf(clock: FakeClock) -> Harness:
+    app = create_surf_app(SimSurfConfig(workspaces=["gpufleet-gpu-01", "desktop"]), clock=clock)
+    sim = app.state.sim
+
+    def make(token: str) -> SurfProvider:
+        settings = SurfSettings(api_token=token, base_url="http://surf.sim/v1/workspace")
+        return SurfProvider(settings, pools=[SURF_POOL], transport=httpx.ASGITransport(app=app),
+                            retry=RetryPolicy(sleep=clock.sleep), clock=clock, sleep=clock.sleep)
+
+    def cloud_ids() -> set[str]:
+        return {w.id for w in sim.workspaces.values()
+                if not w.deleted and "gpufleet-gpu" in w.name}
+
+    def status(ws_id: str) -> str:
+        sim.advance()
+        return str(sim.workspaces[ws_id].status)
+
+    return Harness(make("sim-surf-token"), SURF_POOL, clock, cloud_ids, cloud_status=status,
+                   faults=sim.faults, wrong_credentials=lambda: make("wrong"))
+
+
+def _static(clock: FakeClock) -> Harness:
+    provider = StaticProvider([STATIC_POOL])
+    return Harness(provider, STATIC_POOL, clock, lambda: {"home-0", "home-1"})
+
+
+@pytest.fixture(params=[_novita, _surf, _static], ids=["novita", "surf", "static"])
+async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    harness: Harness = request.param(FakeClock())
+    yield harness
+    await harness.provider.aclose()
+
+
+def needs(h: Harness, *caps: Capability) -> None:
+    missing = [c for c in caps if c not in h.provider.capabilities]
+    if missing:
+        pytest.skip(f"{h.provider.name} has no {', '.join(missing)}")
+
+
+async def test_list_shows_exactly_the_cloud_s_own_instances(h: Harness) -> None:
+    if Capability.create in h.provider.capabilities:
+        await h.provider.create(h.pool, f"{h.pool.name}-listed")
+    listed = await h.provider.list(h.pool)
+    assert {i.id for i in listed} == h.cloud_ids()
+    assert all(i.provider == h.provider.name for i in listed)
+    assert {i.id for i in await h.provider.list()} == h.cloud_ids()
+
+
+async def test_get_matches_list(h: Harness) -> None:
+    instance_id = await h.live_instance()
+    got = await h.provider.get(instance_id)
+    assert got.id == instance_id
+    assert got.state is InstanceState.running
+    assert got.base_url is not None
+    assert got.base_url.startswith(("http://", "https://"))
+    assert got.base_url == next(i for i in await h.provider.list(h.pool) if i.id == got.id).base_url
+
+
+async def test_get_unknown_is_not_found(h: Harness) -> None:
+    with pytest.raises(errors.NotFound):
+        await h.provider.get("0000000000000000")
+
+
+async def test_unsupported_operations_say_so(h: Harness) -> None:
+    undeclared = (ACTIONS | {Capability.create, Capability.products}) - h.provider.capabilities
+    for cap in undeclared:
+        call = getattr(h.provider, str(cap))
+        args = () if cap is Capability.products else (
+            (h.pool, "x") if cap is Capability.create else ("some-id",))
+        with pytest.raises(Unsupported):
+            await call(*args)
+
+
+async def test_create_then_delete(h: Harness) -> None:
+    needs(h, Capability.create, Capability.delete)
+    inst = await h.provider.create(h.pool, f"{h.pool.name}-round-trip")
+    assert inst.id in h.cloud_ids()
+    assert inst.name.endswith("round-trip")
+    again = await h.provider.create(h.pool, f"{h.pool.name}-round-trip")  # same name: same instance
+    assert again.id == inst.id
+    await h.provider.delete(inst.id)
+    assert inst.id not in h.cloud_ids()
+    assert inst.id not in {i.id for i in await h.provider.list()}
+    await h.provider.delete(inst.id)  # repeat: still fine
+    await h.provider.delete("0000000000000000")  # never existed: fine
+
+
+async def test_stop_then_start(h: Harness) -> None:
+    needs(h, Capability.stop, Capability.start)
+    instance_id = await h.live_instance()
+    await h.provider.stop(instance_id)
+    with pytest.raises(errors.InvalidState):
+        await h.provider.start(instance_id)  # still stopping
+    await h.settle()
+    assert (await h.provider.get(instance_id)).state is InstanceState.stopped
+    assert h.cloud_status(instance_id) == "exited"
+    with pytest.raises(errors.InvalidState):
+        await h.provider.stop(instance_id)
+    await h.provider.start(instance_id)
+    await h.settle()
+    assert (await h.provider.get(instance_id)).state is InstanceState.running
+    with pytest.raises(errors.InvalidState) as caught:
+        await h.provider.start(instance_id)
+    assert not caught.value.transient
+
+
+async def test_pause_then_resume(h: Harness) -> None:
+    needs(h, Capability.pause, Capability.resume)
+    instance_id = await h.live_instance()
+    await h.provider.pause(instance_id)
+    await h.settle()
+    assert (await h.provider.get(instance_id)).state is InstanceState.paused
+    assert h.cloud_status(instance_id) == "paused"
+    with pytest.raises(errors.InvalidState):
+        await h.provider.pause(instance_id)
+    await h.provider.resume(instance_id)
+    await h.settle()
+    assert (await h.provider.get(instance_id)).state is InstanceState.running
+    assert h.cloud_status(instance_id) == "running"
+
+
+async def test_actions_on_unknown_instance_are_not_found(h: Harness) -> None:
+    for cap in sorted(ACTIONS & h.provider.capabilities - {Capability.delete}):
+        with pytest.raises(errors.NotFound):
+            await getattr(h.provider, str(cap))("00000000-0000-4000-8000-000000000000")
+
+
+async def test_wrong_credentials_are_auth_failed(h: Harness) -> None:
+    if h.wrong_credentials is None:
+        pytest.skip(f"{h.provider.name} has no credentials")
+    bad = h.wrong_credentials()
+    with pytest.raises(errors.AuthFailed):
+        await bad.list(h.pool)
+    await bad.aclose()
+
+
+async def test_a_passing_5xx_is_retried(h: Harness) -> None:
+    if h.faults is None:
+        pytest.skip(f"{h.provider.name} makes no calls")
+    before = h.cloud_ids()
+    h.faults.append(Fault(status=503, times=2))
+    assert {i.id for i in await h.provider.list(h.pool)} == before
+    assert len(h.clock.sleeps) == 2
