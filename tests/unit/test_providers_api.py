@@ -162,3 +162,17 @@ async def test_static_lists_its_urls(client: Any) -> None:
     [inst] = r.json()["instances"]
     assert inst["base_url"] == "http://box:11434"
     assert inst["state"] == "running"
+
+
+async def test_build_providers_builds_only_what_is_used() -> None:
+    from gpufleet.providers import build_providers
+
+    static_only = load_settings(env_file=None, pools=[
+        {"name": "home", "provider": "static", "engine": "ollama", "urls": ["http://box:11434"]}])
+    built = build_providers(static_only)
+    assert sorted(built) == ["static"]
+    with_key = load_settings(env_file=None, providers={"novita": {"api_key": "k"}})
+    built = build_providers(with_key)
+    assert sorted(built) == ["novita"]
+    assert built["novita"].capabilities >= {"create", "start", "stop", "delete"}
+    await built["novita"].aclose()
