@@ -103,7 +103,7 @@ def tmp_config(tmp_path: Path) -> Callable[[str], Path]:
 
 
 @pytest.fixture
-async def api(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[Any]:
+async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Any]:
     """A full gpufleet app (``create_app``) on the test Redis, lifespan running.
 
     Yields an ``httpx.AsyncClient`` bound to it; ``api.app`` is the FastAPI app and
@@ -114,7 +114,9 @@ async def api(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[Any]:
     from gpufleet.app import create_app
     from gpufleet.settings import load_settings
 
-    settings = load_settings(env_file=None, redis={"url": redis_url})
+    settings = load_settings(
+        env_file=None, redis={"url": redis_url}, results={"dir": tmp_path / "results"}
+    )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         store = app.state.components.extras["apikeys"]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,14 +20,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet import __version__
 from gpufleet.api import build_router
+from gpufleet.api.auth import authenticate
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.errors import StoreError
+from gpufleet.loops import spawn_loop
 from gpufleet.metrics import UP
+from gpufleet.providers import build_providers
+from gpufleet.proxy import ProxyService, build_proxy_router, make_http_client
+from gpufleet.results import DirectoryResultStore
 from gpufleet.settings import Settings
 from gpufleet.store.apikeys import ApiKeyStore
-from gpufleet.store.connection import EmbeddedRedis, connect
+from gpufleet.store.connection import EmbeddedRedis, connect, default_data_dir
 from gpufleet.store.events import EventLog
+from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -51,6 +58,24 @@ def _safe_url(url: str) -> str:
     return url
 
 
+def results_dir(settings: Settings) -> Path:
+    """Where task outputs are copied: ``[results] dir``, else beside the embedded Redis."""
+    if settings.results.dir:
+        return settings.results.dir
+    base = settings.redis.data_dir or default_data_dir()
+    return base.parent / "results" if base.name == "redis" else base / "results"
+
+
+def start_background_loops(components: Components) -> None:
+    """The loops every replica runs. Each is one ``*_once`` coroutine plus a timer."""
+    queue: TaskQueue = components.extras["queue"]
+    settings = components.settings
+    housekeeping_s = max(1.0, min(settings.queue.heartbeat_interval_s, 5.0))
+    components.loops.append(
+        spawn_loop("queue-housekeeping", queue.requeue_expired, housekeeping_s, components.stop)
+    )
+
+
 def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +94,19 @@ def create_app(settings: Settings) -> FastAPI:
                 registry=WorkerRegistry(redis, prefix=prefix),
                 events=EventLog(redis, prefix=prefix),
             )
+            queue = TaskQueue(redis, settings.queue, key_prefix=prefix)
+            stack.push_async_callback(queue.aclose)
+            components.extras["queue"] = queue
+            components.extras["results"] = DirectoryResultStore(results_dir(settings))
+            components.providers = build_providers(settings)
+            for provider in components.providers.values():
+                stack.push_async_callback(provider.aclose)
+            proxy_http = make_http_client(settings.proxy)
+            stack.push_async_callback(proxy_http.aclose)
+            proxy = ProxyService(settings, components.registry, redis, proxy_http)
+            stack.push_async_callback(proxy.aclose)
+            components.extras["proxy_http"] = proxy_http
+            components.extras["proxy"] = proxy
             secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
             components.extras["apikeys"] = await ApiKeyStore.open(redis, secret, prefix=prefix)
             if not settings.auth.enabled:
@@ -78,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
                 )
             app.state.components = components
             stack.push_async_callback(_stop_loops, components)
+            start_background_loops(components)
             UP.set(1)
             stack.callback(UP.set, 0)
             logger.info("gpufleet %s ready with %d pool(s)", __version__, len(settings.pools))
@@ -91,6 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(build_router())
+    app.include_router(build_proxy_router(auth=authenticate))
     app.add_middleware(SecurityHeadersMiddleware)
     if settings.auth.cors_origins:
         app.add_middleware(

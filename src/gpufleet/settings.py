@@ -121,6 +121,117 @@ class ScalingSettings(Section):
     )
 
 
+class WorkersSettings(Section):
+    health_interval_s: float = Field(
+        5.0, gt=0, description="How often every live worker's engine is probed (seconds)."
+    )
+    health_timeout_s: float = Field(
+        5.0, gt=0, description="Timeout of one health probe; a hung probe counts as a failure."
+    )
+    unhealthy_after: int = Field(
+        3,
+        ge=1,
+        description="Consecutive failed probes after which a ready worker leaves 'ready' and "
+        "its running tasks go back to the queue.",
+    )
+    pull_models_on_ready: bool = Field(
+        True,
+        description="Pull a pool's configured models onto an Ollama worker the first time it "
+        "becomes ready (progress goes to the event log).",
+    )
+    dispatch_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="Longest pause between two dispatch passes; a new task wakes the "
+        "dispatcher at once.",
+    )
+
+
+class ProxySettings(Section):
+
+    max_wait_s: float = Field(
+        300.0,
+        gt=0,
+        description="Longest a request waits for a slot (seconds) before 503 + Retry-After. "
+        "300 s covers a cold start of a GPU instance that pulls a cached image; a pool "
+        "may set its own max_wait_s.",
+    )
+    max_waiting: int = Field(
+        512,
+        ge=0,
+        description="Requests one replica holds waiting per pool; the next gets 503 at once "
+        "(Ollama's own OLLAMA_MAX_QUEUE default is 512).",
+    )
+    max_waiting_per_key: int = Field(
+        64,
+        ge=1,
+        description="Waiting requests of one API key per replica; the next gets 429 at once, "
+        "so one client cannot fill the queue.",
+    )
+    load_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="Longest wait for the first byte of a worker's answer (seconds): the "
+        "worker may be loading a large model from disk into VRAM.",
+    )
+    idle_gap_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Longest silence between two chunks once the answer has started "
+        "(seconds); a stalled worker ends the stream with an error line.",
+    )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="TCP connect timeout to a worker (seconds)."
+    )
+    retries: int = Field(
+        2,
+        ge=0,
+        description="Other workers tried when one fails before sending a byte (connection "
+        "refused, 5xx, timeout before the first byte).",
+    )
+    keep_alive_margin_s: float = Field(
+        60.0,
+        ge=0,
+        description="keep_alive sent to Ollama is at least the pool's idle_timeout_s plus "
+        "this, so Ollama never unloads a model from a worker gpufleet still counts as warm.",
+    )
+    keep_alive_max_s: float = Field(
+        24 * 3600.0,
+        gt=0,
+        description="Cap on a client's keep_alive (seconds); negative ('forever') is clamped "
+        "to it. The scaler, not the client, decides how long a GPU stays rented.",
+    )
+    poll_interval_s: float = Field(
+        0.05,
+        gt=0,
+        le=0.1,
+        description="While requests wait, the registry is polled this often for a free slot "
+        "or a newly ready worker (seconds; at most 100 ms).",
+    )
+    worker_cache_ttl_s: float = Field(
+        0.25,
+        ge=0,
+        le=0.25,
+        description="How long the list of workers is reused between requests (seconds). The "
+        "slot itself is always taken atomically in Redis; the cache only orders candidates.",
+    )
+    usage_flush_interval_s: float = Field(
+        1.0, ge=0, description="Per-key usage counters are written to Redis at most this often."
+    )
+    retry_after_s: int = Field(
+        10, ge=1, description="Retry-After (seconds) on 503 when the queue is full."
+    )
+
+
+class ResultsSettings(Section):
+    dir: Path | None = Field(
+        None,
+        description="Directory where task outputs (ComfyUI images, ...) are copied before a task "
+        "succeeds; served at /api/v1/tasks/{id}/outputs/{file}. Default: 'results' beside the "
+        "embedded Redis data, e.g. ~/.local/share/gpufleet/results.",
+    )
+
+
 class NovitaSettings(Section):
     base_url: str = Field(
         "https://api.novita.ai/gpu-instance/openapi/v1", description="Novita GPU instance API."
@@ -204,6 +315,9 @@ class PoolSpec(Section):
     command: str | None = Field(None, description="Container start command (Novita).")
     # surf
     name_filter: str | None = Field(None, description="SURF workspaces whose name contains this.")
+    max_wait_s: float | None = Field(
+        None, gt=0, description="Proxy: longest wait for a slot in this pool; empty: [proxy]."
+    )
     # static
     urls: list[str] = Field(default_factory=list, description="Engine base URLs (static).")
 
@@ -324,6 +438,9 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     queue: QueueSettings = QueueSettings()
     scaling: ScalingSettings = ScalingSettings()
+    workers: WorkersSettings = WorkersSettings()
+    results: ResultsSettings = ResultsSettings()
+    proxy: ProxySettings = ProxySettings()
     auth: AuthSettings = AuthSettings()
     providers: ProvidersSettings = ProvidersSettings()
     pools: list[PoolSpec] = Field(default_factory=list)

@@ -15,6 +15,9 @@ from gpufleet.settings import load_settings
 from gpufleet.store.apikeys import ApiKeyStore
 
 PUBLIC = {
+    "/",  # Ollama clients probe it ("Ollama is running"); browsers go to /ui
+    "",  # the same route, as FastAPI >= 0.165 reports an included router's root
+    "/api/version",
     "/health",
     "/ready",
     "/ui",

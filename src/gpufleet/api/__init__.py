@@ -11,8 +11,8 @@ from fastapi import APIRouter, Depends
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import events, health, keys, pools, ui, workers
-    from gpufleet.api.auth import authenticate
+    from gpufleet.api import events, health, keys, pools, providers, tasks, ui, workers
+    from gpufleet.api.auth import authenticate, require_admin
 
     router = APIRouter()
     router.include_router(health.router)
@@ -22,5 +22,8 @@ def build_router() -> APIRouter:
     protected.include_router(pools.router)
     protected.include_router(keys.router)
     protected.include_router(events.router)
+    protected.include_router(tasks.router)
+    # Creating or deleting cloud instances by hand spends money: admins only.
+    protected.include_router(providers.router, dependencies=[Depends(require_admin)])
     router.include_router(protected)
     return router

@@ -19,13 +19,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.deps import get_components
 from gpufleet.domain import Engine, TaskStatus
 from gpufleet.errors import Forbidden, TaskNotFound
+from gpufleet.results import ResultStore, guess_content_type, safe_name
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import Task, TaskSubmit
 
@@ -154,6 +155,43 @@ async def get_task(
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
     return await _visible(queue, task_id, principal)
+
+
+def get_results(request: Request) -> ResultStore:
+    results = get_components(request).extras.get("results")
+    assert isinstance(results, ResultStore), "create_app builds the result store"
+    return results
+
+
+@router.get("/{task_id}/outputs", summary="The output files gpufleet keeps for a task")
+async def list_outputs(
+    task_id: str = TASK_ID,
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+    results: ResultStore = Depends(get_results),
+) -> dict[str, Any]:
+    await _visible(queue, task_id, principal)
+    return {"outputs": [f.to_dict() for f in await results.list(task_id)]}
+
+
+@router.get(
+    "/{task_id}/outputs/{filename}",
+    summary="Download one output file (copied from the worker before the task succeeded)",
+    response_class=FileResponse,
+)
+async def download_output(
+    task_id: str = TASK_ID,
+    filename: str = Path(max_length=200, description="File name, as listed in the result."),
+    principal: Principal = Depends(authenticate),
+    queue: TaskQueue = Depends(get_queue),
+    results: ResultStore = Depends(get_results),
+) -> FileResponse:
+    await _visible(queue, task_id, principal)
+    try:
+        path = await results.open(task_id, safe_name(filename))
+    except (ValueError, FileNotFoundError) as exc:
+        raise HTTPException(404, f"task {task_id} has no output {filename[:80]!r}") from exc
+    return FileResponse(path, media_type=guess_content_type(filename), filename=filename)
 
 
 @router.post("/{task_id}/cancel", summary="Cancel a queued or running task (409 if finished)")

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
 from gpufleet.domain import WorkerState
@@ -91,7 +91,10 @@ def _tag(name: str) -> dict[str, Any]:
     }
 
 
-async def root() -> PlainTextResponse:
+async def root(request: Request) -> Response:
+    """Ollama clients probe ``/`` for this text; a browser is sent to the status page."""
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/ui", status_code=307)
     return PlainTextResponse("Ollama is running")
 
 
