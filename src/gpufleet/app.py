@@ -88,10 +88,11 @@ def create_app(settings: Settings) -> FastAPI:
             except Exception as exc:
                 raise StoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from exc
             prefix = settings.redis.key_prefix
+            registry = WorkerRegistry(redis, prefix=prefix)
             components = Components(
                 settings=settings,
                 redis=redis,
-                registry=WorkerRegistry(redis, prefix=prefix),
+                registry=registry,
                 events=EventLog(redis, prefix=prefix),
             )
             queue = TaskQueue(redis, settings.queue, key_prefix=prefix)
@@ -103,7 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
                 stack.push_async_callback(provider.aclose)
             proxy_http = make_http_client(settings.proxy)
             stack.push_async_callback(proxy_http.aclose)
-            proxy = ProxyService(settings, components.registry, redis, proxy_http)
+            proxy = ProxyService(settings, registry, redis, proxy_http)
             stack.push_async_callback(proxy.aclose)
             components.extras["proxy_http"] = proxy_http
             components.extras["proxy"] = proxy
