@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import ollama
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from tests.e2e.test_proxy_waiting import (  # noqa: F401  (fixtures)
     FakeOllama,
@@ -123,3 +124,39 @@ async def test_liveness_and_version_like_ollama(fleet: Fleet) -> None:  # noqa: 
     assert root.text == "Ollama is running"
     assert head.status_code == 200
     assert version.json()["version"].count(".") == 2
+
+
+async def test_browsers_asking_for_html_are_sent_to_the_status_page(fleet: Fleet) -> None:  # noqa: F811
+    async with httpx.AsyncClient(base_url=fleet.url) as client:
+        page = await client.get("/", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert page.status_code == 307
+    assert page.headers["location"] == "/ui"
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_proxy_metrics_count_outcomes_latency_and_tokens(warm: Fleet) -> None:
+    model = "llama3.2:latest"  # labels carry the normalized name
+    ok = ("gpufleet_proxy_requests_total", {"model": model, "outcome": "ok"})
+    missing = ("gpufleet_proxy_requests_total", {"model": "other", "outcome": "model_not_served"})
+    ttfb = ("gpufleet_proxy_time_to_first_byte_seconds_count", {"model": model})
+    tokens_out = ("gpufleet_proxy_tokens_total", {"model": model, "direction": "out"})
+    keys = (ok, missing, ttfb, tokens_out)
+    before = {key[0] + str(key[1]): sample(key[0], **key[1]) for key in keys}
+    async with ollama.AsyncClient(host=warm.url, headers=AUTH) as client:
+        await client.chat(model="llama3.2", messages=MESSAGES)
+        with pytest.raises(ollama.ResponseError):
+            await client.chat(model="no-such-model", messages=MESSAGES)
+
+    def delta(key: tuple[str, dict[str, str]]) -> float:
+        return sample(key[0], **key[1]) - before[key[0] + str(key[1])]
+
+    assert delta(ok) == 1
+    assert delta(missing) == 1  # an unknown model never becomes a label of its own
+    assert delta(ttfb) == 1
+    assert delta(tokens_out) == 3
+    text = generate_latest(REGISTRY).decode()
+    assert 'gpufleet_proxy_requests_total{model="llama3.2:latest",outcome="ok"}' in text
+    assert "no-such-model" not in text

@@ -39,6 +39,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
+from gpufleet.metrics import PROXY_DURATION, PROXY_REQUESTS, PROXY_TOKENS, PROXY_TTFB
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
 from gpufleet.routing import normalize_model
@@ -236,6 +237,7 @@ class ProxyService:
         self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
         self.max_body_bytes = settings.server.max_body_bytes
+        self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
 
     def __repr__(self) -> str:
         return f"<ProxyService {self.broker!r}>"
@@ -274,10 +276,32 @@ class ProxyService:
         finally:
             watcher.cancel()
 
+    def _model_label(self, model: str) -> str:
+        """A bounded label value: a model some pool is configured to serve, else "other"."""
+        return model if model in self.served_models else "other"
+
     async def _serve(self, call: Call, send: Send, state: dict[str, bool]) -> None:
+        started = asyncio.get_running_loop().time()
+        outcome = "error"
+        try:
+            outcome = await self._serve_attempts(call, send, state, started)
+        except asyncio.CancelledError:
+            outcome = "client_gone"
+            raise
+        except _Disconnected:
+            outcome = "worker_failed_mid_stream"
+            raise
+        finally:
+            label = self._model_label(call.model)
+            PROXY_REQUESTS.labels(label, outcome).inc()
+            PROXY_DURATION.labels(label).observe(asyncio.get_running_loop().time() - started)
+
+    async def _serve_attempts(
+        self, call: Call, send: Send, state: dict[str, bool], started: float
+    ) -> str:
+        """Serve ``call``; return the outcome label for the metrics."""
         request_id = uuid.uuid4().hex
         exclude: set[str] = set()
-        started = asyncio.get_running_loop().time()
         for attempt in range(self.config.retries + 1):
             try:
                 lease = await self.broker.acquire(
@@ -289,19 +313,19 @@ class ProxyService:
                 )
             except ModelNotServed:
                 await send_error(send, call.flavor, 404, _not_found(call))
-                return
+                return "model_not_served"
             except QueueFull as exc:
                 status = 429 if exc.per_key else 503
                 headers = {"Retry-After": str(exc.retry_after_s)}
                 await send_error(send, call.flavor, status, str(exc), headers)
-                return
+                return "key_queue_full" if exc.per_key else "queue_full"
             except WaitTimeout as exc:
                 headers = {"Retry-After": str(exc.retry_after_s)}
                 await send_error(send, call.flavor, 503, str(exc), headers)
-                return
+                return "wait_timeout"
             last = attempt == self.config.retries
             try:
-                tail = await self._relay(call, lease, send, state, last=last)
+                tail = await self._relay(call, lease, send, state, last=last, started=started)
             except _Retryable as exc:
                 logger.warning(
                     "proxy %s %s: worker %s failed before the first byte (%s); %s",
@@ -314,15 +338,21 @@ class ProxyService:
                 exclude.add(lease.worker.id)
                 if last:
                     await send_error(send, call.flavor, 502, f"worker failed: {exc}")
-                    return
+                    return "worker_failed"
                 continue
             finally:
                 await self.broker.release(lease)
             tokens_in, tokens_out = _tokens(tail)
             elapsed = asyncio.get_running_loop().time() - started
             self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
+            label = self._model_label(call.model)
+            if tokens_in:
+                PROXY_TOKENS.labels(label, "in").inc(tokens_in)
+            if tokens_out:
+                PROXY_TOKENS.labels(label, "out").inc(tokens_out)
             await self.usage.maybe_flush()
-            return
+            return "ok" if state.get("clean", True) else "worker_failed_mid_stream"
+        return "worker_failed"  # not reached: the last attempt returns above
 
     def _upstream_body(self, call: Call, lease: Lease) -> bytes:
         if not call.set_keep_alive:
@@ -335,7 +365,14 @@ class ProxyService:
         return json.dumps(payload, separators=(",", ":")).encode()
 
     async def _relay(
-        self, call: Call, lease: Lease, send: Send, state: dict[str, bool], *, last: bool
+        self,
+        call: Call,
+        lease: Lease,
+        send: Send,
+        state: dict[str, bool],
+        *,
+        last: bool,
+        started: float,
     ) -> bytes:
         """Stream one upstream answer to the client; return its last bytes (for usage).
 
@@ -377,6 +414,7 @@ class ProxyService:
                 if not chunk:
                     continue
                 if not sent:
+                    PROXY_TTFB.labels(self._model_label(call.model)).observe(loop.time() - started)
                     await send(_start(response.status_code, headers))
                     sent = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -417,6 +455,7 @@ class ProxyService:
         if "content-length" in response.headers:
             raise _Disconnected(reason) from exc  # a sized body cannot carry an error line
         state["finished"] = True
+        state["clean"] = False
         line = _stream_error_line(call.flavor, content_type, f"{reason}: {type(exc).__name__}")
         await send({"type": "http.response.body", "body": line, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
