@@ -121,6 +121,14 @@ class ScalingSettings(Section):
     )
 
 
+class LogSettings(Section):
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="Log line format: 'text' (readable) or 'json' (one object per line, with "
+        "task, worker and pool ids as fields, for log collectors).",
+    )
+
+
 class WorkersSettings(Section):
     health_interval_s: float = Field(
         5.0, gt=0, description="How often every live worker's engine is probed (seconds)."
@@ -438,6 +446,7 @@ class Settings(BaseSettings):
     redis: RedisSettings = RedisSettings()
     queue: QueueSettings = QueueSettings()
     scaling: ScalingSettings = ScalingSettings()
+    log: LogSettings = LogSettings()
     workers: WorkersSettings = WorkersSettings()
     results: ResultsSettings = ResultsSettings()
     proxy: ProxySettings = ProxySettings()
