@@ -78,7 +78,7 @@ def _serve(settings: Settings) -> None:
     from gpufleet.app import create_app
     from gpufleet.logs import configure_logging
 
-    configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level, settings.log.format)
     uvicorn.run(
         create_app(settings),
         host=settings.server.host,
@@ -95,9 +95,44 @@ def serve(config: ConfigOption = None, host: HostOption = None, port: PortOption
 
 
 @app.command()
-def demo(config: ConfigOption = None, host: HostOption = None, port: PortOption = None) -> None:
-    """Run gpufleet with an embedded Redis, ready to try on one machine."""
-    _serve(_load(config, host=host, port=port))
+def demo(
+    host: Annotated[str, typer.Option(help="Interface gpufleet listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of gpufleet's API and proxy.")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Embedded Redis and task outputs (default: <data dir>/gpufleet/demo)."),
+    ] = None,
+    fast: Annotated[
+        bool, typer.Option("--fast", help="Sub-second boots and a 5 s idle timeout.")
+    ] = False,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="No API keys (lets the ollama CLI in).")
+    ] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run gpufleet against simulated Novita and SURF clouds on this machine; prints a
+    cheat sheet with a fresh admin key. Ctrl-C stops everything."""
+    from gpufleet.demo import DemoOptions
+    from gpufleet.demo import main as run_demo
+
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter("debug, info, warning or error", param_hint="--log-level")
+    options = DemoOptions(
+        host=host, port=port, data_dir=data_dir, fast=fast, auth=not no_auth, log_level=log_level
+    )
+    raise typer.Exit(run_demo(options))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def simulate(ctx: typer.Context) -> None:
+    """Replay demand traces through the scaling policy and compare it with other scalers
+    (report + chart). Options are python -m gpufleet.scaling.simulate's; see --help."""
+    from gpufleet.scaling.simulate import main as run_simulation
+
+    raise typer.Exit(run_simulation(list(ctx.args)) or 0)
 
 
 @config_app.command("show")

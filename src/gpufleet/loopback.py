@@ -21,9 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 logger = logging.getLogger(__name__)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -36,16 +36,30 @@ class _QuietServer(uvicorn.Server):
 
 
 class LoopbackServer:
-    """uvicorn on 127.0.0.1 as a task of the current loop; ``url`` once started."""
+    """uvicorn on a loopback address as a task of the current loop; ``url`` once started.
 
-    def __init__(self, app: ASGIApp, *, port: int | None = None, name: str = "server") -> None:
+    ``host`` defaults to 127.0.0.1; the demo binds simulated SURF workspaces to
+    127.0.0.2, 127.0.0.3, ... (Linux routes all of 127.0.0.0/8 to ``lo``) so that each
+    gets its own address with the same port, as real VMs do.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        port: int | None = None,
+        name: str = "server",
+        host: str = "127.0.0.1",
+        timeout_graceful_shutdown_s: int = 2,
+    ) -> None:
         self.app = app
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self.name = name
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
-            timeout_graceful_shutdown=2,
+            app, host=host, port=self.port, log_level="warning", lifespan="on",
+            timeout_graceful_shutdown=timeout_graceful_shutdown_s,
         )
         self.server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
