@@ -45,6 +45,7 @@ from gpufleet.errors import (
     TaskConflict,
     TaskNotFound,
 )
+from gpufleet.metrics import TASKS_SUBMITTED
 from gpufleet.settings import QueueSettings
 from gpufleet.store.keys import Keys
 from gpufleet.tasks import (
@@ -65,6 +66,8 @@ SCRIPTS = (
     "heartbeat",
     "ack",
     "fail",
+    "release",
+    "progress",
     "cancel",
     "requeue_expired",
     "stats",
@@ -230,6 +233,7 @@ class TaskQueue:
                 task_id=stored_id,
             )
         logger.debug("task %s queued (%s, priority %s)", task_id, spec.kind, spec.priority)
+        TASKS_SUBMITTED.labels(spec.kind.value).inc()
         stamp = float(f"{now:.6f}")
         return Task(
             id=task_id,
@@ -364,6 +368,39 @@ class TaskQueue:
         )
         logger.info("task %s attempt failed (%s): %s", task_id, outcome, body.get("message", ""))
         return outcome
+
+    async def release(
+        self,
+        task_id: str,
+        token: str,
+        error: str | Mapping[str, Any],
+        *,
+        refund_attempt: bool = False,
+    ) -> str:
+        """Hand a leased task back to its queue at once (no backoff), keeping its place.
+
+        For work that stopped through no fault of the task: its worker left ``ready``, or
+        the dispatcher is shutting down (``refund_attempt=True``: the attempt is not
+        counted). ``error`` is recorded in ``Task.errors`` like a failed attempt's.
+        Answers ``requeued``, ``failed`` (no attempts left), ``cancelled`` or ``lost``.
+        """
+        body = {"message": error} if isinstance(error, str) else dict(error)
+        outcome = _s(
+            await self._run(
+                "release",
+                task_id,
+                token,
+                json.dumps(body, separators=(",", ":"), default=str),
+                "1" if refund_attempt else "0",
+                str(self.settings.result_ttl_s),
+            )
+        )
+        logger.info("task %s handed back (%s): %s", task_id, outcome, body.get("message", ""))
+        return outcome
+
+    async def progress(self, task_id: str, token: str, detail: str) -> bool:
+        """Append a progress note to a running task's events (only its lease holder may)."""
+        return bool(await self._run("progress", task_id, token, detail))
 
     async def requeue_expired(self, limit: int = 1000) -> RequeueReport:
         """Housekeeping for a periodic loop: expired leases, due retries, old results."""
