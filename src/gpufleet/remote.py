@@ -314,6 +314,105 @@ def tasks_cancel(task_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = ""
     console.print(f"{task['id']} {_badge(task['status'])}")
 
 
+INSTANCE_COLORS = {
+    "running": "green",
+    "pending": "dark_orange",
+    "booting": "dark_orange",
+    "stopping": "dark_orange",
+    "stopped": "red",
+    "paused": "red",
+    "failed": "red",
+    "deleted": "grey50",
+}
+
+
+def _money(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) else ""
+
+
+def instances_table(provider: str, items: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{provider} instances")
+    table.add_column("name", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    for column in ("id", "provider status", "gpu", "$/h", "url", "error"):
+        table.add_column(column, overflow="fold")
+    for i in items:
+        state = str(i.get("state", ""))
+        table.add_row(
+            str(i.get("name", "")),
+            f"[{INSTANCE_COLORS.get(state, 'white')}]{state}[/]",
+            str(i.get("id", "")),
+            str(i.get("provider_status", "")),
+            str(i.get("gpu_name", "")),
+            _money(i.get("price_per_hour")),
+            str(i.get("base_url") or ""),
+            str(i.get("last_error") or ""),
+        )
+    return table
+
+
+def instances(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: JsonOption = False,
+    provider: Annotated[
+        str | None,
+        typer.Option(help="novita, surf or static (default: every provider a pool uses)."),
+    ] = None,
+    pool: Annotated[str | None, typer.Option(help="Only this pool's instances.")] = None,
+) -> None:
+    """gpufleet's instances as the clouds list them (admin), including ones the fleet
+    does not know (yet): what you would see in the providers' consoles."""
+    remote = Remote(url, key)
+    if provider is not None:
+        providers = [provider]
+    elif pool is not None:
+        providers = [remote.call("GET", f"/api/v1/pools/{pool}")["provider"]]
+    else:
+        pools = remote.call("GET", "/api/v1/pools")
+        providers = list(dict.fromkeys(p["provider"] for p in pools))
+    params = {"pool": pool} if pool else {}
+    found = {
+        name: remote.call("GET", f"/api/v1/providers/{name}/instances", params=params)[
+            "instances"
+        ]
+        for name in providers
+    }
+    if as_json:
+        _emit_json(found)
+        return
+    if not found:
+        console.print("no pools are configured, so no provider to ask")
+    for name, items in found.items():
+        console.print(instances_table(name, items))
+
+
+def products(
+    url: UrlOption = DEFAULT_URL, key: KeyOption = "", as_json: JsonOption = False
+) -> None:
+    """Novita's GPU products with price and availability (admin): pick a pool's product_id."""
+    found = Remote(url, key).call("GET", "/api/v1/providers/novita/products")["products"]
+    if as_json:
+        _emit_json(found)
+        return
+    table = Table(title="novita products ($ per GPU-hour)")
+    table.add_column("product_id", no_wrap=True)
+    for column in ("name", "on demand", "spot", "available", "inventory", "regions"):
+        table.add_column(column)
+    for p in sorted(found, key=lambda p: (p.get("price_per_hour") or 0, p.get("id", ""))):
+        available = bool(p.get("available"))
+        table.add_row(
+            str(p.get("id", "")),
+            str(p.get("name", "")),
+            _money(p.get("price_per_hour")),
+            _money(p.get("spot_price_per_hour")),
+            "[green]yes[/]" if available else "[red]no[/]",
+            str(p.get("inventory_state", "")),
+            ", ".join(p.get("regions") or []),
+        )
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     """Add the remote commands to the ``gpufleet`` typer app."""
     tasks_app = typer.Typer(help="Submit and follow tasks.", no_args_is_help=True)
@@ -323,6 +422,8 @@ def register(app: typer.Typer) -> None:
     app.command()(status)
     app.command()(workers)
     app.command()(events)
+    app.command()(instances)
+    app.command()(products)
     endpoints_app.command("export")(endpoints_export)
     tasks_app.command("submit")(tasks_submit)
     tasks_app.command("get")(tasks_get)
