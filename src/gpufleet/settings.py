@@ -63,8 +63,17 @@ class ServerSettings(Section):
     max_body_bytes: int = Field(
         10 * 1024 * 1024,
         ge=1024,
-        description="Largest request body accepted (bytes); larger bodies get 413. 10 MiB "
-        "holds any ComfyUI API graph with inline base64 images of normal size.",
+        description="Largest body of gpufleet's own REST API (bytes; task submissions, "
+        "ComfyUI graphs); larger bodies get 413. 10 MiB holds any ComfyUI API graph with "
+        "inline base64 images of normal size.",
+    )
+    max_proxy_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of an Ollama/OpenAI proxy request (bytes); larger bodies get "
+        "413 before any worker is asked. A waiting request holds its body in memory, so this "
+        "times [proxy] max_waiting bounds the memory of a full queue; 16 MiB fits chat "
+        "requests with a few base64 images.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of gpufleet's own loggers."

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 
 from gpufleet.api.deps import get_components
@@ -57,7 +58,20 @@ def get_key_store(request: Request) -> ApiKeyStore:
     return store
 
 
-async def authenticate(request: Request) -> Principal:
+# Declared so /docs and the OpenAPI document show how to authenticate (and an
+# "Authorize" button); ``authenticate`` reads the headers itself, so it also works when
+# the proxy calls it with just the request.
+BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="The API key, as an alternative header."
+)
+
+
+async def authenticate(
+    request: Request,
+    _bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
+    _header: str | None = Security(API_KEY_HEADER),
+) -> Principal:
     cached = getattr(request.state, "principal", None)
     if isinstance(cached, Principal):
         return cached

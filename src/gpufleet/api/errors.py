@@ -131,3 +131,129 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    document_errors(app)
+
+
+# -- the error answers, in the OpenAPI document ---------------------------------------------
+
+ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Error": {
+        "title": "Error",
+        "description": "gpufleet's error answer.",
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "fields": {
+                        "type": "array",
+                        "description": "Validation errors only: one entry per bad field.",
+                        "items": {
+                            "type": "object",
+                            "required": ["field", "message"],
+                            "properties": {
+                                "field": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "OllamaError": {
+        "title": "OllamaError",
+        "description": "An error as Ollama answers it.",
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "string"}},
+    },
+    "OpenAIError": {
+        "title": "OpenAIError",
+        "description": "An error as the OpenAI API answers it.",
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+}
+_DESCRIPTIONS = {
+    "401": "Missing, invalid or revoked API key.",
+    "403": "This key may not do this (admin only, or above the key's limits).",
+    "404": "No such resource (another key's task is not found either).",
+    "422": "The request does not validate; each bad field is named.",
+    "429": "Over the key's rate limit; see Retry-After.",
+    "503": "Redis cannot be asked (limits fail closed), or a dependency is unavailable.",
+}
+
+
+def _error_schema_name(path: str) -> str:
+    if path.startswith("/api/") and not path.startswith("/api/v1/"):
+        return "OllamaError"
+    if path.startswith("/v1/"):
+        return "OpenAIError"
+    return "Error"
+
+
+def add_error_responses(schema: dict[str, Any]) -> dict[str, Any]:
+    """Document every error answer the handlers above give, in place.
+
+    Operations behind a key (they carry ``security``) can answer 401, 403, 429 and 503;
+    those with path parameters 404; those with parameters or a body 422. Every error
+    response, including ones a router declares itself, gets the shape of its API
+    (``Error``, ``OllamaError`` or ``OpenAIError``) instead of FastAPI's
+    ``HTTPValidationError``, which gpufleet never sends.
+    """
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(ERROR_SCHEMAS)
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path, operations in schema.get("paths", {}).items():
+        ref = {"$ref": f"#/components/schemas/{_error_schema_name(path)}"}
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses: dict[str, Any] = operation["responses"]
+            codes: list[str] = []
+            if operation.get("security"):
+                codes += ["401", "403", "429", "503"]
+            params = operation.get("parameters", [])
+            if any(p.get("in") == "path" for p in params):
+                codes.append("404")
+            if params or "requestBody" in operation:
+                codes.append("422")
+            for code in codes:
+                responses.setdefault(code, {"description": _DESCRIPTIONS[code]})
+            for code, response in responses.items():
+                if code[:1] in "45" and code != "default":
+                    response.setdefault("description", _DESCRIPTIONS.get(code, "Error."))
+                    if code in _DESCRIPTIONS and response["description"] == "Validation Error":
+                        response["description"] = _DESCRIPTIONS[code]
+                    response["content"] = {"application/json": {"schema": ref}}
+    return schema
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make ``app.openapi()`` describe the error answers (see ``add_error_responses``)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_error_responses(build())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

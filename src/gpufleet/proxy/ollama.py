@@ -24,10 +24,12 @@ from starlette.routing import Route
 from gpufleet.domain import WorkerState
 from gpufleet.proxy.streaming import (
     Authenticator,
+    ClientGone,
     ForwardEndpoint,
     ProxyService,
     get_service,
     model_of,
+    read_body,
 )
 from gpufleet.routing import normalize_model, pick_worker, pools_serving
 
@@ -128,10 +130,32 @@ async def ps(request: Request) -> JSONResponse:
     return JSONResponse({"models": loaded})
 
 
+SHOW_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model"],
+                    "properties": {"model": {"type": "string"}, "verbose": {"type": "boolean"}},
+                }
+            }
+        },
+    }
+}
+
+
 async def show(request: Request) -> Response:
     service = get_service(request.app)
     try:
-        payload = json.loads(await request.body() or b"null")
+        raw = await read_body(request.receive, service.max_body_bytes)
+    except ClientGone:
+        return Response(status_code=499)
+    if raw is None:
+        return JSONResponse({"error": "request body too large"}, status_code=413)
+    try:
+        payload = json.loads(raw or b"null")
     except ValueError:
         return JSONResponse({"error": "invalid JSON body"}, status_code=400)
     model = model_of(payload) if isinstance(payload, dict) else ""
@@ -179,10 +203,23 @@ def build_ollama_router(auth: Authenticator | None = None) -> APIRouter:
     router = APIRouter(tags=["ollama"])
     hidden: dict[str, Any] = {"include_in_schema": False}
     router.add_api_route("/", root, methods=["GET", "HEAD"], **hidden)
-    router.add_api_route("/api/version", version, methods=["GET", "HEAD"])
-    router.add_api_route("/api/tags", tags, methods=["GET", "HEAD"], dependencies=deps)
+    router.add_api_route("/api/version", version, methods=["GET"])
+    router.add_api_route("/api/tags", tags, methods=["GET"], dependencies=deps)
+    # HEAD apart and out of the schema: one route with both methods gives two operations
+    # the same operationId.
+    router.add_api_route("/api/version", version, methods=["HEAD"], **hidden)
+    router.add_api_route("/api/tags", tags, methods=["HEAD"], dependencies=deps, **hidden)
     router.add_api_route("/api/ps", ps, methods=["GET"], dependencies=deps)
-    router.add_api_route("/api/show", show, methods=["POST"], dependencies=deps)
+    router.add_api_route(
+        "/api/show",
+        show,
+        methods=["POST"],
+        dependencies=deps,
+        openapi_extra=SHOW_OPENAPI,
+        responses={400: {"description": "No JSON body or no model."},
+                   404: {"description": "No pool serves this model."},
+                   413: {"description": "Body larger than [server] max_proxy_body_bytes."}},
+    )
     for path, method in MANAGEMENT.items():
         router.add_api_route(path, management, methods=[method], dependencies=deps, **hidden)
     for path in FORWARDED:

@@ -236,7 +236,7 @@ class ProxyService:
         self.pools = {p.name: p for p in settings.pools}
         self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
-        self.max_body_bytes = settings.server.max_body_bytes
+        self.max_body_bytes = settings.server.max_proxy_body_bytes
         self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
 
     def __repr__(self) -> str:
