@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,7 +24,9 @@ from gpufleet.api import build_router
 from gpufleet.api.auth import authenticate
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
+from gpufleet.dispatch import Dispatcher
 from gpufleet.errors import StoreError
+from gpufleet.health_checker import HealthChecker, register_static_workers
 from gpufleet.loops import spawn_loop
 from gpufleet.metrics import UP
 from gpufleet.providers import build_providers
@@ -74,6 +77,16 @@ def start_background_loops(components: Components) -> None:
     components.loops.append(
         spawn_loop("queue-housekeeping", queue.requeue_expired, housekeeping_s, components.stop)
     )
+    health: HealthChecker = components.extras["health_checker"]
+    components.loops.append(
+        spawn_loop("health", health.check_once, settings.workers.health_interval_s,
+                   components.stop)
+    )
+    dispatcher: Dispatcher = components.extras["dispatcher"]
+    components.loops.append(
+        spawn_loop("dispatch", dispatcher.dispatch_once, settings.workers.dispatch_interval_s,
+                   components.stop, wake=dispatcher.wake)
+    )
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -108,6 +121,24 @@ def create_app(settings: Settings) -> FastAPI:
             stack.push_async_callback(proxy.aclose)
             components.extras["proxy_http"] = proxy_http
             components.extras["proxy"] = proxy
+            # Engines (health probes, queued runs) share one client; per-call timeouts are
+            # the engines' own. No pool cap: worker slots bound the concurrency.
+            engine_http = httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                trust_env=False,
+            )
+            stack.push_async_callback(engine_http.aclose)
+            dispatcher = Dispatcher(settings, registry, queue, engine_http,
+                                    results=components.extras["results"])
+            # Runs before the HTTP client, the queue and Redis close (the stack is LIFO), and
+            # after the loops stop (pushed later): leases of unfinished tasks are handed back.
+            stack.push_async_callback(dispatcher.aclose)
+            health = HealthChecker(settings, registry, engine_http, events=components.events,
+                                   on_change=dispatcher.wake.set)
+            stack.push_async_callback(health.aclose)
+            components.extras["dispatcher"] = dispatcher
+            components.extras["health_checker"] = health
+            await register_static_workers(settings, registry, components.events)
             secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
             components.extras["apikeys"] = await ApiKeyStore.open(redis, secret, prefix=prefix)
             if not settings.auth.enabled:
