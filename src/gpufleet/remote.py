@@ -289,7 +289,7 @@ def tasks_list(
     if status:
         params["status"] = status
     page = Remote(url, key).call("GET", "/api/v1/tasks", params=params)
-    items = page.get("items", page) if isinstance(page, dict) else page
+    items = page.get("tasks", []) if isinstance(page, dict) else page
     if as_json:
         _emit_json(items)
         return
