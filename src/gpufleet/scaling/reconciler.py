@@ -157,6 +157,7 @@ class _Observed:
     instances: dict[tuple[str, str], Instance]
     workers: dict[str, Worker]
     down: set[str]  # providers whose list failed / are backed off this tick
+    backed_off: set[str] = field(default_factory=set)  # pools backed off during this apply
 
 
 class Reconciler:
@@ -506,31 +507,47 @@ class Reconciler:
         fenced = False
         for action in actions:
             spec = seen.specs.get(action.pool)
+            gated = self._gate(action, spec, seen)
             if fenced:
                 result = Outcome(action, "refused", "not the leader any more")
-            elif isinstance(action, Hold):
-                result = Outcome(action, "hold", action.code)
-            elif spec is None or spec.provider is ProviderKind.static:
-                result = Outcome(
-                    action, "skipped", "static pools are managed by the health checker"
-                )
-            elif spec.provider.value in seen.down and not isinstance(action, Drain | MarkFailed):
-                result = Outcome(action, "deferred", f"{spec.provider.value} is not answering")
+            elif gated is not None:
+                result = gated
             else:
                 try:
-                    result = await self._apply_one(action, spec, seen, views)
+                    if spec is None:
+                        assert isinstance(action, Delete)
+                        result = await self._delete_stray(action, seen)
+                    else:
+                        result = await self._apply_one(action, spec, seen, views)
                 except Fenced as exc:
                     fenced = True
                     result = Outcome(action, "refused", str(exc))
                 except errors.ProviderError as exc:
                     result = Outcome(action, "error", _why(exc))
-                    await self._after_error(action, spec, exc, seen)
+                    if spec is not None:
+                        await self._after_error(action, spec, exc, seen)
                 except Exception as exc:
                     logger.exception("reconciler: %s failed", _name(action))
                     result = Outcome(action, "error", _why(exc))
             outcomes.append(result)
             await self._record(result)
         return outcomes
+
+    def _gate(self, action: Action, spec: PoolSpec | None, seen: _Observed) -> Outcome | None:
+        """The outcome of an action that must not reach a provider this tick, else None."""
+        if isinstance(action, Hold):
+            return Outcome(action, "hold", action.code)
+        if spec is None:
+            if isinstance(action, Delete) and not action.worker_id:
+                return None  # an orphan of a pool no longer configured
+            return Outcome(action, "skipped", "no such pool")
+        if spec.provider is ProviderKind.static:
+            return Outcome(action, "skipped", "static pools are managed by the health checker")
+        if spec.provider.value in seen.down and not isinstance(action, Drain | MarkFailed):
+            return Outcome(action, "deferred", f"{spec.provider.value} is not answering")
+        if isinstance(action, Create | Start | Resume) and action.pool in seen.backed_off:
+            return Outcome(action, "hold", "backoff: the pool was backed off this tick")
+        return None
 
     async def _after_error(
         self, action: Action, spec: PoolSpec, exc: errors.ProviderError, seen: _Observed
@@ -541,6 +558,7 @@ class Reconciler:
             await self.pool_state.back_off(
                 spec.name, _why(exc), base_s=policy.BACKOFF_BASE_S, cap_s=policy.BACKOFF_MAX_S
             )
+            seen.backed_off.add(spec.name)
         elif isinstance(exc, errors.RateLimited | errors.ProviderUnavailable | errors.AuthFailed):
             kind = spec.provider.value
             failures, _ = self._provider_down.get(kind, (0, 0.0))
@@ -570,7 +588,10 @@ class Reconciler:
         if worker is None:
             return Outcome(action, "skipped", "worker is not in the registry", action.worker_id)
         if isinstance(action, MarkFailed):
-            return await self._mark_failed(action, spec, worker)
+            outcome = await self._mark_failed(action, spec, worker)
+            if outcome.outcome == "ok":
+                seen.backed_off.add(spec.name)
+            return outcome
         if isinstance(action, Drain):
             await self._fence()
             if await self.registry.transition(worker.id, WS.draining, action.reason):
@@ -671,6 +692,19 @@ class Reconciler:
         else:
             ORPHANS.labels(spec.provider.value, "deleted").inc()
         return Outcome(action, "ok", detail, action.worker_id, instance_id)
+
+    async def _delete_stray(self, action: Delete, seen: _Observed) -> Outcome:
+        """An instance with our prefix that names no configured pool (a pool since removed)."""
+        kind = next((k for (k, i) in seen.instances if i == action.instance_id), "")
+        provider = self.providers.get(kind)
+        if provider is None or kind in seen.down:
+            return Outcome(action, "deferred", f"{kind or 'its provider'} is not answering")
+        if Capability.delete not in provider.capabilities:
+            return Outcome(action, "skipped", f"{kind} instances are never deleted")
+        await self._fence()
+        await provider.delete(action.instance_id)
+        ORPHANS.labels(kind, "deleted").inc()
+        return Outcome(action, "ok", "instance deleted", "", action.instance_id)
 
     # -- recording -------------------------------------------------------------------------------
 
