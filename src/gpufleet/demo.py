@@ -512,6 +512,10 @@ def main(options: DemoOptions) -> int:
     from gpufleet.logs import configure_logging
 
     configure_logging(options.log_level)
+    if options.log_level == "info":
+        # Every reconcile tick lists both clouds: at info that drowns the scale decisions,
+        # which the reconciler logs itself. --log-level debug shows every provider call.
+        logging.getLogger("gpufleet.providers.base").setLevel(logging.WARNING)
     try:
         asyncio.run(run(options, out=lambda text: print(text, flush=True)))
     except DemoError as exc:
