@@ -32,10 +32,12 @@ from gpufleet.metrics import UP
 from gpufleet.providers import build_providers
 from gpufleet.proxy import ProxyService, build_proxy_router, make_http_client
 from gpufleet.results import DirectoryResultStore
+from gpufleet.scaling.reconciler import Reconciler
 from gpufleet.settings import Settings
 from gpufleet.store.apikeys import ApiKeyStore
 from gpufleet.store.connection import EmbeddedRedis, connect, default_data_dir
 from gpufleet.store.events import EventLog
+from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
 
@@ -87,6 +89,9 @@ def start_background_loops(components: Components) -> None:
         spawn_loop("dispatch", dispatcher.dispatch_once, settings.workers.dispatch_interval_s,
                    components.stop, wake=dispatcher.wake)
     )
+    reconciler: Reconciler | None = components.extras.get("reconciler")
+    if reconciler is not None:  # every [scaling] interval_s, and at once on {prefix}:wake
+        components.loops.append(reconciler.spawn(components.stop))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -139,6 +144,21 @@ def create_app(settings: Settings) -> FastAPI:
             components.extras["dispatcher"] = dispatcher
             components.extras["health_checker"] = health
             await register_static_workers(settings, registry, components.events)
+            # The reconciler acts only while this replica holds the leader lock; its loop
+            # releases the lock when it stops, so another replica takes over at once.
+            reconciler = Reconciler(
+                settings,
+                redis,
+                registry=registry,
+                events=components.events,
+                providers=components.providers,
+                queue=queue,
+                pool_state=PoolStateStore(redis, prefix=prefix),
+            )
+            components.extras["pool_state"] = reconciler.pool_state
+            components.extras["reconciler"] = reconciler
+            components.extras["wake"] = reconciler.wake
+            components.extras["demand"] = reconciler.demand_for
             secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
             components.extras["apikeys"] = await ApiKeyStore.open(redis, secret, prefix=prefix)
             if not settings.auth.enabled:

@@ -167,7 +167,7 @@ class Reconciler:
         redis: aioredis.Redis,
         *,
         registry: WorkerRegistry,
-        events: EventLog,
+        events: EventLog | None,
         providers: Mapping[str, Provider],
         queue: TaskQueue | None = None,
         pool_state: PoolStateStore | None = None,
@@ -179,7 +179,7 @@ class Reconciler:
         self.settings = settings
         self.redis = redis
         self.registry = registry
-        self.events = events
+        self.events = events or EventLog(redis, prefix=settings.redis.key_prefix, clock=clock)
         self.providers = dict(providers)
         self.queue = queue
         self.clock = clock
