@@ -334,20 +334,25 @@ def instances_table(provider: str, items: list[dict[str, Any]]) -> Table:
     table = Table(title=f"{provider} instances")
     table.add_column("name", no_wrap=True)
     table.add_column("state", no_wrap=True)
-    for column in ("id", "provider status", "gpu", "$/h", "url", "error"):
+    for column in ("id", "gpu", "$/h", "url"):
         table.add_column(column, overflow="fold")
+    errors = any(i.get("last_error") for i in items)
+    if errors:
+        table.add_column("error", overflow="fold")
     for i in items:
-        state = str(i.get("state", ""))
-        table.add_row(
+        state, raw = str(i.get("state", "")), str(i.get("provider_status") or "")
+        shown = f"[{INSTANCE_COLORS.get(state, 'white')}]{state}[/]"
+        if raw and raw != state:
+            shown += f" ({raw})"  # the cloud's own word: pulling, resuming, exited...
+        row = [
             str(i.get("name", "")),
-            f"[{INSTANCE_COLORS.get(state, 'white')}]{state}[/]",
+            shown,
             str(i.get("id", "")),
-            str(i.get("provider_status", "")),
             str(i.get("gpu_name", "")),
             _money(i.get("price_per_hour")),
             str(i.get("base_url") or ""),
-            str(i.get("last_error") or ""),
-        )
+        ]
+        table.add_row(*row, *([str(i.get("last_error") or "")] if errors else []))
     return table
 
 
