@@ -42,6 +42,8 @@ from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
+# How long shutdown lets background loops finish their current tick before cancelling them.
+LOOP_STOP_GRACE_S = 5.0
 
 
 async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
@@ -225,6 +227,10 @@ class SecurityHeadersMiddleware:
 
 async def _stop_loops(components: Components) -> None:
     components.stop.set()
-    for task in components.loops:
-        task.cancel()
+    # Each loop ends by itself once its tick returns; cancel only those that do not within
+    # the grace period (cancelling a redis-py 8.1 call in flight can hang the caller).
+    if components.loops:
+        _, pending = await asyncio.wait(components.loops, timeout=LOOP_STOP_GRACE_S)
+        for task in pending:
+            task.cancel()
     await asyncio.gather(*components.loops, return_exceptions=True)

@@ -76,6 +76,9 @@ RECORDED_EVENTS = frozenset(
     {"queued", "started", "executing", "progress", "output", "polling", "finished"}
 )
 LISTEN_RETRY_MAX_S = 5.0
+NOTES_FLUSH_S = 2.0
+# The wake/cancel listener reads with this timeout so that it notices shutdown by itself.
+LISTEN_POLL_S = 0.5
 
 
 @dataclass(eq=False)
@@ -91,6 +94,12 @@ class _Run:
     task: asyncio.Task[None] | None = None
     handback: asyncio.Task[None] | None = None
     progress_marks: dict[str, int] = field(default_factory=dict)
+    # Progress notes wait here for ``_write_notes``: the engine's own task never awaits
+    # Redis, so stopping it (cancel, hand-back) never interrupts a Redis call.
+    notes: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    # Set when the run ends: its keeper and note writer stop by themselves. They are never
+    # cancelled, because cancelling a redis-py (8.1) call in flight can hang the caller.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def task_id(self) -> str:
@@ -126,6 +135,7 @@ class Dispatcher:
         self._runs: dict[str, _Run] = {}
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._closing = False
 
     def __repr__(self) -> str:
@@ -235,6 +245,7 @@ class Dispatcher:
     async def _drive(self, run: _Run) -> None:
         loop = asyncio.get_running_loop()
         keeper = asyncio.create_task(self._keep(run), name=f"keep-{run.task_id}")
+        writer = asyncio.create_task(self._write_notes(run), name=f"notes-{run.task_id}")
         timeout_s = run.lease.task.timeout_s
         timer = loop.call_later(timeout_s, self._stop_run, run, TIMEOUT) if timeout_s else None
         t0 = loop.time()
@@ -247,9 +258,9 @@ class Dispatcher:
         finally:
             if timer is not None:
                 timer.cancel()
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            run.done.set()
+            run.notes.put_nowait(None)
+            await asyncio.gather(keeper, writer, return_exceptions=True)
             TASK_RUN.labels(run.lease.task.kind.value).observe(loop.time() - t0)
             await self._release_slot(run.worker.id, run.slot)
             self._runs.pop(run.task_id, None)
@@ -283,6 +294,7 @@ class Dispatcher:
             if is_cancelled(result):
                 await self._stopped(run)
             else:
+                await self._flush_notes(run)
                 await self._ack(run, result)
 
     async def _ack(self, run: _Run, result: dict[str, Any]) -> None:
@@ -365,8 +377,9 @@ class Dispatcher:
         """Heartbeat the lease and renew the slot until the run ends."""
         interval = min(self.settings.queue.heartbeat_interval_s, self.registry.slot_ttl_s / 3)
         while True:
-            await asyncio.sleep(interval)
-            if run.stop in (HANDBACK, SHUTDOWN, LOST):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.done.wait(), interval)
+            if run.done.is_set() or run.stop in (HANDBACK, SHUTDOWN, LOST):
                 return
             try:
                 outcome = await self.queue.heartbeat(run.task_id, run.lease.token)
@@ -394,8 +407,24 @@ class Dispatcher:
                 if run.progress_marks.get(node) == tenth:
                     return
                 run.progress_marks[node] = tenth
-        detail = json.dumps(event, separators=(",", ":"), default=str)
-        await self.queue.progress(run.task_id, run.lease.token, detail)
+        run.notes.put_nowait(json.dumps(event, separators=(",", ":"), default=str))
+
+    async def _write_notes(self, run: _Run) -> None:
+        while True:
+            detail = await run.notes.get()
+            if detail is None:
+                return
+            try:
+                await self.queue.progress(run.task_id, run.lease.token, detail)
+            except Exception as exc:  # a lost note is a gap in the timeline, nothing more
+                logger.debug("task %s: progress note lost (%s)", run.task_id, exc)
+            finally:
+                run.notes.task_done()
+
+    async def _flush_notes(self, run: _Run) -> None:
+        """Let the last notes land before the final event (bounded: they are only notes)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(run.notes.join(), NOTES_FLUSH_S)
 
     async def _release_slot(self, worker_id: str, token: str) -> None:
         try:
@@ -447,14 +476,17 @@ class Dispatcher:
         keys = self.queue.keys
         redis: aioredis.Redis = self.queue.redis
         backoff_s = 0.1
-        while True:
+        while not self._stopping.is_set():
             pubsub = redis.pubsub()
             try:
                 await pubsub.subscribe(keys.wake(), keys.cancel_channel())
                 self._listening.set()
                 backoff_s = 0.1
-                async for message in pubsub.listen():
-                    if message["type"] != "message":
+                while not self._stopping.is_set():
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
+                    )
+                    if message is None or message["type"] != "message":
                         continue
                     channel, data = _text(message["channel"]), _text(message["data"])
                     if channel == keys.cancel_channel():
@@ -467,12 +499,15 @@ class Dispatcher:
                         self.wake.set()
             except RedisError as exc:
                 self._listening.clear()
+                if self._stopping.is_set():
+                    return
                 logger.warning("dispatcher: wake/cancel subscription lost (%s); reconnecting",
                                exc)
             finally:
                 with contextlib.suppress(RedisError, RuntimeError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(backoff_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), backoff_s)
             backoff_s = min(LISTEN_RETRY_MAX_S, backoff_s * 2)
 
     # -- shutdown ------------------------------------------------------------------------
@@ -480,10 +515,14 @@ class Dispatcher:
     async def aclose(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop taking work; stop every run and hand its lease back (attempt refunded)."""
         self._closing = True
+        self._stopping.set()
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            # The listener polls and sees ``_stopping`` within LISTEN_POLL_S; cancelling a read
+            # in flight instead can hang (redis-py 8.1), so that is only the last resort.
+            _, pending = await asyncio.wait([self._listener], timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
             self._listener = None
         runs = list(self._runs.values())
         for run in runs:

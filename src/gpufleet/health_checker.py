@@ -118,10 +118,12 @@ class HealthChecker:
         }
 
     async def aclose(self) -> None:
-        """Cancel probes still running (a model pull) at shutdown."""
+        """Let running probes end, then cancel what is left (a model pull) at shutdown."""
         tasks = list(self._probes.values())
-        for task in tasks:
-            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.timeout_s + WAIT_MARGIN_S)
+            for task in pending:
+                task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._probes.clear()
 
