@@ -148,7 +148,8 @@ async def test_comfyui_task_succeeds_with_outputs_copied_and_progress_in_events(
     [output] = done.result["outputs"]
     assert output["content_type"] == "image/png"
     stored = await fleet.results.get(task.id, output["filename"])
-    assert stored.startswith(b"\x89PNG") and len(stored) == output["size"]
+    assert stored.startswith(b"\x89PNG")
+    assert len(stored) == output["size"]
     details = [e.detail async for e in fleet.queue.events(task.id) if e is not None]
     kinds = [json.loads(d)["type"] for d in details if d.startswith("{")]
     assert {"queued", "executing", "progress", "output"} <= set(kinds)
@@ -249,7 +250,8 @@ async def test_worker_leaving_ready_hands_its_task_back(fleet: Fleet) -> None:
 
     await fleet.add("c1", "comfy", SimulatedComfyUI())
     [done] = await fleet.run_until_finished([task.id])
-    assert done.status is TaskStatus.succeeded and done.worker == "c1"
+    assert done.status is TaskStatus.succeeded
+    assert done.worker == "c1"
 
 
 async def test_draining_worker_finishes_its_task_and_takes_no_new_one(fleet: Fleet) -> None:
@@ -279,7 +281,8 @@ async def test_timeout_stops_the_attempt_and_retries(fleet: Fleet) -> None:
     [done] = await fleet.run_until_finished([task.id])
 
     assert done.status is TaskStatus.failed
-    assert done.error is not None and done.error["code"] == "timeout"
+    assert done.error is not None
+    assert done.error["code"] == "timeout"
     assert ("POST", "/interrupt") in sim.recorder.requests
 
 
