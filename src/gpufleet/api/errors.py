@@ -192,6 +192,7 @@ ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
     },
 }
 _DESCRIPTIONS = {
+    "400": "The body cannot be read as JSON.",
     "401": "Missing, invalid or revoked API key.",
     "403": "This key may not do this (admin only, or above the key's limits).",
     "404": "No such resource (another key's task is not found either).",
@@ -213,7 +214,8 @@ def add_error_responses(schema: dict[str, Any]) -> dict[str, Any]:
     """Document every error answer the handlers above give, in place.
 
     Operations behind a key (they carry ``security``) can answer 401, 403, 429 and 503;
-    those with path parameters 404; those with parameters or a body 422. Every error
+    those with path parameters 404; those with a body 400 (not JSON at all); those
+    with parameters or a body 422. Every error
     response, including ones a router declares itself, gets the shape of its API
     (``Error``, ``OllamaError`` or ``OpenAIError``) instead of FastAPI's
     ``HTTPValidationError``, which gpufleet never sends.
@@ -225,26 +227,32 @@ def add_error_responses(schema: dict[str, Any]) -> dict[str, Any]:
     for path, operations in schema.get("paths", {}).items():
         ref = {"$ref": f"#/components/schemas/{_error_schema_name(path)}"}
         for operation in operations.values():
-            if not isinstance(operation, dict) or "responses" not in operation:
-                continue
-            responses: dict[str, Any] = operation["responses"]
-            codes: list[str] = []
-            if operation.get("security"):
-                codes += ["401", "403", "429", "503"]
-            params = operation.get("parameters", [])
-            if any(p.get("in") == "path" for p in params):
-                codes.append("404")
-            if params or "requestBody" in operation:
-                codes.append("422")
-            for code in codes:
-                responses.setdefault(code, {"description": _DESCRIPTIONS[code]})
-            for code, response in responses.items():
-                if code[:1] in "45" and code != "default":
-                    response.setdefault("description", _DESCRIPTIONS.get(code, "Error."))
-                    if code in _DESCRIPTIONS and response["description"] == "Validation Error":
-                        response["description"] = _DESCRIPTIONS[code]
-                    response["content"] = {"application/json": {"schema": ref}}
+            if isinstance(operation, dict) and "responses" in operation:
+                _document_operation(operation, ref)
     return schema
+
+
+def _document_operation(operation: dict[str, Any], ref: dict[str, str]) -> None:
+    responses: dict[str, Any] = operation["responses"]
+    codes: list[str] = []
+    if operation.get("security"):
+        codes += ["401", "403", "429", "503"]
+    params = operation.get("parameters", [])
+    if any(p.get("in") == "path" for p in params):
+        codes.append("404")
+    if "requestBody" in operation:
+        codes.append("400")
+    if params or "requestBody" in operation:
+        codes.append("422")
+    for code in codes:
+        responses.setdefault(code, {"description": _DESCRIPTIONS[code]})
+    for code, response in responses.items():
+        if code[:1] not in "45":
+            continue
+        if code in _DESCRIPTIONS and response.get("description") in (None, "Validation Error"):
+            response["description"] = _DESCRIPTIONS[code]
+        response.setdefault("description", "Error.")
+        response["content"] = {"application/json": {"schema": ref}}
 
 
 def document_errors(app: FastAPI) -> None:

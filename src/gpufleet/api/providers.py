@@ -21,7 +21,16 @@ from gpufleet import errors
 from gpufleet.api.deps import get_components
 from gpufleet.providers.base import ACTIONS, Capability, Instance, Product, Provider
 
-router = APIRouter(prefix="/api/v1/providers", tags=["providers"])
+router = APIRouter(
+    prefix="/api/v1/providers",
+    tags=["providers"],
+    responses={
+        404: {"description": "No such provider configured, or no such instance."},
+        405: {"description": "The provider cannot do this (e.g. pause on Novita)."},
+        409: {"description": "The instance's state or the account forbids it now."},
+        502: {"description": "The cloud answered with an error gpufleet cannot use."},
+    },
+)
 
 STATUS_BY_ERROR: list[tuple[type[errors.ProviderError], int]] = [
     (errors.NotFound, 404),

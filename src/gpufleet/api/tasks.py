@@ -93,6 +93,11 @@ def _check_submit(request: Request, spec: TaskSubmit, principal: Principal) -> N
     "",
     status_code=202,
     summary="Queue a ComfyUI graph or an Ollama request",
+    responses={
+        409: {"description": "The idempotency key was used for a different request."},
+        413: {"description": "Body larger than [server] max_body_bytes; nothing stored."},
+        429: {"description": "Over the key's rate limit or its max_queued tasks."},
+    },
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -194,7 +199,11 @@ async def download_output(
     return FileResponse(path, media_type=guess_content_type(filename), filename=filename)
 
 
-@router.post("/{task_id}/cancel", summary="Cancel a queued or running task (409 if finished)")
+@router.post(
+    "/{task_id}/cancel",
+    summary="Cancel a queued or running task (409 if finished)",
+    responses={409: {"description": "The task has already finished."}},
+)
 async def cancel_task(
     task_id: str = TASK_ID,
     principal: Principal = Depends(authenticate),

@@ -1,0 +1,281 @@
+"""Hardening of the whole app (``create_app`` on a real Redis): body limits, addresses.
+
+- ``[server] max_body_bytes`` bounds the REST API (ComfyUI graphs), ``max_proxy_body_bytes``
+  the Ollama/OpenAI proxy; each answers 413 on its own, and a rejected request writes
+  nothing to Redis and reaches no worker.
+- No caller can make gpufleet contact an address it chose: the proxy sends a request
+  only to a registered worker, whatever the Host header, forwarding headers or body
+  fields name; a task payload full of URLs is stored and queued, never fetched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from starlette.types import Receive, Scope, Send
+
+from gpufleet.app import create_app
+from gpufleet.domain import WorkerState
+from gpufleet.settings import load_settings
+from tests.servers import serve
+
+REST_LIMIT = 4096
+PROXY_LIMIT = 8192
+POOLS = [
+    {
+        "name": "llm",
+        "provider": "simulated",
+        "engine": "ollama",
+        "slots": 2,
+        "max_workers": 1,
+        "models": ["llama3.2"],
+    }
+]
+
+
+@dataclass
+class Recorder:
+    """A tiny Ollama stand-in that records the requests it gets."""
+
+    name: str
+    record_gets: bool = False
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        # A worker's GETs are gpufleet's health probes (/api/version); a decoy records all.
+        if scope["method"] == "POST" or self.record_gets:
+            self.seen.append({"path": scope["path"], "headers": headers, "body": body})
+        if scope["path"] == "/api/show":
+            answer: dict[str, Any] = {"modelfile": "", "details": {}, "served_by": self.name}
+        elif scope["path"].startswith("/v1/"):
+            answer = {"id": "x", "object": "chat.completion", "choices": [], "served_by": self.name}
+        else:
+            answer = {"model": "llama3.2", "done": True, "served_by": self.name,
+                      "message": {"role": "assistant", "content": "hi"}}
+        data = json.dumps(answer).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+@dataclass
+class Live:
+    client: httpx.AsyncClient
+    app: Any
+    worker: Recorder
+    decoy: Recorder
+    decoy_url: str
+
+
+@pytest.fixture
+async def live(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Live]:
+    settings = load_settings(
+        env_file=None,
+        redis={"url": redis_url},
+        results={"dir": tmp_path / "results"},
+        server={"max_body_bytes": REST_LIMIT, "max_proxy_body_bytes": PROXY_LIMIT},
+        pools=POOLS,
+    )
+    app = create_app(settings)
+    worker, decoy = Recorder("worker"), Recorder("decoy", record_gets=True)
+    async with contextlib.AsyncExitStack() as stack:
+        worker_url = await stack.enter_async_context(serve(worker, name="worker"))
+        decoy_url = await stack.enter_async_context(serve(decoy, name="decoy"))
+        url = await stack.enter_async_context(serve(app, name="gpufleet"))
+        components = app.state.components
+        _, key = await components.extras["apikeys"].create("user", role="user")
+        await components.registry.register(
+            pool="llm", provider="simulated", slots=2, state=WorkerState.ready,
+            worker_id="llm-w1", base_url=worker_url, engine="ollama",
+            models_loaded=("llama3.2",), models_present=("llama3.2",),
+        )
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(base_url=url, timeout=30,
+                              headers={"Authorization": f"Bearer {key}"})
+        )
+        yield Live(client, app, worker, decoy, decoy_url)
+
+
+# Written by the background loops on their own clock (leader lock, spend accounting).
+BACKGROUND_KEYS = ("gpufleet:scaling:", "gpufleet:leader", "gpufleet:events")
+# Worker fields the health checker and the spend accounting update.
+BACKGROUND_FIELDS = re.compile(r"cost|spend|accounted|billed|health|probe|checked|models|version")
+
+
+async def snapshot(redis: aioredis.Redis) -> dict[str, str]:
+    """Every key a request could write, with its value (to prove nothing was written)."""
+    out = {}
+    async for name in redis.scan_iter("*"):
+        if name.startswith(BACKGROUND_KEYS):
+            continue
+        kind = await redis.type(name)
+        value: Any
+        if kind == "string":
+            value = await redis.get(name)
+        elif kind == "hash":
+            fields = await redis.hgetall(name)
+            value = sorted((k, v) for k, v in fields.items() if not BACKGROUND_FIELDS.search(k))
+        elif kind == "zset":
+            value = await redis.zrange(name, 0, -1, withscores=True)
+        elif kind == "set":
+            value = sorted(await redis.smembers(name))
+        elif kind == "list":
+            value = await redis.lrange(name, 0, -1)
+        else:
+            value = await redis.xlen(name) if kind == "stream" else None
+        out[name] = f"{kind}:{value}"
+    return out
+
+
+def chat_body(size: int = 0, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": "llama3.2",
+        "messages": [{"role": "user", "content": "x" * size}],
+        "stream": False,
+        **extra,
+    }
+
+
+# -- body limits -------------------------------------------------------------------------
+
+
+async def test_rest_and_proxy_body_limits_are_separate(live: Live, redis: aioredis.Redis) -> None:
+    """A body between the two limits is too large for the REST API, fine for the proxy."""
+    between = (REST_LIMIT + PROXY_LIMIT) // 2
+    graph = {"1": {"class_type": "CLIPTextEncode", "inputs": {"text": "a" * between}}}
+    before = await snapshot(redis)
+    rest = await live.client.post("/api/v1/tasks", json={"payload": graph})
+    assert rest.status_code == 413, rest.text
+    assert rest.json()["error"]["code"] == "payload_too_large"
+    assert await snapshot(redis) == before
+
+    proxied = await live.client.post("/api/chat", json=chat_body(between))
+    assert proxied.status_code == 200, proxied.text
+    assert proxied.json()["served_by"] == "worker"
+
+
+@pytest.mark.parametrize(
+    ("path", "shape"),
+    [
+        ("/api/chat", "ollama"),
+        ("/api/generate", "ollama"),
+        ("/api/embed", "ollama"),
+        ("/api/show", "ollama"),
+        ("/v1/chat/completions", "openai"),
+        ("/v1/embeddings", "openai"),
+    ],
+)
+async def test_proxy_body_over_its_limit_is_413_and_touches_nothing(
+    live: Live, redis: aioredis.Redis, path: str, shape: str
+) -> None:
+    before = await snapshot(redis)
+    answer = await live.client.post(path, json=chat_body(PROXY_LIMIT + 1))
+    assert answer.status_code == 413, answer.text
+    error = answer.json()["error"]
+    assert "too large" in (error if shape == "ollama" else error["message"])
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it streams
+        for _ in range(PROXY_LIMIT // 1000 + 2):
+            yield b" " * 1000
+        yield json.dumps(chat_body()).encode()
+
+    streamed = await live.client.post(path, content=chunks(),
+                                      headers={"content-type": "application/json"})
+    assert streamed.status_code == 413
+    assert live.worker.seen == []
+    assert await snapshot(redis) == before
+
+
+async def test_rest_body_over_its_limit_is_413_streamed_too(
+    live: Live, redis: aioredis.Redis
+) -> None:
+    before = await snapshot(redis)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(REST_LIMIT // 1000 + 2):
+            yield b" " * 1000
+        yield json.dumps({"payload": {"1": {"class_type": "X", "inputs": {}}}}).encode()
+
+    answer = await live.client.post("/api/v1/tasks", content=chunks(),
+                                    headers={"content-type": "application/json"})
+    assert answer.status_code == 413
+    assert await snapshot(redis) == before
+
+
+# -- no caller-chosen addresses ----------------------------------------------------------
+
+
+def lures(target: str) -> dict[str, Any]:
+    """Every field a caller might hope gpufleet reads as an address."""
+    host = target.removeprefix("http://")
+    return {
+        "host": target, "url": target, "base_url": target, "endpoint": target,
+        "worker": target, "upstream": target, "server": target,
+        "options": {"host": target, "base_url": target},
+        "images": [target + "/cat.png"],
+        "headers": {"Host": host},
+    }
+
+
+def lure_headers(target: str) -> dict[str, str]:
+    host = target.removeprefix("http://")
+    return {
+        "Host": host,
+        "X-Forwarded-Host": host,
+        "X-Forwarded-For": "127.0.0.1",
+        "Forwarded": f"host={host};proto=http",
+        "X-Original-URL": target + "/api/chat",
+        "X-Gpufleet-Worker": "decoy",
+    }
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/api/generate", "/v1/chat/completions",
+                                  "/api/show"])
+async def test_the_proxy_only_contacts_registered_workers(live: Live, path: str) -> None:
+    body = chat_body(**lures(live.decoy_url))
+    answer = await live.client.post(path, json=body, headers=lure_headers(live.decoy_url))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["served_by"] == "worker"
+    assert live.decoy.seen == []
+    (request,) = live.worker.seen
+    assert request["path"] == path
+    assert request["headers"]["host"] != live.decoy_url.removeprefix("http://")
+    # Caller headers are not passed upstream: no forwarding headers, no caller key.
+    sent = {k.lower() for k in request["headers"]}
+    assert not sent & {"x-forwarded-host", "forwarded", "x-original-url", "authorization"}
+
+
+async def test_task_payload_urls_are_queued_never_fetched(live: Live) -> None:
+    graph = {
+        "1": {"class_type": "LoadImageFromUrl", "inputs": {"url": live.decoy_url + "/a.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0],
+                                                     "filename_prefix": live.decoy_url}},
+    }
+    answer = await live.client.post(
+        "/api/v1/tasks", json={"payload": graph}, headers=lure_headers(live.decoy_url)
+    )
+    assert answer.status_code == 202, answer.text
+    task = (await live.client.get(f"/api/v1/tasks/{answer.json()['id']}")).json()
+    assert task["payload"] == graph  # kept as given, for the worker to interpret
+    ollama = {"kind": "ollama", "payload": {"api": "chat", "body": chat_body(
+        **lures(live.decoy_url))}}
+    assert (await live.client.post("/api/v1/tasks", json=ollama)).status_code == 202
+    assert live.decoy.seen == []
