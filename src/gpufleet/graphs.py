@@ -23,22 +23,31 @@ def graph_problems(graph: Any) -> list[str]:
         return [f"payload: {len(graph)} nodes is more than {MAX_NODES}"]
     problems: list[str] = []
     for node_id, node in graph.items():
-        where = f"payload.{node_id}"
-        if not isinstance(node, dict):
-            problems.append(f"{where}: a node must be an object")
+        problems += _node_problems(graph, f"payload.{node_id}", node)
+    return problems
+
+
+def _node_problems(graph: dict[Any, Any], where: str, node: Any) -> list[str]:
+    if not isinstance(node, dict):
+        return [f"{where}: a node must be an object"]
+    problems: list[str] = []
+    class_type = node.get("class_type")
+    if not isinstance(class_type, str) or not class_type.strip():
+        problems.append(f"{where}.class_type: required, a non-empty string")
+    if "inputs" not in node:
+        return [*problems, f"{where}.inputs: required, an object (may be empty)"]
+    inputs = node["inputs"]
+    if not isinstance(inputs, dict):
+        return [*problems, f"{where}.inputs: must be an object"]
+    for name, value in inputs.items():
+        if not _is_link(value):
             continue
-        class_type = node.get("class_type")
-        if not isinstance(class_type, str) or not class_type.strip():
-            problems.append(f"{where}.class_type: required, a non-empty string")
-        inputs = node.get("inputs", {})
-        if not isinstance(inputs, dict):
-            problems.append(f"{where}.inputs: must be an object")
-            continue
-        for name, value in inputs.items():
-            if _is_link(value) and str(value[0]) not in graph:
-                problems.append(
-                    f"{where}.inputs.{name}: links to node {value[0]!r}, which is not in the graph"
-                )
+        if str(value[0]) not in graph:
+            problems.append(
+                f"{where}.inputs.{name}: links to node {value[0]!r}, which is not in the graph"
+            )
+        elif value[1] < 0:
+            problems.append(f"{where}.inputs.{name}: output index {value[1]} is negative")
     return problems
 
 

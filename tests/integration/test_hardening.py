@@ -279,3 +279,31 @@ async def test_task_payload_urls_are_queued_never_fetched(live: Live) -> None:
         **lures(live.decoy_url))}}
     assert (await live.client.post("/api/v1/tasks", json=ollama)).status_code == 202
     assert live.decoy.seen == []
+
+
+# -- ComfyUI graph shape, before anything is queued ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("graph", "named"),
+    [
+        ({"7": {"class_type": "SaveImage"}}, "payload.7.inputs"),
+        ({"7": {"inputs": {}}}, "payload.7.class_type"),
+        ({"7": {"class_type": "SaveImage", "inputs": {"images": ["8", 0]}}},
+         "payload.7.inputs.images: links to node '8'"),
+        ({}, "no nodes"),
+        ({"7": "SaveImage"}, "payload.7: a node must be an object"),
+    ],
+)
+async def test_bad_graph_is_422_naming_the_node_and_writes_nothing(
+    live: Live, redis: aioredis.Redis, graph: dict[str, Any], named: str
+) -> None:
+    before = await snapshot(redis)
+    answer = await live.client.post("/api/v1/tasks", json={"payload": graph})
+    assert answer.status_code == 422, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "validation_error"
+    assert named in error["message"]
+    assert await snapshot(redis) == before
+    not_a_graph = await live.client.post("/api/v1/tasks", json={"payload": ["7"]})
+    assert not_a_graph.status_code == 422
