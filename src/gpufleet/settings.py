@@ -17,8 +17,10 @@ and raises ``ConfigError``. Secrets are ``SecretStr`` and print as ``**********`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -44,6 +46,8 @@ from pydantic_settings import (
 
 from gpufleet.domain import Engine, ProviderKind
 from gpufleet.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_ENGINE_PORTS = {Engine.comfyui: 8188, Engine.ollama: 11434}
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -100,6 +104,10 @@ class RedisSettings(Section):
         description="AOF fsync policy of the embedded redis-server. 'always' makes 'accepted "
         "(202) means on disk' true; 'everysec' can lose the last second on power loss.",
     )
+
+    def __repr_args__(self) -> Any:  # the URL may carry a password: never print it
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "url" and isinstance(value, str) else value
 
 
 class QueueSettings(Section):
@@ -566,15 +574,92 @@ def load_settings(
     token_path = _config_path.set(config_path)
     token_env = _env_file.set(env_file)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_problems(exc)) from None
     finally:
         _config_path.reset(token_path)
         _env_file.reset(token_env)
+    for path in insecure_secret_files(config_path, env_file):
+        logger.warning(
+            "%s holds secrets and is readable by group or others: run 'chmod 600 %s'",
+            path,
+            path,
+        )
+    return settings
+
+
+# Keys whose values are secrets, in config.toml (any table) and in .env files.
+SECRET_TOML_KEYS = {"api_key", "api_token", "csrf_token", "secret", "metrics_token"}
+SECRET_ENV = re.compile(
+    r"^(NOVITA_API_KEY|CLOUD_API_TOKEN|CLOUD_CSRF_TOKEN|GPUFLEET_AUTH__SECRET|"
+    r"GPUFLEET_AUTH__METRICS_TOKEN|GPUFLEET_PROVIDERS__\w+__(API_KEY|API_TOKEN|CSRF_TOKEN))$"
+)
+_URL_PASSWORD = re.compile(r"^[a-z+]+://[^/@\s]*:[^/@\s]+@")
+
+
+def _toml_has_secret(data: Any) -> bool:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in SECRET_TOML_KEYS and value:
+                return True
+            if key == "url" and isinstance(value, str) and _URL_PASSWORD.match(value):
+                return True
+            if _toml_has_secret(value):
+                return True
+    if isinstance(data, list):
+        return any(_toml_has_secret(item) for item in data)
+    return False
+
+
+def _env_has_secret(path: Path) -> bool:
+    for name, value in dotenv_values(path).items():
+        if not value:
+            continue
+        if SECRET_ENV.match(name):
+            return True
+        if name in {"REDIS_URL", "GPUFLEET_REDIS__URL"} and _URL_PASSWORD.match(value):
+            return True
+    return False
+
+
+def insecure_secret_files(config_path: Path | None, env_file: Path | None) -> list[Path]:
+    """Config and ``.env`` files that hold secrets yet are readable by group or others.
+
+    Secrets belong in files only the service's user can read (mode 0600); each file
+    returned here deserves a ``chmod 600``. Unreadable or absent files are skipped.
+    """
+    found: list[Path] = []
+    for path, has_secret in ((config_path, "toml"), (env_file, "env")):
+        if path is None or not path.is_file():
+            continue
+        try:
+            if not path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                continue
+            if has_secret == "toml":
+                secret = _toml_has_secret(tomllib.loads(path.read_text()))
+            else:
+                secret = _env_has_secret(path)
+        except (OSError, ValueError):
+            continue
+        if secret:
+            found.append(path)
+    return found
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
     """The validated settings as plain data, every secret shown as ``**********``."""
     data: dict[str, Any] = settings.model_dump(mode="json")
+    data["redis"]["url"] = redact_url(data["redis"]["url"])
     return data
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (or a lone token in the user part) shown as ``**********``."""
+    match = re.match(r"^([a-z][a-z0-9+.-]*://)([^/@\s]*)@(.*)$", url, re.IGNORECASE | re.DOTALL)
+    if not match:
+        return url
+    scheme, userinfo, rest = match.groups()
+    user, sep, _ = userinfo.partition(":")
+    masked = f"{user}:**********" if sep else "**********"
+    return f"{scheme}{masked}@{rest}"
