@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -307,3 +308,73 @@ async def test_bad_graph_is_422_naming_the_node_and_writes_nothing(
     assert await snapshot(redis) == before
     not_a_graph = await live.client.post("/api/v1/tasks", json={"payload": ["7"]})
     assert not_a_graph.status_code == 422
+
+
+# -- max_concurrent across two replicas on one Redis ---------------------------------------
+
+
+@dataclass
+class Held:
+    """An Ollama stand-in that holds every chat until released."""
+
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    arrived: int = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        if scope["method"] == "POST":
+            self.arrived += 1
+            await self.release.wait()
+        data = json.dumps({"model": "llama3.2", "done": True, "version": "0.12.0"}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
+
+
+async def test_max_concurrent_is_exact_across_two_replicas(
+    redis_url: str, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    def replica() -> Any:
+        return create_app(load_settings(env_file=None, redis={"url": redis_url},
+                                        results={"dir": tmp_path / "r"}, pools=POOLS))
+
+    held = Held()
+    async with contextlib.AsyncExitStack() as stack:
+        worker_url = await stack.enter_async_context(serve(held, name="held"))
+        apps = [replica(), replica()]
+        urls = [await stack.enter_async_context(serve(a, name=f"r{i}"))
+                for i, a in enumerate(apps)]
+        components = apps[0].state.components
+        _, key = await components.extras["apikeys"].create("c", max_concurrent=2)
+        await components.registry.register(
+            pool="llm", provider="simulated", slots=8, state=WorkerState.ready,
+            worker_id="llm-w1", base_url=worker_url, engine="ollama",
+            models_loaded=("llama3.2",), models_present=("llama3.2",),
+        )
+        headers = {"Authorization": f"Bearer {key}"}
+        clients = [await stack.enter_async_context(
+            httpx.AsyncClient(base_url=u, timeout=30, headers=headers)) for u in urls]
+        first = [asyncio.create_task(c.post("/api/chat", json=chat_body())) for c in clients]
+        for _ in range(500):  # both replicas hold one request each at the worker
+            if held.arrived == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert held.arrived == 2
+        for client in clients:  # a third, on either replica, is over the limit
+            over = await client.post("/api/chat", json=chat_body())
+            assert over.status_code == 429, over.text
+            assert over.headers["retry-after"] == "1"
+        held.release.set()
+        assert [(await t).status_code for t in first] == [200, 200]
+        (stored,) = [k for k in await components.extras["apikeys"].list_keys() if k.name == "c"]
+        places = f"gpufleet:concurrent:{stored.id}"
+        for _ in range(500):  # given back just after the last byte went out
+            if await redis.zcard(places) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await redis.zcard(places) == 0
+        again = await clients[1].post("/api/chat", json=chat_body())
+        assert again.status_code == 200

@@ -556,6 +556,7 @@ class ForwardEndpoint:
             await send_error(send, self.flavor, 413, "request body too large")
             return
         owner = "anonymous"
+        principal: Any = None
         if self.auth is not None:
             principal = await self.auth(Request(scope, receive))
             owner = getattr(principal, "owner", None) or owner
@@ -581,4 +582,21 @@ class ForwardEndpoint:
             priority=_priority(scope),
             set_keep_alive=self.set_keep_alive,
         )
-        await service.forward(call, scope, receive, send)
+        # The key's max_concurrent, exact across replicas: a place in a Redis ZSET (Lua),
+        # held for the whole request; a replica that dies frees it after the TTL.
+        key = getattr(principal, "key", None) if self.auth is not None else None
+        limiter = scope["app"].state.components.extras.get("apikeys") if key else None
+        limit = getattr(key, "max_concurrent", None)
+        if limiter is None or not limit:
+            await service.forward(call, scope, receive, send)
+            return
+        token = uuid.uuid4().hex
+        ttl_s = max(600.0, service.config.max_wait_s + service.config.load_timeout_s)
+        if not await limiter.enter(key, token, ttl_s=ttl_s):
+            message = f"this key already has {limit} requests in flight"
+            await send_error(send, self.flavor, 429, message, {"Retry-After": "1"})
+            return
+        try:
+            await service.forward(call, scope, receive, send)
+        finally:
+            await limiter.leave(key, token)
