@@ -24,6 +24,7 @@ from gpufleet.api import build_router
 from gpufleet.api.auth import authenticate
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
+from gpufleet.api.request_metrics import RequestMetricsMiddleware
 from gpufleet.dispatch import Dispatcher
 from gpufleet.errors import StoreError
 from gpufleet.health_checker import HealthChecker, register_static_workers
@@ -186,6 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(build_router())
     app.include_router(build_proxy_router(auth=authenticate))
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(RequestMetricsMiddleware)
     if settings.auth.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,8 +31,15 @@ POOLS = [
 
 
 @pytest.fixture
-async def live(redis_url: str, redis: Any) -> AsyncIterator[tuple[str, str, Any]]:
-    app = create_app(load_settings(env_file=None, redis={"url": redis_url}, pools=POOLS))
+async def live(redis_url: str, redis: Any, tmp_path: Path) -> AsyncIterator[tuple[str, str, Any]]:
+    app = create_app(
+        load_settings(
+            env_file=None,
+            redis={"url": redis_url},
+            results={"dir": tmp_path / "results"},
+            pools=POOLS,
+        )
+    )
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
     components = app.state.components
@@ -48,15 +56,10 @@ async def invoke(*args: str) -> Result:
 
 async def test_status_workers_endpoints_events(live: tuple[str, str, Any]) -> None:
     url, key, components = live
-    await components.registry.register(
-        pool="llm",
-        provider="static",
-        slots=4,
-        worker_id="llm-1",
-        state=WorkerState.ready,
-        base_url="http://h:1",
-        models_present=["llama3.1:8b"],
-    )
+    # The static pool's URL was registered at startup as worker llm-0 (booting); the
+    # health checker cannot reach http://h:1, so bring it up by hand.
+    assert await components.registry.transition("llm-0", WorkerState.ready)
+    await components.registry.update("llm-0", models_present=["llama3.1:8b"])
     await components.events.emit("scale", pool="llm", action="Adopt", reason="static url")
     auth = ["--url", url, "--key", key]
 
@@ -64,9 +67,9 @@ async def test_status_workers_endpoints_events(live: tuple[str, str, Any]) -> No
     assert status.exit_code == 0, status.output
     data = json.loads(status.output)
     assert data["pools"][0]["name"] == "llm"
-    assert data["workers"][0]["id"] == "llm-1"
+    assert data["workers"][0]["id"] == "llm-0"
     table = await invoke("status", *auth)
-    assert "llm-1" in table.output
+    assert "llm-0" in table.output
     assert "ready" in table.output
 
     workers = json.loads((await invoke("workers", *auth, "--json")).output)
@@ -74,7 +77,7 @@ async def test_status_workers_endpoints_events(live: tuple[str, str, Any]) -> No
 
     endpoints = json.loads((await invoke("endpoints", "export", *auth)).output)
     assert endpoints == {
-        "llm": [{"worker": "llm-1", "url": "http://h:1", "slots": 4, "models": ["llama3.1:8b"]}]
+        "llm": [{"worker": "llm-0", "url": "http://h:1", "slots": 4, "models": ["llama3.1:8b"]}]
     }
 
     events = await invoke("events", *auth)

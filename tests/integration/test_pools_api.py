@@ -52,15 +52,9 @@ async def client(redis_url: str, redis: Any) -> AsyncIterator[httpx.AsyncClient]
 
 async def test_list_and_describe(client: Any) -> None:
     registry = client.components.registry
-    await registry.register(
-        pool="comfy",
-        provider="static",
-        slots=1,
-        worker_id="c1",
-        state=WorkerState.ready,
-        price_per_hour=0.5,
-    )
-    await registry.acquire_slot("c1")
+    # The static URL was registered at startup as comfy-0 (booting); bring it up by hand.
+    assert await registry.transition("comfy-0", WorkerState.ready)
+    await registry.acquire_slot("comfy-0")
     pools = (await client.get("/api/v1/pools")).json()
     assert [p["name"] for p in pools] == ["comfy", "llm"]
     comfy = pools[0]
