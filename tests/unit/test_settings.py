@@ -189,7 +189,10 @@ def test_example_config_is_valid_and_documents_every_key(monkeypatch: pytest.Mon
     text = example.read_text()
     sections = {name: field.annotation for name, field in Settings.model_fields.items()}
     assert "pools" in sections
-    for section in ("server", "log", "redis", "queue", "scaling", "workers", "results", "proxy", "auth"):
+    sections_documented = (
+        "server", "log", "redis", "queue", "scaling", "workers", "results", "proxy", "auth"
+    )
+    for section in sections_documented:
         model = type(getattr(s, section))
         for key in model.model_fields:
             assert f"{key} =" in text or f"# {key} =" in text, (
