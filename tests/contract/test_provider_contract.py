@@ -118,17 +118,43 @@ def _static(clock: FakeClock) -> Harness:
     return Harness(provider, STATIC_POOL, clock, lambda: {"home-0", "home-1"})
 
 
-@pytest.fixture(params=[_novita, _surf, _static], ids=["novita", "surf", "static"])
+MAKERS: dict[str, Callable[[FakeClock], Harness]] = {
+    "novita": _novita,
+    "surf": _surf,
+    "static": _static,
+}
+# What each provider can do (and whether it has credentials / makes HTTP calls), read
+# once from a throw-away harness so tests run only where they apply, never skipped.
+TRAITS: dict[str, set[str]] = {}
+for _name, _make in MAKERS.items():
+    _probe = _make(FakeClock())
+    TRAITS[_name] = {str(c) for c in _probe.provider.capabilities}
+    if _probe.wrong_credentials is not None:
+        TRAITS[_name].add("credentials")
+    if _probe.faults is not None:
+        TRAITS[_name].add("calls")
+
+
+def needs(*traits: str) -> pytest.MarkDecorator:
+    """Run the test only with the providers that have every one of ``traits``."""
+    return pytest.mark.needs(*traits)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "h" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("needs")
+    wanted = set(marker.args) if marker else set()
+    names = [n for n in MAKERS if wanted <= TRAITS[n]]
+    assert names, f"no provider has {wanted}"
+    metafunc.parametrize("h", names, indirect=True)
+
+
+@pytest.fixture
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    harness: Harness = request.param(FakeClock())
+    harness = MAKERS[request.param](FakeClock())
     yield harness
     await harness.provider.aclose()
-
-
-def needs(h: Harness, *caps: Capability) -> None:
-    missing = [c for c in caps if c not in h.provider.capabilities]
-    if missing:
-        pytest.skip(f"{h.provider.name} has no {', '.join(missing)}")
 
 
 async def test_list_shows_exactly_the_cloud_s_own_instances(h: Harness) -> None:
@@ -165,8 +191,8 @@ async def test_unsupported_operations_say_so(h: Harness) -> None:
             await call(*args)
 
 
+@needs("create", "delete")
 async def test_create_then_delete(h: Harness) -> None:
-    needs(h, Capability.create, Capability.delete)
     inst = await h.provider.create(h.pool, f"{h.pool.name}-round-trip")
     assert inst.id in h.cloud_ids()
     assert inst.name.endswith("round-trip")
@@ -179,8 +205,8 @@ async def test_create_then_delete(h: Harness) -> None:
     await h.provider.delete("0000000000000000")  # never existed: fine
 
 
+@needs("stop", "start")
 async def test_stop_then_start(h: Harness) -> None:
-    needs(h, Capability.stop, Capability.start)
     instance_id = await h.live_instance()
     await h.provider.stop(instance_id)
     with pytest.raises(errors.InvalidState):
@@ -198,8 +224,8 @@ async def test_stop_then_start(h: Harness) -> None:
     assert not caught.value.transient
 
 
+@needs("pause", "resume")
 async def test_pause_then_resume(h: Harness) -> None:
-    needs(h, Capability.pause, Capability.resume)
     instance_id = await h.live_instance()
     await h.provider.pause(instance_id)
     await h.settle()
@@ -219,18 +245,18 @@ async def test_actions_on_unknown_instance_are_not_found(h: Harness) -> None:
             await getattr(h.provider, str(cap))("00000000-0000-4000-8000-000000000000")
 
 
+@needs("credentials")
 async def test_wrong_credentials_are_auth_failed(h: Harness) -> None:
-    if h.wrong_credentials is None:
-        pytest.skip(f"{h.provider.name} has no credentials")
+    assert h.wrong_credentials is not None
     bad = h.wrong_credentials()
     with pytest.raises(errors.AuthFailed):
         await bad.list(h.pool)
     await bad.aclose()
 
 
+@needs("calls")
 async def test_a_passing_5xx_is_retried(h: Harness) -> None:
-    if h.faults is None:
-        pytest.skip(f"{h.provider.name} makes no calls")
+    assert h.faults is not None
     before = h.cloud_ids()
     h.faults.append(Fault(status=503, times=2))
     assert {i.id for i in await h.provider.list(h.pool)} == before
