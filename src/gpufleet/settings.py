@@ -137,6 +137,18 @@ class ScalingSettings(Section):
     max_step_per_tick: int = Field(
         10, ge=1, description="Most workers one pool may start in one tick."
     )
+    max_spend_per_hour: float | None = Field(
+        None,
+        gt=0,
+        description="Global budget: no scale-up that would make all running workers cost more "
+        "than this (USD per hour). Running work is never stopped for a budget. Empty: none.",
+    )
+    max_spend_per_day: float | None = Field(
+        None,
+        gt=0,
+        description="Global budget: no scale-up once all pools together spent this much today "
+        "(USD, UTC day). Empty: none.",
+    )
 
 
 class LogSettings(Section):
@@ -343,6 +355,18 @@ class PoolSpec(Section):
     name_filter: str | None = Field(None, description="SURF workspaces whose name contains this.")
     max_wait_s: float | None = Field(
         None, gt=0, description="Proxy: longest wait for a slot in this pool; empty: [proxy]."
+    )
+    max_spend_per_hour: float | None = Field(
+        None, gt=0, description="Pool budget: cap on this pool's running cost (USD per hour)."
+    )
+    max_spend_per_day: float | None = Field(
+        None, gt=0, description="Pool budget: no scale-up once the pool spent this today (USD)."
+    )
+    park_timeout_s: float | None = Field(
+        None,
+        ge=0,
+        description="How long a stopped Novita worker is kept (keeps its pulled image, bills "
+        "its disk) before it is deleted. Empty: chosen from cost (see docs/scaling.md).",
     )
     # static
     urls: list[str] = Field(default_factory=list, description="Engine base URLs (static).")

@@ -39,7 +39,9 @@ from tests.servers import serve_in_thread
 
 PREFIX = "fuzz"
 SECRET = "fuzz-server-secret"
-NOT_FUZZED = {("GET", "/api/v1/events/stream")}  # endless SSE stream
+# An endless SSE stream cannot be called to completion; it is left out of the schema
+# (not skipped at run time). Its auth and errors are covered in test_events_api.py.
+NOT_FUZZED_PATH = "/api/v1/events/stream"
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -85,7 +87,9 @@ def live(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="module")
 def openapi(live: Live) -> Any:
-    return schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    return schemathesis.openapi.from_url(f"{live.url}/openapi.json").exclude(
+        path=NOT_FUZZED_PATH, method="GET"
+    )
 
 
 schema = schemathesis.pytest.from_fixture("openapi")
@@ -104,8 +108,6 @@ CALLS: Counter[tuple[str, int]] = Counter()
     derandomize=True,
 )
 def test_every_operation_answers_as_documented(case: Any, live: Live) -> None:
-    if (case.method.upper(), case.path) in NOT_FUZZED:
-        pytest.skip("endless event stream")
     response = case.call_and_validate(
         base_url=live.url,
         headers={"Authorization": f"Bearer {live.admin_key}"},

@@ -280,7 +280,7 @@ class Reconciler:
             demand=demand,
             instances=inst_views,
             listed_providers=frozenset(listed),
-            budget=self.budget,
+            budget=self._budget(pools),
         )
         return snapshot, seen
 
@@ -346,6 +346,15 @@ class Reconciler:
                 best = spec.name
         return best
 
+    def _budget(self, pools: tuple[PoolView, ...]) -> GlobalBudget:
+        """The global budget: ``[scaling]`` caps (or the constructor's), today's total spend."""
+        scaling = self.settings.scaling
+        return GlobalBudget(
+            max_spend_per_hour=scaling.max_spend_per_hour or self.budget.max_spend_per_hour,
+            max_spend_per_day=scaling.max_spend_per_day or self.budget.max_spend_per_day,
+            spend_today_usd=sum(p.spend_today_usd for p in pools),
+        )
+
     async def _pool_views(self, specs: Mapping[str, PoolSpec]) -> tuple[PoolView, ...]:
         views = []
         for spec in specs.values():
@@ -363,6 +372,9 @@ class Reconciler:
                     spend_today_usd=runtime.spend_today_usd,
                     parked_cost_per_hour=parked,
                     max_step_per_tick=self.settings.scaling.max_step_per_tick,
+                    max_spend_per_hour=spec.max_spend_per_hour,
+                    max_spend_per_day=spec.max_spend_per_day,
+                    park_timeout_s=spec.park_timeout_s,
                 )
             )
         return tuple(views)
