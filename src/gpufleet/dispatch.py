@@ -53,10 +53,18 @@ from redis.exceptions import RedisError
 from gpufleet.domain import Engine, Worker, WorkerState
 from gpufleet.engines import EngineClient, build_engine, is_cancelled
 from gpufleet.errors import EngineError, EngineRejected
-from gpufleet.metrics import TASK_ATTEMPTS_FAILED, TASK_QUEUE_WAIT, TASK_RUN, TASKS_FINISHED
+from gpufleet.metrics import (
+    TASK_ATTEMPTS_FAILED,
+    TASK_QUEUE_WAIT,
+    TASK_RUN,
+    TASKS_FINISHED,
+    is_cold_task_start,
+    observe_cold_start,
+)
 from gpufleet.results import ResultStore
 from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
+from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
 from gpufleet.tasks import Lease, LeaseOutcome, QueueStats
@@ -137,6 +145,8 @@ class Dispatcher:
         self._listening = asyncio.Event()
         self._stopping = asyncio.Event()
         self._closing = False
+        self.pool_state = PoolStateStore(queue.redis, prefix=queue.keys.prefix, clock=clock)
+        self._warm_since: dict[str, float] = {}  # pool -> earliest ready_since of its ready workers
 
     def __repr__(self) -> str:
         return f"<Dispatcher {self.name} running={len(self._runs)}>"
@@ -156,6 +166,7 @@ class Dispatcher:
         workers = await self.registry.list_workers()
         self._hand_back_lost({w.id: w for w in workers})
         candidates = [w for w in workers if w.state is WorkerState.ready and w.free_slots > 0]
+        self._warm_since = _warm_since(workers)
         if not candidates:
             return 0
         stats = await self.queue.stats()
@@ -238,6 +249,8 @@ class Dispatcher:
         task = lease.task
         if task.queued_at is not None:
             TASK_QUEUE_WAIT.labels(task.kind.value).observe(max(0.0, now - task.queued_at))
+            if is_cold_task_start(task.queued_at, task.attempts, self._warm_since.get(worker.pool)):
+                observe_cold_start(worker.pool, now - task.queued_at)
         self._runs[lease.task_id] = run
         run.task = asyncio.create_task(self._drive(run), name=f"task-{lease.task_id}")
         logger.info("task %s started on %s (attempt %d)", lease.task_id, worker.id, task.attempts)
@@ -302,6 +315,8 @@ class Dispatcher:
         outcome = await self.queue.ack(run.task_id, run.lease.token, result)
         if outcome is LeaseOutcome.ok:
             TASKS_FINISHED.labels(kind, "succeeded").inc()
+            with contextlib.suppress(RedisError):  # only feeds cost per succeeded task
+                await self.pool_state.count_succeeded(run.worker.pool)
             logger.info("task %s succeeded on %s", run.task_id, run.worker.id)
         elif outcome is LeaseOutcome.cancelled:
             TASKS_FINISHED.labels(kind, "cancelled").inc()
@@ -548,6 +563,14 @@ def _model_names(worker: Worker) -> list[str]:
         if full.endswith(":latest"):
             names.add(full.removesuffix(":latest"))
     return sorted(names)
+
+
+def _warm_since(workers: list[Worker]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for w in workers:
+        if w.state is WorkerState.ready and w.ready_since is not None:
+            out[w.pool] = min(out.get(w.pool, w.ready_since), w.ready_since)
+    return out
 
 
 def _text(value: Any) -> str:

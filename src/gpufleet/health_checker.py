@@ -45,7 +45,6 @@ import httpx
 from gpufleet.domain import Engine, ProviderKind, Worker, WorkerState
 from gpufleet.engines import EngineClient, Health, build_engine
 from gpufleet.errors import EngineError
-from gpufleet.metrics import BOOT_SECONDS
 from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.events import EventLog
@@ -167,8 +166,7 @@ class HealthChecker:
             await self._pull_missing(worker, engine, pool, health)
         reason = f"engine answered ({health.version or 'ok'})"
         if await self.registry.transition(worker.id, WorkerState.ready, reason):
-            if first_ready and worker.created_at:
-                BOOT_SECONDS.labels(worker.pool).observe(max(0.0, self.clock() - worker.created_at))
+            # gpufleet_boot_seconds is observed by the reconciler, which knows when a boot began.
             await self._emit(worker, WorkerState.ready, reason)
 
     async def _pull_missing(

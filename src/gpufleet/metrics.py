@@ -42,9 +42,16 @@ TASK_ATTEMPTS_FAILED = Counter(
     "Task attempts that failed, by kind and whether they will be retried.",
     ["kind", "retry"],
 )
-QUEUE_DEPTH = Gauge("gpufleet_queue_depth", "Tasks waiting, per pool (leader only).", ["pool"])
+QUEUE_DEPTH = Gauge(
+    "gpufleet_queue_depth",
+    "Tasks waiting, per pool (leader only). Tasks that name no pool and that several pools "
+    "could take are counted under pool=\"<engine>/*\".",
+    ["pool"],
+)
 QUEUE_OLDEST_WAIT = Gauge(
-    "gpufleet_queue_oldest_wait_seconds", "Age of the oldest waiting task (leader only).", ["pool"]
+    "gpufleet_queue_oldest_wait_seconds",
+    "Age of the oldest waiting task, per pool as in gpufleet_queue_depth (leader only).",
+    ["pool"],
 )
 TASK_QUEUE_WAIT = Histogram(
     "gpufleet_task_queue_wait_seconds",
@@ -70,16 +77,22 @@ SCALE_ACTIONS = Counter(
 )
 BOOT_SECONDS = Histogram(
     "gpufleet_boot_seconds",
-    "Create/start/resume to ready, per pool.",
+    "Create/start/resume to ready, per pool (observed by the leader's reconciler; a worker "
+    "that went unhealthy and came back is not a boot).",
     ["pool"],
     buckets=(5, 10, 20, 30, 60, 90, 120, 180, 300, 600, 900),
 )
 COLD_STARTS = Counter(
-    "gpufleet_cold_starts_total", "Work that had to wait for a worker to boot.", ["pool"]
+    "gpufleet_cold_starts_total",
+    "Work that had to wait for a worker to boot, per pool of the worker it ran on: a proxy "
+    "request that found no ready worker and waited for one, or a queued task whose pool had "
+    "no ready worker when it was queued (every ready worker of the pool became ready after it).",
+    ["pool"],
 )
 COLD_START_WAIT = Histogram(
     "gpufleet_cold_start_wait_seconds",
-    "How long work waited for a cold worker.",
+    "How long cold-started work waited: proxy request start, or the task's enqueue, to the "
+    "moment it got a slot on the worker.",
     ["pool"],
     buckets=(1, 5, 10, 20, 30, 60, 120, 300, 600),
 )
@@ -101,7 +114,9 @@ BURN_RATE = Gauge(
 )
 COST_PER_TASK = Gauge(
     "gpufleet_cost_per_succeeded_task_dollars",
-    "Spend divided by succeeded tasks since start, per pool (leader only).",
+    "The pool's spend divided by the queued tasks that succeeded on its workers, both counted "
+    "in Redis since the pool's state began (leader only; absent until a task succeeded; proxy "
+    "requests are not tasks).",
     ["pool"],
 )
 
@@ -141,3 +156,16 @@ PROXY_DURATION = Histogram(
 PROXY_TOKENS = Counter(
     "gpufleet_proxy_tokens_total", "Tokens through the proxy (in, out).", ["model", "direction"]
 )
+
+
+def observe_cold_start(pool: str, waited_s: float) -> None:
+    """Count one cold start (see ``gpufleet_cold_starts_total``) and its wait."""
+    COLD_STARTS.labels(pool).inc()
+    COLD_START_WAIT.labels(pool).observe(max(0.0, waited_s))
+
+
+def is_cold_task_start(queued_at: float, attempt: int, pool_ready_since: float | None) -> bool:
+    """A task's first attempt starts cold when no worker of the pool it runs on was ready when
+    the task was queued: ``pool_ready_since`` is the earliest ``ready_since`` among the pool's
+    ready workers (the one the task runs on included), None if unknown."""
+    return attempt <= 1 and pool_ready_since is not None and pool_ready_since > queued_at

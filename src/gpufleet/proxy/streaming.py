@@ -39,7 +39,13 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from gpufleet.metrics import PROXY_DURATION, PROXY_REQUESTS, PROXY_TOKENS, PROXY_TTFB
+from gpufleet.metrics import (
+    PROXY_DURATION,
+    PROXY_REQUESTS,
+    PROXY_TOKENS,
+    PROXY_TTFB,
+    observe_cold_start,
+)
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
 from gpufleet.routing import normalize_model
@@ -323,6 +329,8 @@ class ProxyService:
                 headers = {"Retry-After": str(exc.retry_after_s)}
                 await send_error(send, call.flavor, 503, str(exc), headers)
                 return "wait_timeout"
+            if lease.cold_start:
+                observe_cold_start(lease.worker.pool, lease.waited_s)
             last = attempt == self.config.retries
             try:
                 tail = await self._relay(call, lease, send, state, last=last, started=started)

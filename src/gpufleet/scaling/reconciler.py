@@ -54,6 +54,7 @@ from gpufleet.loops import run_periodically
 from gpufleet.metrics import (
     BOOT_SECONDS,
     BURN_RATE,
+    COST_PER_TASK,
     IS_LEADER,
     ORPHANS,
     QUEUE_DEPTH,
@@ -201,6 +202,7 @@ class Reconciler:
         self._provider_down: dict[str, tuple[int, float]] = {}
         self._quiet: dict[tuple[str, str, str], str] = {}
         self._booting: dict[str, float] = {}  # worker id -> boot start, from the last tick
+        self._cost_per_task: dict[str, float] = {}  # pool -> spend / succeeded tasks
         self._last_tick_at: float | None = None
         self._was_leader = False
         self._timer: asyncio.TimerHandle | None = None
@@ -359,6 +361,8 @@ class Reconciler:
         views = []
         for spec in specs.values():
             effective, runtime = await self.pool_state.effective(spec)
+            if runtime.succeeded:
+                self._cost_per_task[spec.name] = runtime.spend_usd / runtime.succeeded
             parked = (
                 spec.rootfs_gb * NOVITA_DISK_USD_PER_GB_HOUR
                 if spec.provider is ProviderKind.novita
@@ -396,11 +400,14 @@ class Reconciler:
     def _note_ready(
         self, views: tuple[WorkerView, ...], pools: tuple[PoolView, ...], now: float
     ) -> None:
-        """Boot-time metric for workers that became ready since the last tick."""
+        """Boot-time metric for workers that became ready since the last tick: fresh ones, and
+        revived ones whose start/resume this leader asked for (seeded by ``apply``); a ready
+        worker that went back to booting after failed probes is not a boot."""
         booting: dict[str, float] = {}
         for w in views:
             if w.boot_started_at is not None and w.state in policy.BOOTING_STATES:
-                booting[w.id] = w.boot_started_at
+                if w.ready_since is None or w.id in self._booting:
+                    booting[w.id] = w.boot_started_at
             elif w.state is WS.ready and w.id in self._booting and w.ready_since is not None:
                 BOOT_SECONDS.labels(w.pool).observe(max(0.0, w.ready_since - self._booting[w.id]))
         self._booting = booting
@@ -542,6 +549,8 @@ class Reconciler:
                     logger.exception("reconciler: %s failed", _name(action))
                     result = Outcome(action, "error", _why(exc))
             outcomes.append(result)
+            if result.outcome == "ok" and isinstance(action, Create | Start | Resume):
+                self._booting[result.worker_id] = self.clock()  # ready before the next tick
             await self._record(result)
         return outcomes
 
@@ -825,10 +834,17 @@ class Reconciler:
                 1 for w in snapshot.workers if w.pool == name and w.state in LIVE_WORKER_STATES
             )
             BURN_RATE.labels(name).set(live * view.price_per_hour)
-        for d in snapshot.demand:
-            if len(d.pools) == 1:
-                QUEUE_DEPTH.labels(d.pools[0]).set(d.queued)
-                QUEUE_OLDEST_WAIT.labels(d.pools[0]).set(d.oldest_wait_s)
+        for name, usd in self._cost_per_task.items():
+            COST_PER_TASK.labels(name).set(usd)
+        depth: Counter[str] = Counter()
+        oldest: dict[str, float] = {}
+        for d in snapshot.demand:  # unpooled work several pools may take: "<engine>/*"
+            label = d.pools[0] if len(d.pools) == 1 else d.key
+            depth[label] += d.queued
+            oldest[label] = max(oldest.get(label, 0.0), d.oldest_wait_s)
+        for label, n in depth.items():
+            QUEUE_DEPTH.labels(label).set(n)
+            QUEUE_OLDEST_WAIT.labels(label).set(oldest[label])
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -1036,7 +1052,7 @@ def _demand(
 
 
 def _clear_fleet_gauges() -> None:
-    for gauge in (WORKERS, SLOTS, BURN_RATE, QUEUE_DEPTH, QUEUE_OLDEST_WAIT):
+    for gauge in (WORKERS, SLOTS, BURN_RATE, QUEUE_DEPTH, QUEUE_OLDEST_WAIT, COST_PER_TASK):
         gauge.clear()
 
 

@@ -35,6 +35,7 @@ class PoolRuntime:
     backoff_until: float | None
     backoff_reason: str
     failures: int
+    succeeded: int = 0  # queued tasks that succeeded on the pool's workers (cost per task)
 
 
 class PoolStateStore:
@@ -74,6 +75,7 @@ class PoolStateStore:
             backoff_until=backoff_until if backoff_until and backoff_until > now else None,
             backoff_reason=data.get("backoff_reason", ""),
             failures=int(data.get("failures", "0")),
+            succeeded=int(data.get("succeeded", "0")),
         )
 
     async def effective(self, spec: PoolSpec) -> tuple[PoolSpec, PoolRuntime]:
@@ -116,6 +118,9 @@ class PoolStateStore:
             pipe.hincrbyfloat(day_key, pool, usd)
             pipe.expire(day_key, 3 * 86400)  # a day's counter is only read while that day lasts
             await pipe.execute()
+
+    async def count_succeeded(self, pool: str) -> None:
+        await self.redis.hincrby(self._key(pool), "succeeded", 1)
 
     async def back_off(
         self, pool: str, reason: str, *, base_s: float = 30.0, cap_s: float = 900.0
