@@ -11,7 +11,8 @@ loopback socket in ``gpufleet demo``::
     app.state.sim.instances            # the cloud's own view, for assertions
 
 Status advances by the injected ``clock`` (no timers): a test moves a ``FakeClock`` forward
-instead of sleeping. Failures are injected with ``sim.faults.append(Fault(...))``.
+instead of sleeping. Failures are injected with ``sim.faults.append(Fault(...))``, or at
+random with ``sim.chaos = Chaos(rate=0.2, seed=1)``.
 Nothing under ``gpufleet/`` imports this package except the demo wiring.
 
 Shared here: ``FakeClock``, ``Fault`` and ``SimCloud`` (request log, auth, rate budget,
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import deque
+import random
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ Clock = Callable[[], float]
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 __all__ = [
+    "Chaos",
     "FakeClock",
     "Fault",
     "SimCloud",
@@ -88,6 +91,49 @@ class Fault:
 
 
 @dataclass
+class Chaos:
+    """Random failures: each request (not consumed by a ``Fault``) fails with probability
+    ``rate``, as one of ``kinds`` picked at random (seeded, so a run repeats):
+
+    - ``"429"``: rate limited, ``Retry-After: retry_after_s``;
+    - ``"500"``: an internal error;
+    - ``"hang"``: no answer for ``hang_s`` (real time), then a 504 — a client with a shorter
+      timeout sees a timeout, and the cloud did nothing;
+    - ``"lost"``: the cloud does the work, then holds the answer ``hang_s``: a create or a
+      stop that happened although the client saw a timeout.
+
+    ``only`` limits it to paths ending so (e.g. ``("/gpu/instance/create",)``); ``counts``
+    says how many of each were injected.
+    """
+
+    rate: float = 0.2
+    seed: int = 0
+    kinds: tuple[str, ...] = ("429", "500", "hang", "lost")
+    retry_after_s: float = 1.0
+    hang_s: float = 0.5
+    only: tuple[str, ...] = ()
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def draw(self, method: str, path: str) -> Fault | None:
+        if self.only and not any(path.rstrip("/").endswith(p.rstrip("/")) for p in self.only):
+            return None
+        if self._rng.random() >= self.rate:
+            return None
+        kind = self._rng.choice(self.kinds)
+        self.counts[kind] += 1
+        if kind == "429":
+            return Fault(status=429, retry_after_s=self.retry_after_s)
+        if kind == "hang":
+            return Fault(status=504, hang_s=self.hang_s)
+        if kind == "lost":
+            return Fault(status=0, hang_s=self.hang_s)
+        return Fault(status=500)
+
+
+@dataclass
 class LoggedRequest:
     at: float
     method: str
@@ -107,6 +153,7 @@ class SimCloud:
         self.requests_per_minute = requests_per_minute
         self.retry_after_s = retry_after_s
         self.faults: list[Fault] = []
+        self.chaos: Chaos | None = None
         self.log: list[LoggedRequest] = []
         self._window: deque[float] = deque()
 
@@ -154,6 +201,8 @@ class SimCloud:
         if not self.authorized(request):
             return self.error(401, "UNAUTHORIZED", "invalid or missing token")
         fault = self._take_fault(method, path)
+        if fault is None and self.chaos is not None:
+            fault = self.chaos.draw(method, path)
         if self._over_budget(now) or (fault is not None and fault.status == 429):
             retry_after = fault.retry_after_s if fault and fault.retry_after_s else None
             limited = self.error(429, "RATE_LIMIT_EXCEEDED", "too many requests")
