@@ -202,10 +202,20 @@ class EmbeddedRedis:
             self._lock_fd = None
 
     def kill(self) -> None:
-        """SIGKILL, for crash tests: no AOF rewrite, no goodbye."""
+        """SIGKILL, for crash tests: no AOF rewrite, no goodbye.
+
+        The data dir is let go as a crash would let it go, so ``start()`` may be called
+        again to restart the server on the same data (and port, if one was given).
+        """
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+            if self.process.stderr:
+                self.process.stderr.close()
+            self.process = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()
