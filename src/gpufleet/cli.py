@@ -72,6 +72,11 @@ def _load(config: Path | None, **server: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
+# How long SIGTERM lets open requests (long polls, proxy streams) finish before the app's
+# own shutdown runs: loops stop, leases are handed back, the leader lock is released.
+GRACEFUL_SHUTDOWN_S = 30
+
+
 def _serve(settings: Settings) -> None:
     import uvicorn
 
@@ -79,13 +84,57 @@ def _serve(settings: Settings) -> None:
     from gpufleet.logs import configure_logging
 
     configure_logging(settings.server.log_level, settings.log.format)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
+    server = _graceful_server_class()(config)  # uvicorn is imported only to serve
+    server.run()
+    if not server.started:  # what uvicorn.run does when it could not bind or start
+        raise typer.Exit(3)
+
+
+def _graceful_server_class() -> type[Any]:
+    import signal
+    import threading
+    from collections.abc import Iterator
+    from types import FrameType
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM that shut it down gracefully exits 0.
+
+        uvicorn re-raises the signal after its graceful shutdown, so the process died of
+        SIGTERM (status 143 / -15) even when everything was handed back in order; an
+        orchestrator reads that as a crash. SIGINT still ends with KeyboardInterrupt.
+        """
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            received: list[int] = []
+
+            def on_signal(sig: int, frame: FrameType | None) -> None:
+                received.append(sig)
+                self.handle_exit(sig, frame)
+
+            handled = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, on_signal) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+            if signal.SIGINT in received:
+                signal.raise_signal(signal.SIGINT)
+
+    return GracefulServer
 
 
 @app.command()

@@ -328,12 +328,12 @@ price_per_hour = {PRODUCT.price_per_hour}
     # -- tasks ---------------------------------------------------------------------------------
 
     @staticmethod
-    def task_body(marker: str) -> dict[str, Any]:
-        return {"kind": "ollama", "pool": POOL,
+    def task_body(marker: str, priority: int = 5) -> dict[str, Any]:
+        return {"kind": "ollama", "pool": POOL, "priority": priority,
                 "payload": {"api": "generate", "body": {"model": MODEL, "prompt": marker}}}
 
     async def submit(self, markers: Iterable[str], *, concurrency: int = 16,
-                     attempts: int = 20) -> Submitted:
+                     attempts: int = 20, priority: int = 5) -> Submitted:
         """POST each task to a live replica; on a dropped connection or 5xx, try another
         with the same Idempotency-Key. Only a 202 counts as accepted."""
         out = Submitted()
@@ -347,7 +347,7 @@ price_per_hour = {PRODUCT.price_per_hour}
                 replica = self._rng.choice(live)
                 try:
                     answer = await self.http.post(
-                        f"{replica.url}/api/v1/tasks", json=self.task_body(marker),
+                        f"{replica.url}/api/v1/tasks", json=self.task_body(marker, priority),
                         headers={"Idempotency-Key": marker}, timeout=10.0,
                     )
                 except httpx.HTTPError:
