@@ -58,13 +58,22 @@ class Job:
 # --- trace readers ---------------------------------------------------------------------------
 
 
+# Where the shared public traces live when no directory is given: beside the repository
+# (``../shared/traces``), or the team workspace's copy for clones made elsewhere.
+DEFAULT_TRACE_DIRS = (
+    Path(__file__).resolve().parents[3].parent / "shared" / "traces",
+    Path("/work/shared/traces"),
+)
+
+
 def traces_dir(path: str | Path | None = None) -> Path:
-    """``path``, else ``$GPUFLEET_TRACES_DIR``, else ``../shared/traces`` beside the repo."""
+    """``path``, else ``$GPUFLEET_TRACES_DIR``, else the first of ``DEFAULT_TRACE_DIRS``
+    that exists (``../shared/traces`` beside the repo if none does)."""
     if path:
         return Path(path)
     if os.environ.get("GPUFLEET_TRACES_DIR"):
         return Path(os.environ["GPUFLEET_TRACES_DIR"])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "traces"
+    return next((d for d in DEFAULT_TRACE_DIRS if d.is_dir()), DEFAULT_TRACE_DIRS[0])
 
 
 def _epoch(text: str) -> float:
