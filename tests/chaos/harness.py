@@ -133,7 +133,8 @@ class Submitted:
 class Fleet:
     """Use as ``async with Fleet(tmp_path, FleetConfig(...)) as fleet``."""
 
-    def __init__(self, workdir: Path, config: FleetConfig | None = None) -> None:
+    def __init__(self, workdir: Path, config: FleetConfig | None = None,
+                 start: Iterable[int] | None = None) -> None:
         self.dir = workdir
         self.cfg = config or FleetConfig()
         self.redis_server = EmbeddedRedis(workdir / "redis", port=free_port(),
@@ -145,12 +146,13 @@ class Fleet:
         self.redis: aioredis.Redis | None = None
         self.http = httpx.AsyncClient(timeout=30.0, trust_env=False)
         self._rng = random.Random(4)
+        self._start = start
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Fleet:
         try:
-            await self.start()
+            await self.start(self._start)
         except BaseException:
             await self.aclose()
             raise
@@ -160,6 +162,7 @@ class Fleet:
         await self.aclose()
 
     async def start(self, replicas: Iterable[int] | None = None) -> None:
+        """Redis, the cloud, an admin key; then ``replicas`` (default: all) until ready."""
         self.dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.redis_server.start)
         self.redis = aioredis.Redis.from_url(self.redis_server.url, decode_responses=True)
@@ -172,7 +175,10 @@ class Fleet:
         config.chmod(0o600)
         for i in range(self.cfg.replicas):
             self.replicas.append(Replica(i, free_port(), config, self.dir / f"replica-{i}.log"))
-        wanted = list(range(self.cfg.replicas)) if replicas is None else list(replicas)
+        await self.start_replicas(range(self.cfg.replicas) if replicas is None else replicas)
+
+    async def start_replicas(self, indexes: Iterable[int]) -> None:
+        wanted = list(indexes)
         for i in wanted:
             self.replicas[i].start()
         for i in wanted:
@@ -333,9 +339,11 @@ price_per_hour = {PRODUCT.price_per_hour}
                 "payload": {"api": "generate", "body": {"model": MODEL, "prompt": marker}}}
 
     async def submit(self, markers: Iterable[str], *, concurrency: int = 16,
-                     attempts: int = 20, priority: int = 5) -> Submitted:
-        """POST each task to a live replica; on a dropped connection or 5xx, try another
-        with the same Idempotency-Key. Only a 202 counts as accepted."""
+                     attempts: int = 20, priority: int = 5,
+                     to: Iterable[Replica] | None = None) -> Submitted:
+        """POST each task to a live replica (of ``to``); on a dropped connection or 5xx,
+        try another with the same Idempotency-Key. Only a 202 counts as accepted."""
+        targets = list(to) if to is not None else self.replicas
         out = Submitted()
         queue: asyncio.Queue[str] = asyncio.Queue()
         for marker in markers:
@@ -343,7 +351,7 @@ price_per_hour = {PRODUCT.price_per_hour}
 
         async def one(marker: str) -> None:
             for _ in range(attempts):
-                live = self.live() or self.replicas
+                live = [r for r in targets if r.alive] or targets
                 replica = self._rng.choice(live)
                 try:
                     answer = await self.http.post(

@@ -237,7 +237,8 @@ async def leader_split(fleet: Fleet, *, stop_s: float | None = None) -> LeaderSp
     # 3. Freeze B's next listing too, then queue work: nobody has created anything yet.
     await fleet.hold_lists(True)
     await _until(lambda: _held(fleet), 30)
-    submitted = await fleet.submit([f"chaos-split-{i}" for i in range(4)], concurrency=4)
+    submitted = await fleet.submit([f"chaos-split-{i}" for i in range(4)], concurrency=4,
+                                   to=[b])
     if stop_s is not None:
         await asyncio.sleep(max(0.0, stop_s - (time.monotonic() - stopped)))
     # 4. Wake A: its stale listing says the cloud is empty and there is demand.
