@@ -170,6 +170,7 @@ def create_app(settings: Settings) -> FastAPI:
                     "port can spend your GPU budget. Use this for a local demo only."
                 )
             app.state.components = components
+            app.state.loop = asyncio.get_running_loop()
             stack.push_async_callback(_stop_loops, components)
             start_background_loops(components)
             UP.set(1)
@@ -225,6 +226,21 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def request_shutdown(app: FastAPI) -> None:
+    """Begin a graceful stop as soon as the server is told to stop (SIGTERM), before the
+    open requests have drained: the loops end after their current tick, so the dispatcher
+    leases no new task (its running ones go on, and whatever is still running when the
+    lifespan ends is handed back) and the reconciler releases the leader lock at once.
+
+    Safe to call from a signal handler; a no-op before the lifespan has started.
+    """
+    components: Components | None = getattr(app.state, "components", None)
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if components is None or loop is None or loop.is_closed():
+        return
+    loop.call_soon_threadsafe(components.stop.set)
 
 
 async def _stop_loops(components: Components) -> None:

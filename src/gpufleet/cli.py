@@ -72,26 +72,28 @@ def _load(config: Path | None, **server: Any) -> Settings:
         raise typer.Exit(2) from None
 
 
-# How long SIGTERM lets open requests (long polls, proxy streams) finish before the app's
-# own shutdown runs: loops stop, leases are handed back, the leader lock is released.
+# SIGTERM: the listening socket closes and the loops stop at once (no new leases, the
+# leader lock is released); open requests (long polls, proxy streams) and running tasks get
+# this long to finish, then the lifespan hands back the leases of tasks still running.
 GRACEFUL_SHUTDOWN_S = 30
 
 
 def _serve(settings: Settings) -> None:
     import uvicorn
 
-    from gpufleet.app import create_app
+    from gpufleet.app import create_app, request_shutdown
     from gpufleet.logs import configure_logging
 
     configure_logging(settings.server.log_level, settings.log.format)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    server = _graceful_server_class()(config)  # uvicorn is imported only to serve
+    server = _graceful_server_class()(config, on_exit=lambda: request_shutdown(app))
     server.run()
     if not server.started:  # what uvicorn.run does when it could not bind or start
         raise typer.Exit(3)
@@ -100,18 +102,27 @@ def _serve(settings: Settings) -> None:
 def _graceful_server_class() -> type[Any]:
     import signal
     import threading
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from types import FrameType
 
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn's server, but a SIGTERM that shut it down gracefully exits 0.
+        """uvicorn's server, but a SIGTERM that shut it down gracefully exits 0, and the
+        app hears of the stop at once (``on_exit``), not once open requests have drained.
 
         uvicorn re-raises the signal after its graceful shutdown, so the process died of
         SIGTERM (status 143 / -15) even when everything was handed back in order; an
         orchestrator reads that as a crash. SIGINT still ends with KeyboardInterrupt.
         """
+
+        def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+            super().__init__(config)
+            self.on_exit = on_exit
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            self.on_exit()
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,6 +433,15 @@ price_per_hour = {PRODUCT.price_per_hour}
         assert self.redis is not None
         raw: Any = await self.redis.xrange(f"{PREFIX}:events")
         return [dict(data, id=event_id) for event_id, data in raw if data.get("kind") == kind]
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
+    """Poll ``check`` until it answers True; TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout_s} s: {check}")
+        await asyncio.sleep(0.05)
 
 
 def reexecutions(executions: dict[str, int], markers: Iterable[str]) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 
 from gpufleet.domain import WorkerState
 from gpufleet.store.workers import WorkerRegistry
-from tests.chaos.harness import PREFIX, TERMINAL, Fleet, Replica, reexecutions
+from tests.chaos.harness import PREFIX, TERMINAL, Fleet, Replica, reexecutions, until
 
 LIVE_INSTANCE = ("toCreate", "creating", "pulling", "running", "toStart", "starting")
 
@@ -158,7 +158,7 @@ async def redis_restart(
     async def loaded() -> bool:
         return await _accepted_so_far(fleet) >= tasks // 3
 
-    await _until(loaded, 60)
+    await until(loaded, 60)
     # A waiter on every replica, so each has its task-events subscription (the queue's
     # _Notifier) open when Redis goes away: it must reconnect, and shut down cleanly later.
     assert fleet.redis is not None
@@ -226,7 +226,7 @@ async def leader_split(fleet: Fleet, *, stop_s: float | None = None) -> LeaderSp
     ttl_ms = await _lock_pttl(fleet)
     # 1. Hold A's next listing at the cloud, then freeze A in the middle of its tick.
     await fleet.hold_lists(True)
-    await _until(lambda: _held(fleet), 30)
+    await until(lambda: _held(fleet), 30)
     a.signal(signal.SIGSTOP)
     stopped = time.monotonic()
     await fleet.hold_lists(False)  # A's answer sits unread in its socket
@@ -236,7 +236,7 @@ async def leader_split(fleet: Fleet, *, stop_s: float | None = None) -> LeaderSp
     _, report.new_token = await fleet.lock_holder()
     # 3. Freeze B's next listing too, then queue work: nobody has created anything yet.
     await fleet.hold_lists(True)
-    await _until(lambda: _held(fleet), 30)
+    await until(lambda: _held(fleet), 30)
     submitted = await fleet.submit([f"chaos-split-{i}" for i in range(4)], concurrency=4,
                                    to=[b])
     if stop_s is not None:
@@ -248,7 +248,7 @@ async def leader_split(fleet: Fleet, *, stop_s: float | None = None) -> LeaderSp
         events = await fleet.events()
         return any(e.get("replica") == holder and e.get("outcome") == "refused" for e in events)
 
-    await _until(refused, 30)
+    await until(refused, 30)
     await fleet.hold_lists(False)
     states = await fleet.wait_finished(submitted.ids.values(), 60)
     report.succeeded = sum(1 for s in states.values() if s.get("status") == "succeeded")
@@ -274,11 +274,3 @@ async def _lock_pttl(fleet: Fleet) -> int:
 
 async def _held(fleet: Fleet) -> bool:
     return int((await fleet.cloud())["held"]) > 0
-
-
-async def _until(check: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met in {timeout_s} s: {check}")
-        await asyncio.sleep(0.05)
