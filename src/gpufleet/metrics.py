@@ -8,9 +8,14 @@ collectors (CPU, memory, open fds, Python version).
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from gpufleet import __version__
+
+# No ``*_created`` gauge beside every counter and histogram series: Prometheus does not need
+# them for rate()/histogram_quantile(), they would be a third of the series stored per scrape,
+# and rendering them a third of a scrape's time.
+disable_created_metrics()
 
 BUILD_INFO = Info("gpufleet_build", "Version of the running gpufleet.")
 BUILD_INFO.info({"version": __version__})
