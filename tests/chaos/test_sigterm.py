@@ -55,7 +55,7 @@ async def test_sigterm_hands_back_leases_and_leadership(tmp_path: Path) -> None:
         async with httpx.AsyncClient(headers=fleet.http.headers, trust_env=False) as poller:
             task_id = next(iter(first.ids.values()))
             long_poll = poller.get(f"{a.url}/api/v1/tasks/{task_id}/wait",
-                                   params={"timeout_s": 3}, timeout=30)
+                                   params={"timeout_s": 5}, timeout=30)
             polling = asyncio.create_task(long_poll)
             await asyncio.sleep(0.5)
             termed = time.monotonic()
