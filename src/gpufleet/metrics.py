@@ -15,7 +15,7 @@ from gpufleet import __version__
 # No ``*_created`` gauge beside every counter and histogram series: Prometheus does not need
 # them for rate()/histogram_quantile(), they would be a third of the series stored per scrape,
 # and rendering them a third of a scrape's time.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 BUILD_INFO = Info("gpufleet_build", "Version of the running gpufleet.")
 BUILD_INFO.info({"version": __version__})

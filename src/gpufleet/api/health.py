@@ -85,7 +85,8 @@ def _labels(labels: dict[str, str]) -> str:
 def _value(value: float) -> str:
     if value.is_integer() and -1e6 < value < 1e6:
         return f"{value:.1f}"  # what floatToGoString gives for these, without its branches
-    return floatToGoString(value)
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text
 
 
 def _line(sample: Sample) -> str:
