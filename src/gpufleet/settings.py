@@ -137,6 +137,13 @@ class ScalingSettings(Section):
     max_step_per_tick: int = Field(
         10, ge=1, description="Most workers one pool may start in one tick."
     )
+    leader_lease_s: float | None = Field(
+        None,
+        gt=0,
+        description="Lease of the reconciler's leader lock (renewed every tick): a leader that "
+        "dies is replaced within this long. Must exceed 2 x interval_s. Empty: the larger of "
+        "15 s and 3 x interval_s.",
+    )
     max_spend_per_hour: float | None = Field(
         None,
         gt=0,
@@ -150,6 +157,15 @@ class ScalingSettings(Section):
         "(USD, UTC day). Empty: none.",
     )
 
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> ScalingSettings:
+        if self.leader_lease_s is not None and self.leader_lease_s <= 2 * self.interval_s:
+            raise ValueError(
+                f"leader_lease_s ({self.leader_lease_s}) must exceed 2 x interval_s "
+                f"({self.interval_s}): the leader renews its lease once per tick"
+            )
+        return self
 
 class LogSettings(Section):
     format: Literal["text", "json"] = Field(

@@ -52,3 +52,23 @@ async def test_global_daily_budget_holds_every_pool_but_stops_nothing(
         assert len(fleet.novita.instances) == 1  # the running worker is left alone
     finally:
         await fleet.aclose()
+
+
+async def test_leader_lease_comes_from_config(redis: aioredis.Redis) -> None:
+    from gpufleet.scaling.reconciler import Reconciler
+
+    fleet = Fleet(redis, pools=[COMFY], interval_s=1.0)
+    try:
+        default = Reconciler(fleet.settings, redis, registry=fleet.registry, events=None,
+                             providers={})
+        assert default.lock.ttl_s == 15.0
+        fleet.settings = fleet.settings.model_copy(
+            update={"scaling": ScalingSettings(interval_s=1.0, leader_lease_s=4.0)}
+        )
+        short = Reconciler(fleet.settings, redis, registry=fleet.registry, events=None,
+                           providers={})
+        assert short.lock.ttl_s == 4.0
+        assert await short.lock.acquire()
+        assert 0 < await redis.pttl(short.lock.key) <= 4000
+    finally:
+        await fleet.aclose()

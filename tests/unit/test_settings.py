@@ -206,3 +206,13 @@ def test_env_example_lists_every_legacy_name() -> None:
     text = (ROOT / ".env.example").read_text()
     for name in LEGACY:
         assert name in text
+
+
+def test_leader_lease_must_outlast_two_ticks() -> None:
+    from gpufleet.errors import ConfigError
+
+    short = load_settings(env_file=None, scaling={"interval_s": 1, "leader_lease_s": 3})
+    assert short.scaling.leader_lease_s == 3
+    with pytest.raises(ConfigError, match="leader_lease_s"):
+        load_settings(env_file=None, scaling={"interval_s": 2, "leader_lease_s": 4})
+    assert load_settings(env_file=None, scaling={"interval_s": 10}).scaling.leader_lease_s is None

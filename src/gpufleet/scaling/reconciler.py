@@ -191,7 +191,7 @@ class Reconciler:
             redis,
             prefix=self.prefix,
             replica_id=replica_id,
-            ttl_s=max(15.0, 3 * self.interval_s),
+            ttl_s=settings.scaling.leader_lease_s or max(15.0, 3 * self.interval_s),
         )
         self.budget = budget or GlobalBudget()
         self.wake = asyncio.Event()
