@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 
 from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.deps import Components
@@ -232,3 +232,23 @@ async def test_key_limits(client: httpx.AsyncClient) -> None:
     r = await client.post("/api/v1/tasks", json={"payload": GRAPH})
     assert r.status_code == 429
     assert r.json()["error"]["code"] == "rate_limited"
+
+
+async def test_a_client_leaving_mid_body_is_a_quiet_400(api: Any) -> None:
+    from starlette.requests import Request
+
+    from gpufleet.api.tasks import read_limited_body
+
+    messages = [
+        {"type": "http.request", "body": b'{"kind": "comfyui", ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/api/v1/tasks", "headers": [],
+             "app": api.app}
+    with pytest.raises(HTTPException) as left:  # not starlette's ClientDisconnect traceback
+        await read_limited_body(Request(scope, receive))
+    assert left.value.status_code == 400

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Requ
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.deps import get_components
@@ -62,10 +63,14 @@ async def read_limited_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        # The client left mid-body: nothing was written and nobody reads the answer.
+        raise HTTPException(400, "the client disconnected before the body was complete") from None
     return bytes(body)
 
 
