@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import httpx
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -42,6 +44,9 @@ KeyOption = Annotated[
     str, typer.Option("--key", envvar="GPUFLEET_API_KEY", help="API key.", show_default=False)
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+IntervalOption = Annotated[
+    float, typer.Option("--interval", min=0.2, help="Seconds between refreshes with --watch.")
+]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 console = Console()
@@ -64,6 +69,13 @@ class Remote:
         )
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The parsed JSON answer (raw bytes if it is not JSON); exits with the CLI's codes."""
+        answer = self.request(method, path, **kwargs)
+        if answer.headers.get("content-type", "").startswith("application/json"):
+            return answer.json()
+        return answer.content
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             with self.client() as client:
                 answer = client.request(method, path, **kwargs)
@@ -80,9 +92,7 @@ class Remote:
                 message = answer.text[:300]
             err_console.print(f"[red]{method} {path}: HTTP {answer.status_code}: {message}[/red]")
             raise typer.Exit(EXIT_ERROR)
-        if answer.headers.get("content-type", "").startswith("application/json"):
-            return answer.json()
-        return answer.content
+        return answer
 
 
 def _badge(state: str) -> str:
@@ -91,6 +101,24 @@ def _badge(state: str) -> str:
 
 def _emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _watch(render: Callable[[], RenderableType], interval_s: float) -> None:
+    """Redraw ``render()`` every ``interval_s`` until Ctrl-C (exit 0). On a terminal the view is
+    redrawn in place; into a pipe or file each refresh is printed after a timestamp rule."""
+    try:
+        if console.is_terminal:
+            with Live(render(), console=console, auto_refresh=False) as live:
+                while True:
+                    time.sleep(interval_s)
+                    live.update(render(), refresh=True)
+        while True:
+            console.rule(time.strftime("%H:%M:%S"))
+            console.print(render())
+            console.file.flush()
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return
 
 
 def workers_table(workers: list[dict[str, Any]]) -> Table:
@@ -146,7 +174,8 @@ def status(
     url: UrlOption = DEFAULT_URL,
     key: KeyOption = "",
     as_json: JsonOption = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s.")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
+    interval: IntervalOption = 2.0,
 ) -> None:
     """Pools, workers, queue and spend at a glance."""
     remote = Remote(url, key)
@@ -162,12 +191,7 @@ def status(
         for table in status_tables(*fetch()):
             console.print(table)
         return
-    with Live(console=console, refresh_per_second=1) as live:
-        while True:
-            from rich.console import Group
-
-            live.update(Group(*status_tables(*fetch())))
-            time.sleep(2)
+    _watch(lambda: Group(*status_tables(*fetch())), interval)
 
 
 def workers(
@@ -175,7 +199,8 @@ def workers(
     key: KeyOption = "",
     as_json: JsonOption = False,
     pool: Annotated[str | None, typer.Option(help="Only this pool.")] = None,
-    watch: Annotated[bool, typer.Option("--watch")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
+    interval: IntervalOption = 2.0,
 ) -> None:
     """List workers with state, slots, models and cost."""
     remote = Remote(url, key)
@@ -186,10 +211,7 @@ def workers(
     if not watch:
         console.print(workers_table(remote.call("GET", "/api/v1/workers", params=params)))
         return
-    with Live(console=console, refresh_per_second=1) as live:
-        while True:
-            live.update(workers_table(remote.call("GET", "/api/v1/workers", params=params)))
-            time.sleep(2)
+    _watch(lambda: workers_table(remote.call("GET", "/api/v1/workers", params=params)), interval)
 
 
 def events(
@@ -219,13 +241,23 @@ def events(
             for line in answer.iter_lines():
                 if line.startswith("data: "):
                     event = json.loads(line[6:])
-                    print(json.dumps(event)) if as_json else _print_event(event)
+                    if as_json:
+                        sys.stdout.write(json.dumps(event) + "\n")
+                        sys.stdout.flush()
+                    else:
+                        _print_event(event)
+    except KeyboardInterrupt:
+        return
     except httpx.HTTPError as exc:
         err_console.print(f"[red]stream ended: {exc}[/red]")
         raise typer.Exit(EXIT_UNREACHABLE) from None
 
 
-def endpoints_export(url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+def endpoints_export(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (always: the default).")] = True,
+) -> None:
     """Ready worker endpoints per pool, as JSON, for tools that call workers directly."""
     out: dict[str, list[dict[str, Any]]] = {}
     for w in Remote(url, key).call("GET", "/api/v1/workers", params={"state": "ready"}):
@@ -272,7 +304,12 @@ def tasks_submit(
         raise typer.Exit(EXIT_ERROR)
 
 
-def tasks_get(task_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
+def tasks_get(
+    task_id: str,
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (always: the default).")] = True,
+) -> None:
     """One task, as JSON."""
     _emit_json(Remote(url, key).call("GET", f"/api/v1/tasks/{task_id}"))
 
@@ -445,26 +482,44 @@ def _print_event(e: dict[str, Any]) -> None:
     )
 
 
+WAIT_POLL_S = 2.0  # the long poll returns at once when the task finishes; this only paces updates
+
+
 def _wait(remote: Remote, task_id: str, timeout_s: float, *, quiet: bool) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    with console.status(f"{task_id} queued", spinner="dots") as spinner:
+    """Long-poll until the task finishes; a spinner on stderr (none with ``quiet``) says where
+    it stands: queued, running on which worker, which attempt, for how long."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    spinner = err_console.status(f"{task_id} submitted", spinner="dots")
+    if not quiet:
+        spinner.start()
+    try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                err_console.print(f"[red]{task_id} still not finished after {timeout_s:.0f} s")
+                err_console.print(f"[red]{task_id} still not finished after {timeout_s:g} s")
                 raise typer.Exit(EXIT_TIMEOUT)
             task: dict[str, Any] = remote.call(
-                "GET", f"/api/v1/tasks/{task_id}/wait", params={"timeout_s": min(25, left)}
+                "GET", f"/api/v1/tasks/{task_id}/wait",
+                params={"timeout_s": round(min(WAIT_POLL_S, left), 3)},
             )
             if task["status"] in ("succeeded", "failed", "cancelled"):
                 return task
-            if not quiet:
-                spinner.update(f"{task_id} {task['status']} (attempt {task.get('attempts', 0)})")
+            where = f" on {task['worker']}" if task["status"] == "running" and task.get(
+                "worker") else ""
+            attempt = f", attempt {task['attempts']}" if task.get("attempts", 0) > 1 else ""
+            spinner.update(f"{task_id} {_badge(task['status'])}{where}{attempt} "
+                           f"({time.monotonic() - started:.0f} s)")
+    finally:
+        spinner.stop()
 
 
 def _download(remote: Remote, task: dict[str, Any], folder: Path) -> None:
+    """Every output of ``task`` into ``folder``, byte for byte (whatever its content type)."""
     folder.mkdir(parents=True, exist_ok=True)
     for item in (task.get("result") or {}).get("outputs", []):
-        data = remote.call("GET", f"/api/v1/tasks/{task['id']}/outputs/{item['filename']}")
-        (folder / Path(item["filename"]).name).write_bytes(data)
-        err_console.print(f"saved {folder / Path(item['filename']).name}")
+        name = Path(item["filename"]).name  # never a path the server chose
+        quoted = quote(str(item["filename"]), safe="")  # "?", "#", "/" or ".." stay in the name
+        answer = remote.request("GET", f"/api/v1/tasks/{task['id']}/outputs/{quoted}")
+        (folder / name).write_bytes(answer.content)
+        err_console.print(f"saved {folder / name}")
