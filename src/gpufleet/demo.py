@@ -482,6 +482,10 @@ def cheat_sheet(demo: Demo) -> str:
         "  gpufleet instances",
         "  gpufleet products",
         "",
+        "  # ready worker endpoints per pool, as JSON; the Prometheus metrics",
+        "  gpufleet endpoints export",
+        "  curl -s $GPUFLEET_URL/metrics | grep '^gpufleet_'",
+        "",
         "Ctrl-C stops the demo and its embedded Redis.",
         "",
     ]
