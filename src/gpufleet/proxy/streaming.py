@@ -1,8 +1,9 @@
 """Relaying one proxied request to a worker, shared by the Ollama and OpenAI front doors.
 
 ``ProxyService`` is the proxy's per-app state (built by the lifespan, kept in
-``Components.extras["proxy"]``): the upstream ``httpx.AsyncClient``, the
-``SlotBroker`` and the usage meter. ``ProxyService.forward`` is a raw ASGI
+``Components.extras["proxy"]``): the upstream clients (``upstream.UpstreamClient`` for
+the inference POSTs, an ``httpx.AsyncClient`` for the rest), the ``SlotBroker`` and
+the usage meter. ``ProxyService.forward`` is a raw ASGI
 handler so bytes pass through untouched:
 
 - the slot is taken before the upstream call and released after the last byte;
@@ -47,6 +48,7 @@ from gpufleet.metrics import (
     observe_cold_start,
 )
 from gpufleet.proxy.config import ProxySettings
+from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
 from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
@@ -238,6 +240,8 @@ class ProxyService:
         self.registry = registry
         self._own_http = http is None
         self.http = http or make_http_client(self.config)
+        # Inference POSTs go through the lean client; ``http`` serves the rest (/api/show).
+        self.upstream = UpstreamClient(connect_timeout_s=self.config.connect_timeout_s)
         self.clock = clock
         self.pools = {p.name: p for p in settings.pools}
         self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
@@ -251,6 +255,7 @@ class ProxyService:
     async def aclose(self) -> None:
         await self.broker.aclose()
         await self.usage.flush()
+        await self.upstream.aclose()
         if self._own_http:
             await self.http.aclose()
 
@@ -368,8 +373,17 @@ class ProxyService:
         pool = self.pools.get(lease.worker.pool)
         if pool is None:
             return call.body
+        keep_alive = clamp_keep_alive(call.payload.get("keep_alive"), pool, self.config)
+        if "keep_alive" not in call.payload:
+            # The client's bytes stay as they are: the field goes in after the opening
+            # brace (the body parsed as an object with a model, so a comma follows).
+            start = call.body.index(b"{") + 1
+            return b'%s"keep_alive":%d,%s' % (call.body[:start], keep_alive, call.body[start:])
+        current = call.payload["keep_alive"]
+        if type(current) is int and current == keep_alive:
+            return call.body
         payload = dict(call.payload)
-        payload["keep_alive"] = clamp_keep_alive(payload.get("keep_alive"), pool, self.config)
+        payload["keep_alive"] = keep_alive
         return json.dumps(payload, separators=(",", ":")).encode()
 
     async def _relay(
@@ -387,26 +401,22 @@ class ProxyService:
         Raises ``_Retryable`` only while nothing has been sent to the client.
         """
         loop = asyncio.get_running_loop()
-        request = self.http.build_request(
-            "POST",
-            lease.worker.base_url.rstrip("/") + call.path,
-            content=self._upstream_body(call, lease),
-            headers={"content-type": "application/json"},
-        )
+        url = lease.worker.base_url.rstrip("/") + call.path
+        body = self._upstream_body(call, lease)
         sent = False
         content_type = b"application/json"
         prev = tail = b""
         first_by = loop.time() + self.config.load_timeout_s
         try:
             async with asyncio.timeout_at(first_by):
-                response = await self.http.send(request, stream=True)
-        except (httpx.TransportError, TimeoutError) as exc:
+                response = await self.upstream.post(url, body)
+        except (UpstreamError, TimeoutError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         try:
             if response.status_code >= 500 and not last:
                 raise _Retryable(f"HTTP {response.status_code}")
-            headers = [(k, v) for k, v in response.headers.raw if k.lower() in _PASS_HEADERS]
-            content_type = response.headers.get("content-type", "").encode()
+            headers = [(k, v) for k, v in response.headers if k.lower() in _PASS_HEADERS]
+            content_type = response.header(b"content-type") or b""
             headers += _our_headers(lease)
             chunks = response.aiter_raw()
             while True:
@@ -433,7 +443,7 @@ class ProxyService:
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return prev + tail
-        except (httpx.TransportError, httpx.StreamError, TimeoutError) as exc:
+        except (UpstreamError, TimeoutError) as exc:
             if not sent:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
             await self._end_with_error(call, lease, response, content_type, send, state, exc)
@@ -445,7 +455,7 @@ class ProxyService:
         self,
         call: Call,
         lease: Lease,
-        response: httpx.Response,
+        response: UpstreamResponse,
         content_type: bytes,
         send: Send,
         state: dict[str, bool],
@@ -460,7 +470,7 @@ class ProxyService:
             lease.worker.id,
             type(exc).__name__,
         )
-        if "content-length" in response.headers:
+        if response.header(b"content-length") is not None:
             raise _Disconnected(reason) from exc  # a sized body cannot carry an error line
         state["finished"] = True
         state["clean"] = False

@@ -230,6 +230,10 @@ class EmbeddedRedis:
         self.stop()
 
 
+# How long a command waits for a free pooled connection before it fails.
+_POOL_WAIT_S = 10.0
+
+
 def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """An asyncio Redis client with a connection pool; responses are decoded to ``str``.
 
@@ -240,17 +244,21 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     """
     if url.startswith("redis+sentinel://"):
         return _connect_sentinel(url, max_connections)
+    # Blocking: past ``max_connections`` busy connections a command waits (up to
+    # ``_POOL_WAIT_S``) for one to come back, instead of failing with "Too many
+    # connections" — 64 concurrent proxied requests each holding a Redis call would.
+    options: dict[str, Any] = {"socket_keepalive": True}
     if url.startswith("unix://"):  # unix sockets reject socket_keepalive
-        return aioredis.Redis.from_url(
-            url, decode_responses=True, max_connections=max_connections, health_check_interval=30
-        )
-    return aioredis.Redis.from_url(
+        options = {}
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
         decode_responses=True,
         max_connections=max_connections,
+        timeout=_POOL_WAIT_S,
         health_check_interval=30,
-        socket_keepalive=True,
+        **options,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass(frozen=True)
