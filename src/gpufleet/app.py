@@ -163,7 +163,9 @@ def create_app(settings: Settings) -> FastAPI:
             components.extras["wake"] = reconciler.wake
             components.extras["demand"] = reconciler.demand_for
             secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
-            components.extras["apikeys"] = await ApiKeyStore.open(redis, secret, prefix=prefix)
+            components.extras["apikeys"] = await ApiKeyStore.open(
+                redis, secret, prefix=prefix, cache_ttl_s=settings.auth.key_cache_ttl_s
+            )
             if not settings.auth.enabled:
                 logger.warning(
                     "AUTH IS DISABLED ([auth] enabled = false): anyone who can reach this "

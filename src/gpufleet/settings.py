@@ -334,6 +334,13 @@ class AuthSettings(Section):
         description="When Redis cannot be asked about a key's limits: false (default) refuses "
         "the request with 503; true lets it through unlimited.",
     )
+    key_cache_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds each replica reuses a verified API key without asking Redis. A key "
+        "revoked or rotated through another replica or the CLI still works here for at most this "
+        "long (at once through this replica's API). 0: ask Redis on every request.",
+    )
 
 
 class ProvidersSettings(Section):

@@ -8,6 +8,13 @@ stored digest is then compared in constant time.
 Limits are exact across replicas because they live in Redis and every check is
 one Lua script; every counter a script writes carries a TTL, so a replica that
 dies mid-request leaves nothing behind for longer than that TTL.
+
+``verify`` keeps each live key it found for ``cache_ttl_s`` (default 5 s) in this
+process, so a request with a known key costs no Redis round trip for the lookup
+(the rate-limit and concurrency scripts still run per request). The price: a key
+revoked or rotated through *another* replica (or the CLI) keeps working here for
+at most ``cache_ttl_s``; through this replica's API it stops at once. Unknown and
+revoked keys are not cached, so a new key works everywhere at once.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["admin", "user"]
 KEY_PREFIX = "gpf_"
+# Entries in the per-process cache of verified keys before it is emptied and refilled.
+_CACHE_MAX = 10_000
 
 # KEYS: window counter. ARGV: limit, window seconds. Returns 0 if allowed, else seconds to wait.
 _RATE = """
@@ -99,11 +108,14 @@ class ApiKeyStore:
         *,
         prefix: str = "gpufleet",
         clock: Callable[[], float] = time.time,
+        cache_ttl_s: float = 5.0,
     ) -> None:
         self.redis = redis
         self._secret = secret
         self.prefix = prefix
         self.clock = clock
+        self.cache_ttl_s = cache_ttl_s
+        self._cache: dict[str, tuple[float, ApiKey]] = {}  # digest -> (expires, key)
         self._rate = redis.register_script(_RATE)
         self._concurrent = redis.register_script(_CONCURRENT)
 
@@ -112,15 +124,20 @@ class ApiKeyStore:
 
     @classmethod
     async def open(
-        cls, redis: aioredis.Redis, configured: str | None, *, prefix: str = "gpufleet"
+        cls,
+        redis: aioredis.Redis,
+        configured: str | None,
+        *,
+        prefix: str = "gpufleet",
+        cache_ttl_s: float = 5.0,
     ) -> ApiKeyStore:
         """Use the configured server secret, else the one kept in Redis (made once)."""
         if configured:
-            return cls(redis, configured.encode(), prefix=prefix)
+            return cls(redis, configured.encode(), prefix=prefix, cache_ttl_s=cache_ttl_s)
         key = f"{prefix}:auth:secret"
         await redis.set(key, secrets.token_hex(32), nx=True)
         stored = cast(str, await redis.get(key))
-        return cls(redis, stored.encode(), prefix=prefix)
+        return cls(redis, stored.encode(), prefix=prefix, cache_ttl_s=cache_ttl_s)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -181,6 +198,10 @@ class ApiKeyStore:
         if not plaintext or len(plaintext) > 512:
             return None
         digest = self._digest(plaintext)
+        now = self.clock()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         key_id = await self.redis.hget(self._by_digest, digest)
         if not key_id:
             return None
@@ -188,7 +209,18 @@ class ApiKeyStore:
         if not data or not hmac.compare_digest(data.get("digest", ""), digest):
             return None
         key = _from_hash(data)
-        return None if key.revoked else key
+        if key.revoked:
+            return None
+        if self.cache_ttl_s > 0:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[digest] = (now + self.cache_ttl_s, key)
+        return key
+
+    def _forget(self, key_id: str) -> None:
+        """Drop a key from this process's cache (it was revoked or rotated here)."""
+        for digest in [d for d, (_, k) in self._cache.items() if k.id == key_id]:
+            del self._cache[digest]
 
     async def get(self, key_id: str) -> ApiKey | None:
         data = cast(dict[str, str], await self.redis.hgetall(self._key(key_id)))
@@ -207,6 +239,7 @@ class ApiKeyStore:
             pipe.hset(self._key(key_id), "revoked", "1")
             pipe.hdel(self._by_digest, data.get("digest", ""))
             await pipe.execute()
+        self._forget(key_id)
         logger.info("api key %s revoked", key_id)
         return True
 
@@ -222,6 +255,7 @@ class ApiKeyStore:
             pipe.hset(self._by_digest, digest, key_id)
             pipe.hset(self._key(key_id), "digest", digest)
             await pipe.execute()
+        self._forget(key_id)
         logger.info("api key %s rotated", key_id)
         return _from_hash({**data, "digest": digest}), plaintext
 
