@@ -21,12 +21,13 @@ which Prometheus does not need), and ``/metrics`` renders with ``api.health.rend
 and no per-name escaping) instead of ``generate_latest``. Before both: 1,481 series,
 p50 12.9 ms, p99 34.3 ms (1.71x the target).
 
-Measured after (2 cores shared with a running chaos suite, load average 2.5-3.4, so the tail
-is noisy; 500 scrapes, 10 pools × 50 workers, 1,009 series, 78 KB):
+Measured after (2 cores; 500 scrapes, 10 pools × 50 workers, 1,009 series, 78 KB):
 
-    /metrics: p50 6.48 ms, p99 14.80 ms (0.74x the 20 ms target)
-    /metrics: p50 9.92 ms, p99 25.61 ms (1.28x; load average 3.4)
-    rendering alone: render_metrics p50 5.38 ms, generate_latest p50 8.23 ms (0.65x)
+    quiet box (load 1.1):  /metrics p50 5.64-6.65 ms, p99 16.1-17.7 ms (0.81-0.88x the target)
+                           rendering alone p50 4.6-5.2 ms vs generate_latest 7.1-7.9 ms (0.65x)
+    beside a chaos suite:  /metrics p50 6.5-9.9 ms, p99 14.8-25.6 ms (load 2.5-3.4)
+
+The tail (max 70-90 ms) is the machine, not the scrape: rendering alone has the same outliers.
 """
 
 from __future__ import annotations
