@@ -16,7 +16,8 @@ Events to ``on_event``: ``started {api, model}``, ``finished {eval_count}``,
 Error classification: 400 and 404 (``model 'x' not found``: the payload names a
 model this worker does not have; routing should not have sent it here, and the
 user must fix the request) → ``EngineRejected``; connection errors, timeouts,
-408/429, 5xx (incl. 503 "server busy"), non-JSON or error-carrying 200s, dropped
+408/429, 5xx (incl. 503 "server busy"), non-JSON or error-carrying 200s, 200s whose
+JSON is not the API's answer (no ``message`` / ``response`` / ``embeddings``), dropped
 connections → ``EngineUnavailable``. A pull that fails because the model does not
 exist in the registry → ``EngineRejected``; other pull failures → unavailable.
 Cancellation closes the HTTP request (Ollama stops generating when its client
@@ -138,7 +139,9 @@ class OllamaEngine(EngineClient):
                                  f"({body_excerpt(response)})", status=404, model=model)
         check_status(response, self.name)
         result = parse_json(response, self.name)
-        if not isinstance(result, dict) or "error" in result:
+        if not isinstance(result, dict) or "error" in result or not _is_answer(api, result):
+            # Not Ollama's answer (a gateway page, another service, a broken worker): the
+            # task did not run, whatever the status said.
             raise EngineUnavailable(f"ollama: {api} answered {body_excerpt(response)!r}")
         await emit(on_event, {"type": "finished", "eval_count": result.get("eval_count")})
         logger.info("task %s %s %s done on %s", task_id, api, model, base_url)
@@ -179,6 +182,19 @@ class OllamaEngine(EngineClient):
         if last[0] != "success":
             raise EngineUnavailable(f"ollama: pull of {model} ended at {last[0]!r}")
         logger.info("ollama %s: pulled %s", base_url, model)
+
+
+# What each API's answer must carry to count as one (``stream: false``).
+_ANSWER_FIELDS: dict[str, tuple[str, type]] = {
+    "chat": ("message", dict),
+    "generate": ("response", str),
+    "embed": ("embeddings", list),
+}
+
+
+def _is_answer(api: str, result: dict[str, Any]) -> bool:
+    name, kind = _ANSWER_FIELDS[api]
+    return isinstance(result.get(name), kind)
 
 
 def _parse_line(line: str, model: str) -> dict[str, Any]:

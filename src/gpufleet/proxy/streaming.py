@@ -217,6 +217,16 @@ def _stream_error_line(flavor: Flavor, content_type: bytes, message: str) -> byt
     return error_bytes(flavor, message) + b"\n"
 
 
+def _line_break(sent: bytes, *, sse: bool) -> bytes:
+    """What must go out before an error line so that it starts a line (NDJSON) or an
+    event (SSE) of its own, after the last bytes ``sent``."""
+    if not sent:
+        return b""
+    if sse:
+        return b"" if sent.endswith(b"\n\n") else b"\n" if sent.endswith(b"\n") else b"\n\n"
+    return b"" if sent.endswith(b"\n") else b"\n"
+
+
 def _tokens(tail: bytes) -> tuple[int, int]:
     found = [m.findall(tail) for m in (_TOKENS["in"], _TOKENS["out"])]
     return (int(found[0][-1]) if found[0] else 0, int(found[1][-1]) if found[1] else 0)
@@ -446,7 +456,9 @@ class ProxyService:
         except (UpstreamError, TimeoutError) as exc:
             if not sent:
                 raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
-            await self._end_with_error(call, lease, response, content_type, send, state, exc)
+            await self._end_with_error(
+                call, lease, response, content_type, send, state, exc, prev + tail
+            )
             return prev + tail
         finally:
             await response.aclose()
@@ -460,6 +472,7 @@ class ProxyService:
         send: Send,
         state: dict[str, bool],
         exc: BaseException,
+        sent: bytes = b"",
     ) -> None:
         reason = "worker stopped sending" if isinstance(exc, TimeoutError) else "worker failed"
         logger.warning(
@@ -475,6 +488,8 @@ class ProxyService:
         state["finished"] = True
         state["clean"] = False
         line = _stream_error_line(call.flavor, content_type, f"{reason}: {type(exc).__name__}")
+        # The worker may have died mid-line: the error must not be glued to a fragment.
+        line = _line_break(sent, sse=b"event-stream" in content_type) + line
         await send({"type": "http.response.body", "body": line, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

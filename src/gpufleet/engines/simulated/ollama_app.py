@@ -51,6 +51,8 @@ class OllamaConfig:
     fail_status: int | None = None  # every route answers this (502: gateway, no Ollama)
     hang: bool = False  # every route waits until the client gives up
     garbage: bool = False  # 200 with a body that is not JSON
+    wrong_json: bool = False  # 200 with JSON that is not Ollama's answer: {"status": "ok"}
+    fail_infer_status: int | None = None  # inference routes answer this (health stays fine)
     drop_after_tokens: int | None = None  # connection dropped after N tokens
     error_after_tokens: int | None = None  # mid-stream {"error": ...} line after N tokens
 
@@ -123,6 +125,8 @@ class SimulatedOllama:
     def _json(self, body: Any, status: int = 200) -> Response:
         if self.config.garbage:
             return PlainTextResponse("<html>oops", status_code=200)
+        if self.config.wrong_json:
+            return JSONResponse({"status": "ok"}, status_code=200)
         return JSONResponse(body, status_code=status)
 
     def _error(self, path: str, message: str, status: int) -> Response:
@@ -271,6 +275,9 @@ class SimulatedOllama:
         body = await self._body(request)
         if isinstance(body, Response):
             return body
+        if self.config.fail_infer_status:  # e.g. a model that does not fit: 500 at load
+            return self._error(request.url.path, "simulated inference failure",
+                               self.config.fail_infer_status)
         path, model = request.url.path, str(body.get("model", ""))
         if not self.has(model):
             return self._not_found(path, model)
@@ -440,6 +447,8 @@ class _Lines(Response):
                 return
             if self.sim.config.garbage:
                 chunk = b"<html>oops\n"
+            elif self.sim.config.wrong_json:
+                chunk = b'{"status": "ok"}\n'
             if self.whole:
                 await self._start(send, {b"content-length": str(len(chunk)).encode()})
                 await send({"type": "http.response.body", "body": chunk})
