@@ -156,7 +156,7 @@ async def show(request: Request) -> Response:
         return JSONResponse({"error": "request body too large"}, status_code=413)
     try:
         payload = json.loads(raw or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return JSONResponse({"error": "invalid JSON body"}, status_code=400)
     model = model_of(payload) if isinstance(payload, dict) else ""
     if not model:

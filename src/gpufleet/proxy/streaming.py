@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -116,6 +117,8 @@ def clamp_keep_alive(value: Any, pool: PoolSpec, settings: ProxySettings) -> int
     Ollama keeps the model while gpufleet counts the worker warm), at most the cap."""
     floor = pool.idle_timeout_s + settings.keep_alive_margin_s
     seconds = parse_keep_alive(value)
+    if seconds is not None and math.isnan(seconds):  # "nan", NaN: unreadable
+        seconds = None
     if seconds is None or seconds < 0:
         seconds = settings.keep_alive_max_s if seconds is not None else floor
     return int(min(max(seconds, floor), settings.keep_alive_max_s))
@@ -598,7 +601,7 @@ class ForwardEndpoint:
             return
         try:
             payload = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             await send_error(send, self.flavor, 400, f"invalid JSON body: {exc}")
             return
         model = model_of(payload) if isinstance(payload, dict) else ""
