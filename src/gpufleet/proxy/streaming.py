@@ -6,7 +6,8 @@ the inference POSTs, an ``httpx.AsyncClient`` for the rest), the ``SlotBroker`` 
 the usage meter. ``ProxyService.forward`` is a raw ASGI
 handler so bytes pass through untouched:
 
-- the slot is taken before the upstream call and released after the last byte;
+- the slot is taken before the upstream call and released once the worker's answer
+  ended, before the client's response is closed;
 - the response starts only with the first upstream chunk, so a worker that fails
   before sending a byte (connect error, 5xx, timeout) is retried on another one;
 - each upstream chunk is sent as it arrives (no re-framing, no buffering); after
@@ -453,6 +454,9 @@ class ProxyService:
             if not sent:
                 await send(_start(response.status_code, headers))
                 sent = True
+            # The worker is done: its slot is free before the client sees the end, so a
+            # client's next request finds it (the caller's release is then a no-op).
+            await self.broker.release(lease)
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return prev + tail
@@ -494,6 +498,7 @@ class ProxyService:
         # The worker may have died mid-line: the error must not be glued to a fragment.
         line = _line_break(sent, sse=b"event-stream" in content_type) + line
         await send({"type": "http.response.body", "body": line, "more_body": True})
+        await self.broker.release(lease)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -1,8 +1,9 @@
 """Slots for proxied requests: take one at once, or wait for one in a bounded queue.
 
 A proxied request holds one slot of one worker — the same atomic accounting
-(``WorkerRegistry.acquire_slot`` / ``release_slot``, one Lua call each) the
-dispatcher uses for queued tasks, so both share a worker's capacity.
+(the registry's acquire / release Lua scripts) the dispatcher uses for queued tasks,
+so both share a worker's capacity. The calls go through a ``SlotBatcher``: the
+scripts of concurrent requests share one pipelined round trip.
 
 Fast path: if nobody waits for the same pools on this replica, the candidates
 ``gpufleet.routing.pick_worker`` orders (from a worker list cached for at most
@@ -43,7 +44,7 @@ from gpufleet.domain import LIVE_WORKER_STATES, Worker, WorkerState
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.routing import pick_worker, pools_serving
 from gpufleet.settings import PoolSpec
-from gpufleet.store.workers import WorkerRegistry
+from gpufleet.store.workers import SlotBatcher, WorkerRegistry
 from gpufleet.store.workers import keys as worker_keys
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class SlotBroker:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
+        self.slots = SlotBatcher(registry)
         self.redis = redis
         self.pools = {p.name: p for p in pools}
         self.settings = settings
@@ -215,7 +217,7 @@ class SlotBroker:
             if fast and attempts >= _FAST_PATH_ATTEMPTS:
                 break
             attempts += 1
-            token = await self.registry.acquire_slot(worker.id)
+            token = await self.slots.acquire(worker.id)
             if token is not None:
                 self._hold(token, worker.id)
                 if free is not None:
@@ -232,7 +234,7 @@ class SlotBroker:
         if self._waiters:
             self._wake.set()
         try:
-            await self.registry.release_slot(lease.worker.id, lease.token)
+            await self.slots.release(lease.worker.id, lease.token)
         except Exception as exc:  # the slot frees itself when its deadline passes
             logger.warning("slot %s on %s: release failed (%s)", lease.token, lease.worker.id, exc)
 
@@ -408,6 +410,7 @@ class SlotBroker:
                 waiter.future.set_exception(
                     WaitTimeout("gpufleet is shutting down", retry_after_s=1)
                 )
+        await self.slots.aclose()
 
 
 def _free(workers: Iterable[Worker]) -> dict[str, int]:

@@ -1,0 +1,59 @@
+"""Batched slot operations (``SlotBatcher``) keep the registry's guarantees on real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from gpufleet.domain import WorkerState
+from gpufleet.store.workers import SlotBatcher, WorkerRegistry
+
+
+async def test_batched_acquires_across_replicas_never_give_a_slot_twice(
+    redis: aioredis.Redis,
+) -> None:
+    registries = [WorkerRegistry(redis) for _ in range(3)]  # three "replicas"
+    batchers = [SlotBatcher(r) for r in registries]
+    await registries[0].register(pool="p", provider="static", slots=5, worker_id="w",
+                                 state=WorkerState.ready)
+    tokens = await asyncio.gather(*(batchers[i % 3].acquire("w") for i in range(120)))
+    held = [t for t in tokens if t]
+    assert len(held) == 5
+    assert await registries[0].busy("w") == 5
+    released = await asyncio.gather(*(batchers[1].release("w", t) for t in held[:2]))
+    assert released == [True, True]
+    assert not await batchers[2].release("w", held[0])
+    again = await asyncio.gather(*(batchers[2].acquire("w") for _ in range(10)))
+    assert sum(1 for t in again if t) == 2
+    for batcher in batchers:
+        await batcher.aclose()
+
+
+async def test_an_acquire_whose_caller_left_gives_its_slot_back(redis: aioredis.Redis) -> None:
+    registry = WorkerRegistry(redis)
+    batcher = SlotBatcher(registry)
+    await registry.register(pool="p", provider="static", slots=1, worker_id="w",
+                            state=WorkerState.ready)
+    abandoned = asyncio.ensure_future(batcher.acquire("w"))
+    await asyncio.sleep(0)  # queued: the flusher has not sent it yet
+    abandoned.cancel()
+    for _ in range(100):  # the slot is taken by the script, then handed back
+        if not batcher._pending and (batcher._flusher is None or batcher._flusher.done()):
+            break
+        await asyncio.sleep(0.01)
+    assert await registry.busy("w") == 0
+    assert await batcher.acquire("w") is not None
+    await batcher.aclose()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(redis: aioredis.Redis) -> None:
+    registry = WorkerRegistry(redis)
+    batcher = SlotBatcher(registry)
+    await registry.register(pool="p", provider="static", slots=2, worker_id="w",
+                            state=WorkerState.ready)
+    await redis.script_flush()
+    token = await batcher.acquire("w")
+    assert token is not None
+    assert await batcher.release("w", token)
+    await batcher.aclose()
