@@ -388,13 +388,13 @@ class ProxyService:
         if pool is None:
             return call.body
         keep_alive = clamp_keep_alive(call.payload.get("keep_alive"), pool, self.config)
-        if "keep_alive" not in call.payload:
+        if "keep_alive" not in call.payload and _splicable(call.body):
             # The client's bytes stay as they are: the field goes in after the opening
             # brace (the body parsed as an object with a model, so a comma follows).
             start = call.body.index(b"{") + 1
             return b'%s"keep_alive":%d,%s' % (call.body[:start], keep_alive, call.body[start:])
-        current = call.payload["keep_alive"]
-        if type(current) is int and current == keep_alive:
+        current = call.payload.get("keep_alive")
+        if type(current) is int and current == keep_alive and _splicable(call.body):
             return call.body
         payload = dict(call.payload)
         payload["keep_alive"] = keep_alive
@@ -500,6 +500,12 @@ class ProxyService:
         await send({"type": "http.response.body", "body": line, "more_body": True})
         await self.broker.release(lease)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _splicable(body: bytes) -> bool:
+    """UTF-8 JSON without a BOM (json.loads also reads UTF-16/32, where inserting ASCII
+    bytes would corrupt the text)."""
+    return b"\x00" not in body[:4] and not body.startswith(b"\xef\xbb\xbf")
 
 
 def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
