@@ -9,8 +9,10 @@ Ollama backend:
 - ``nginx``    Debian's nginx as a plain reverse proxy (keepalive upstream, no
                buffering): the practical floor for a proxy;
 - ``gpufleet`` gpufleet's proxy router (slot acquire + release in Redis per request);
-- ``litellm``  LiteLLM proxy, if ``bench/.venvs/litellm/bin/litellm`` exists (not
-               installed by this script).
+- ``litellm``  LiteLLM proxy (its pass-through endpoint for ``/api/chat``, one worker,
+               a master key), from ``bench/.venvs/litellm``: the script creates that
+               virtualenv on first run (``python -m venv`` + ``pip install
+               litellm[proxy]``); LiteLLM is never one of gpufleet's dependencies.
 
 The proxy under test runs on core 0; the load generators (``hey``, ``wrk`` from
 Debian), the backend and Redis on core 1. Needs: ``apt-get install nginx-light wrk hey``.
@@ -211,6 +213,33 @@ def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
     )
 
 
+# -- LiteLLM proxy, in its own virtualenv (never one of gpufleet's dependencies) ----------
+
+LITELLM_VENV = ROOT / "bench/.venvs/litellm"
+LITELLM_KEY = "sk-bench-only-0123456789abcdef"
+# Same route as the others: LiteLLM's pass-through endpoint relays /api/chat to the
+# backend as it is (its /chat/completions path would translate to and from OpenAI's shape).
+LITELLM_CONF = """
+model_list:
+  - model_name: llama3.2
+    litellm_params: {{model: ollama_chat/llama3.2, api_base: "{backend}"}}
+general_settings:
+  pass_through_endpoints:
+    - {{path: "/api/chat", target: "{backend}/api/chat"}}
+"""
+
+
+def ensure_litellm() -> Path:
+    """``bench/.venvs/litellm/bin/litellm``, creating the venv on first use (PyPI)."""
+    exe = LITELLM_VENV / "bin/litellm"
+    if not exe.exists():
+        print("  creating bench/.venvs/litellm (pip install litellm[proxy])", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(LITELLM_VENV)], check=True)
+        pip = [str(LITELLM_VENV / "bin/python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "litellm[proxy]"], check=True)
+    return exe
+
+
 # -- orchestration ---------------------------------------------------------------------------
 
 
@@ -231,16 +260,21 @@ def wait_port(port: int, timeout_s: float = 20.0) -> None:
 
 @contextlib.contextmanager
 def process(
-    cmd: list[str], core: int, port: int | None = None
+    cmd: list[str],
+    core: int,
+    port: int | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    start_timeout_s: float = 20.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(
         ["taskset", "-c", str(core), *cmd],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
+        env=env or {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
     )
     try:
         if port:
-            wait_port(port)
+            wait_port(port, start_timeout_s)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -288,7 +322,12 @@ def rss_kb(pid: int) -> int:
     return total
 
 
+# Extra request headers per target (LiteLLM's proxy refuses to start without a master key).
+HEADERS: dict[str, dict[str, str]] = {}
+
+
 def hey(url: str, body: dict[str, Any], *args: str) -> str:
+    extra = [a for k, v in HEADERS.get(url, {}).items() for a in ("-H", f"{k}: {v}")]
     cmd = [
         "taskset",
         "-c",
@@ -300,6 +339,7 @@ def hey(url: str, body: dict[str, Any], *args: str) -> str:
         "application/json",
         "-d",
         json.dumps(body),
+        *extra,
         *args,
         url,
     ]
@@ -316,9 +356,10 @@ def latency_at_rate(url: str, seconds: int) -> tuple[float, float]:
 
 def throughput(url: str, seconds: int, tmp: Path) -> float:
     script = tmp / "post.lua"
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.get(url, {}).items())
     script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = {json.dumps(json.dumps(CHAT))}\n"
+        f"{extra}wrk.body = {json.dumps(json.dumps(CHAT))}\n"
     )
     out = subprocess.run(
         ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-s", str(script), url],
@@ -405,9 +446,23 @@ def main() -> None:
                     "gpufleet", f"http://127.0.0.1:{gport}/api/chat", proc.pid, args.seconds, tmp
                 )
             )
-        litellm = ROOT / "bench/.venvs/litellm/bin/litellm"
-        if not litellm.exists():
-            print("  litellm: skipped (no bench/.venvs/litellm)", file=sys.stderr)
+        lport = free_port()
+        url = f"http://127.0.0.1:{lport}/api/chat"
+        HEADERS[url] = {"Authorization": f"Bearer {LITELLM_KEY}"}
+        (tmp / "litellm.yaml").write_text(LITELLM_CONF.format(backend=backend))
+        cmd = [
+            str(ensure_litellm()),
+            *("--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1"),
+            *("--port", str(lport), "--num_workers", "1"),
+        ]
+        env = {
+            **os.environ,
+            "LITELLM_MASTER_KEY": LITELLM_KEY,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch from GitHub at start
+            "LITELLM_LOG": "ERROR",
+        }
+        with process(cmd, 0, lport, env=env, start_timeout_s=180) as proc:
+            rows.append(measure("litellm", url, proc.pid, args.seconds, tmp))
     report(rows)
 
 
@@ -437,10 +492,10 @@ def report(rows: list[dict[str, Any]]) -> None:
             f"gpufleet / direct streams/s: {g['streams_s'] / direct['streams_s']:.2f} "
             "(target >= 0.9)"
         )
-    if "litellm" in by:
-        print(
-            f"gpufleet / litellm idle RSS: {by['gpufleet']['rss_mb'] / by['litellm']['rss_mb']:.2f}"
-        )
+    if "litellm" in by and "gpufleet" in by:
+        g, lite = by["gpufleet"], by["litellm"]
+        print(f"gpufleet / litellm idle RSS: {g['rss_mb'] / lite['rss_mb']:.2f} (target <= 0.5)")
+        print(f"gpufleet / litellm open req/s: {g['rps_open'] / lite['rps_open']:.1f}")
 
 
 if __name__ == "__main__":
