@@ -432,16 +432,12 @@ class ProxyService:
             headers = [(k, v) for k, v in response.headers if k.lower() in _PASS_HEADERS]
             content_type = response.header(b"content-type") or b""
             headers += _our_headers(lease)
-            chunks = response.aiter_raw()
+            gap = self.config.idle_gap_timeout_s
             while True:
-                try:
-                    # Before the first byte the model may be loading (load timeout); after
-                    # it, silence longer than the idle gap means the worker is stuck.
-                    async with asyncio.timeout_at(
-                        first_by if not sent else loop.time() + self.config.idle_gap_timeout_s
-                    ):
-                        chunk = await chunks.__anext__()
-                except StopAsyncIteration:
+                # Before the first byte the model may be loading (load timeout); after it,
+                # silence longer than the idle gap means the worker is stuck.
+                chunk = await response.read_chunk(first_by if not sent else loop.time() + gap)
+                if chunk is None:
                     break
                 if not chunk:
                     continue

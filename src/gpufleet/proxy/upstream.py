@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -124,14 +123,20 @@ class _Connection(asyncio.Protocol):
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def wait(self) -> None:
+    async def wait(self, deadline: float | None = None) -> None:
+        """Until the parser has news; ``TimeoutError`` past ``deadline`` (loop time)."""
         if self.error is not None:
             raise self.error
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.waiter = waiter = loop.create_future()
+        # A bare timer, not asyncio.timeout(): this runs once per chunk of every stream.
+        timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
         try:
-            await self.waiter
+            await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
         if self.error is not None:
             raise self.error
 
@@ -160,8 +165,13 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class UpstreamResponse:
-    """The status and headers of a worker's answer; its body via ``aiter_raw``.
+    """The status and headers of a worker's answer; its body via ``read_chunk``.
 
     ``aclose`` must be called (``ProxyService._relay`` does, in ``finally``): it puts a
     fully read connection back in the pool and closes any other.
@@ -180,17 +190,18 @@ class UpstreamResponse:
                 return value
         return None
 
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
+    async def read_chunk(self, deadline: float | None = None) -> bytes | None:
+        """The next piece of the body as it arrived, or None at its end. ``TimeoutError``
+        if nothing came by ``deadline`` (event-loop time); ``UpstreamError`` if it broke."""
         conn = self._conn
         assert conn is not None, "response already closed"
         while True:
             chunk = conn.take()
             if chunk is not None:
-                yield chunk
-                continue
+                return chunk
             if conn.complete:
-                return
-            await conn.wait()
+                return None
+            await conn.wait(deadline)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
