@@ -31,7 +31,7 @@ from gpufleet.health_checker import HealthChecker, register_static_workers
 from gpufleet.loops import spawn_loop
 from gpufleet.metrics import UP
 from gpufleet.providers import build_providers
-from gpufleet.proxy import ProxyService, build_proxy_router, make_http_client
+from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
 from gpufleet.results import DirectoryResultStore
 from gpufleet.scaling.reconciler import Reconciler
 from gpufleet.settings import Settings
@@ -189,6 +189,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(build_router())
     app.include_router(build_proxy_router(auth=authenticate))
+    app.router.routes[:0] = forward_routes(auth=authenticate)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware)
     if settings.auth.cors_origins:
