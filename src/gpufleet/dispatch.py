@@ -42,13 +42,16 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gpufleet.domain import Engine, Worker, WorkerState
 from gpufleet.engines import EngineClient, build_engine, is_cancelled
@@ -310,9 +313,37 @@ class Dispatcher:
                 await self._flush_notes(run)
                 await self._ack(run, result)
 
+    async def _through_outage(
+        self, call: Callable[[], Awaitable[LeaseOutcome]], task_id: str
+    ) -> LeaseOutcome:
+        """Report a finished attempt, retrying while Redis is unreachable.
+
+        The work is done: losing the report to a Redis restart would run the task again
+        once its lease expires. A late ack still counts while nobody has leased the task
+        again (see docs/queue.md), so retrying for a lease TTL and a bit is safe; a report
+        that did reach Redis before the connection broke answers ``lost`` on the retry.
+        """
+        budget_s = self.settings.queue.lease_ttl_s + self.settings.queue.heartbeat_interval_s
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type((RedisConnectionError, RedisTimeoutError)),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            stop=stop_after_delay(budget_s),
+            reraise=True,
+            before_sleep=lambda state: logger.warning(
+                "task %s: cannot report to Redis (%s); retrying",
+                task_id,
+                state.outcome.exception() if state.outcome else "?",
+            ),
+        ):
+            with attempt:
+                return await call()
+        raise AssertionError("unreachable: AsyncRetrying reraises")  # pragma: no cover
+
     async def _ack(self, run: _Run, result: dict[str, Any]) -> None:
         kind = run.lease.task.kind.value
-        outcome = await self.queue.ack(run.task_id, run.lease.token, result)
+        outcome = await self._through_outage(
+            lambda: self.queue.ack(run.task_id, run.lease.token, result), run.task_id
+        )
         if outcome is LeaseOutcome.ok:
             TASKS_FINISHED.labels(kind, "succeeded").inc()
             with contextlib.suppress(RedisError):  # only feeds cost per succeeded task
@@ -332,7 +363,10 @@ class Dispatcher:
         }
         if isinstance(exc, EngineError):
             error.update({k: v for k, v in exc.details.items() if k not in error})
-        outcome = await self.queue.fail(run.task_id, run.lease.token, error, retryable=retryable)
+        outcome = await self._through_outage(
+            lambda: self.queue.fail(run.task_id, run.lease.token, error, retryable=retryable),
+            run.task_id,
+        )
         if outcome in (LeaseOutcome.retry, LeaseOutcome.failed):
             retry = "yes" if outcome is LeaseOutcome.retry else "no"
             TASK_ATTEMPTS_FAILED.labels(kind, retry).inc()

@@ -329,3 +329,29 @@ async def test_many_tasks_many_workers_concurrently(fleet: Fleet) -> None:
     assert all(s.recorder.max_concurrent <= 1 for s in sims)
     assert sum(s.recorder.total for s in sims) == 20
     assert ollama.recorder.max_concurrent <= 4
+
+
+async def test_a_success_report_rides_out_a_redis_blip(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The work is done when Redis drops the ack: the report is retried, not lost (which
+    would run the task again once its lease expired)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    sim = SimulatedOllama(OllamaConfig(models=("llama3.2",)))
+    await fleet.add("o0", "llm", sim, slots=1, models=("llama3.2:latest",))
+    real_ack = fleet.queue.ack
+    failures = [RedisConnectionError("Connection reset by peer")] * 2
+
+    async def flaky_ack(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real_ack(*args, **kwargs)
+
+    monkeypatch.setattr(fleet.queue, "ack", flaky_ack)
+    task = await fleet.submit("ollama", chat())
+    (done,) = await fleet.run_until_finished([task.id])
+    assert done.status is TaskStatus.succeeded
+    assert done.attempts == 1
+    assert failures == []
+    assert sum(1 for b in sim.recorder.bodies if "messages" in b) == 1  # ran once
