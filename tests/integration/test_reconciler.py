@@ -19,6 +19,7 @@ from gpufleet.domain import WorkerState
 from gpufleet.providers.simulated import Fault, SimNovitaConfig
 from gpufleet.scaling.actions import Adopt, Create, Delete, Drain, MarkFailed, Pause, Resume, Stop
 from gpufleet.scaling.policy import park_timeout_s
+from gpufleet.scaling.reconciler import Reconciler
 from tests.reconciler_harness import COMFY, GPU, PREFIX, Fleet
 
 CREATE = ("POST", "/gpu/instance/create")
@@ -73,18 +74,23 @@ async def test_burst_scales_from_zero_to_ceil_d_over_slots_and_no_second_wave(
     assert pool["spend_usd"] > 0  # booting instances bill
 
 
-async def test_idle_worker_is_drained_stopped_then_deleted_after_park_timeout(
-    fleet: Fleet,
-) -> None:
-    r = fleet.reconciler()
+async def one_worker_that_ran_a_task(fleet: Fleet, r: Reconciler) -> str:
+    """Scale from zero for one task, let the worker boot, run the task and finish it."""
     await fleet.enqueue(1, pool="comfy")
     await r.reconcile_once()
     fleet.clock.advance(13)
     await r.reconcile_once()
     (worker_id,) = await fleet.ready_all()
-    # the task ran and finished
     (lease,) = await fleet.queue.lease(worker_id, ["comfy"])
     await fleet.queue.ack(lease.task_id, lease.token, {"ok": True})
+    return worker_id
+
+
+async def test_idle_worker_is_drained_stopped_then_deleted_after_park_timeout(
+    fleet: Fleet,
+) -> None:
+    r = fleet.reconciler()
+    worker_id = await one_worker_that_ran_a_task(fleet, r)
 
     fleet.clock.advance(60)
     report = await r.reconcile_once()
@@ -114,13 +120,7 @@ async def test_idle_worker_is_drained_stopped_then_deleted_after_park_timeout(
 
 async def test_a_stopped_worker_is_started_again_on_demand(fleet: Fleet) -> None:
     r = fleet.reconciler()
-    await fleet.enqueue(1, pool="comfy")
-    await r.reconcile_once()
-    fleet.clock.advance(13)
-    await r.reconcile_once()
-    (worker_id,) = await fleet.ready_all()
-    (lease,) = await fleet.queue.lease(worker_id, ["comfy"])
-    await fleet.queue.ack(lease.task_id, lease.token, None)
+    worker_id = await one_worker_that_ran_a_task(fleet, r)
     fleet.clock.advance(121)
     await r.reconcile_once()
     fleet.clock.advance(3)
@@ -140,13 +140,7 @@ async def test_a_stopped_worker_is_started_again_on_demand(fleet: Fleet) -> None
 
 async def test_a_busy_worker_is_never_stopped(fleet: Fleet) -> None:
     r = fleet.reconciler()
-    await fleet.enqueue(1, pool="comfy")
-    await r.reconcile_once()
-    fleet.clock.advance(13)
-    await r.reconcile_once()
-    (worker_id,) = await fleet.ready_all()
-    (lease,) = await fleet.queue.lease(worker_id, ["comfy"])
-    await fleet.queue.ack(lease.task_id, lease.token, None)
+    worker_id = await one_worker_that_ran_a_task(fleet, r)
     fleet.clock.advance(121)
     snapshot, seen = await r.observe()
     from gpufleet.scaling.policy import plan
