@@ -507,7 +507,7 @@ class Dispatcher:
         """Ollama keeps a model loaded at least as long as gpufleet counts the worker warm."""
         if pool is None or pool.engine is not Engine.ollama:
             return None
-        return pool.idle_timeout_s + self.settings.proxy.keep_alive_margin_s
+        return pool.idle_timeout_ceiling_s + self.settings.proxy.keep_alive_margin_s
 
     # -- wake-ups and cancels ------------------------------------------------------------
 

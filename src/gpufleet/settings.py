@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ENGINE_PORTS = {Engine.comfyui: 8188, Engine.ollama: 11434}
 POOL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# The longest idle timeout "auto" may learn (and the floor of Ollama's keep_alive with it).
+AUTO_IDLE_CEILING_S = 3600.0
 
 
 class Section(BaseModel):
@@ -358,7 +360,24 @@ class PoolSpec(Section):
     models: list[str] = Field(default_factory=list, description="Models this pool serves.")
     min_workers: int = Field(0, ge=0, description="Workers kept ready even when idle.")
     max_workers: int = Field(1, ge=0, description="Upper bound on live workers.")
-    idle_timeout_s: float = Field(600.0, ge=0, description="Idle time before scale-down.")
+    idle_timeout_s: float | Literal["auto"] = Field(
+        "auto",
+        description="Idle time before an idle worker is stopped/paused. \"auto\" (default): "
+        "learned per pool from its idle gaps (the threshold with the least expected cost, at "
+        "most 3600 s; see docs/scaling.md); a number fixes it.",
+    )
+    target_wait_s: float = Field(
+        60.0,
+        ge=0,
+        description="Wait objective: a worker is started when waiting work would otherwise "
+        "wait longer than this (and a start shortens the wait).",
+    )
+    wait_cost_per_hour: float | None = Field(
+        None,
+        ge=0,
+        description="What an hour of one user waiting is worth (USD), weighed against GPU "
+        "rent by the scaler. Empty: the pool's price per hour.",
+    )
     boot_timeout_s: float = Field(600.0, gt=0, description="Boot time before a worker fails.")
     price_per_hour: float | None = Field(
         None, ge=0, description="USD per worker-hour; default: the provider's price."
@@ -393,6 +412,18 @@ class PoolSpec(Section):
     )
     # static
     urls: list[str] = Field(default_factory=list, description="Engine base URLs (static).")
+
+    @field_validator("idle_timeout_s")
+    @classmethod
+    def _check_idle_timeout(cls, value: float | str) -> float | str:
+        if value != "auto" and (not isinstance(value, int | float) or not value >= 0):
+            raise ValueError('must be "auto" or a number >= 0')
+        return value
+
+    @property
+    def idle_timeout_ceiling_s(self) -> float:
+        """The fixed idle timeout, or with "auto" the most the learned one can be."""
+        return AUTO_IDLE_CEILING_S if self.idle_timeout_s == "auto" else float(self.idle_timeout_s)
 
     @field_validator("name")
     @classmethod

@@ -116,7 +116,7 @@ async def ps(request: Request) -> JSONResponse:
         if not entry["loaded"]:
             continue
         expires = max(
-            (w.last_busy_at or w.ready_since or 0.0) + service.pools[w.pool].idle_timeout_s
+            (w.last_busy_at or w.ready_since or 0.0) + service.pools[w.pool].idle_timeout_ceiling_s
             for w in entry["loaded"]
         )
         loaded.append(

@@ -25,7 +25,10 @@ One tick, in order (each step is a helper below):
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from gpufleet.domain import ProviderKind, WorkerState
 from gpufleet.scaling.actions import (
@@ -41,8 +44,10 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
+from gpufleet.scaling.history import Histogram, PoolHistory, bucket_upper
 from gpufleet.scaling.snapshot import (
     CREATABLE_PROVIDERS,
+    Demand,
     InstanceView,
     PoolView,
     Snapshot,
@@ -57,6 +62,16 @@ LIVE_STATES = SUPPLY_STATES | {WorkerState.draining}
 MAX_PARK_S = 7 * 24 * 3600.0
 BACKOFF_BASE_S = 30.0
 BACKOFF_MAX_S = 900.0
+# How much history is enough to trust it (weighted sample counts, see scaling/history.py);
+# below these the policy uses its defaults: today's "cover every task" scale-up, the
+# break-even idle timeout, the configured boot guesses.
+MIN_SERVICE_SAMPLES = 5.0
+MIN_GAP_SAMPLES = 8.0
+MIN_BOOT_SAMPLES = 3.0
+# Work-aware scale-up predicts the waits of at most this many queued tasks (and as many
+# expected arrivals): beyond that, the answer no longer changes.
+MAX_PREDICTED_TASKS = 400
+NO_HISTORY = PoolHistory()
 
 
 def backoff_delay_s(
@@ -73,33 +88,133 @@ def backoff_delay_s(
     return min(max_s, base_s * 2.0 ** min(failures - 1, 30))
 
 
-def park_timeout_s(pool: PoolView) -> float:
+def park_timeout_s(pool: PoolView, history: PoolHistory | None = None) -> float:
     """How long a stopped worker stays parked before it is deleted.
 
     Ski rental: keep paying the parked rent (disk) until it adds up to what one cold start
     instead of a warm start would cost — the extra boot billed at the GPU price plus the users'
-    extra wait at ``wait_cost_per_hour``. Worked numbers in docs/scaling.md.
+    extra wait at ``wait_cost_per_hour``. With an idle-gap history (``idle_timeout_s =
+    "auto"``), the threshold is the one with the least expected cost over the gaps that
+    outlast the idle timeout (the empirical ski rental); else the break-even above. Worked
+    numbers in docs/scaling.md.
     """
     if pool.park_timeout_s is not None:
         return pool.park_timeout_s
     if pool.parked_cost_per_hour <= 0:
         return MAX_PARK_S
-    wait_cost = pool.price_per_hour if pool.wait_cost_per_hour is None else pool.wait_cost_per_hour
-    penalty_h = max(0.0, pool.create_boot_s - pool.revive_boot_s) / 3600.0
-    penalty_usd = penalty_h * (pool.price_per_hour + wait_cost)
+    penalty_s = max(0.0, expected_boot_s(pool, history, "create") - revive_s(pool, history))
+    penalty_usd = penalty_s / 3600.0 * (pool.price_per_hour + _wait_cost(pool))
+    if pool.idle_timeout_auto and history is not None:
+        gaps = history.all_gaps()
+        keep = keep_alive(pool, history, 1)
+        later = gaps.above(keep.timeout_s)
+        if later.total >= MIN_GAP_SAMPLES:
+            rent_per_s = pool.parked_cost_per_hour / 3600.0
+            return _ski_rental(later, rent_per_s, penalty_usd, MAX_PARK_S)[0]
     return min(MAX_PARK_S, penalty_usd / pool.parked_cost_per_hour * 3600.0)
 
 
-def idle_timeout_from_cost(pool: PoolView) -> float:
+def _wait_cost(pool: PoolView) -> float:
+    return pool.price_per_hour if pool.wait_cost_per_hour is None else pool.wait_cost_per_hour
+
+
+def expected_boot_s(pool: PoolView, history: PoolHistory | None, source: str) -> float:
+    """Mean observed boot of ``source`` ("create" or "revive"), else the pool's guess."""
+    seen = history.boot_s.get(source) if history is not None else None
+    if seen is not None and seen.total >= MIN_BOOT_SAMPLES:
+        return seen.mean()
+    return pool.create_boot_s if source == "create" else pool.revive_boot_s
+
+
+def revive_s(pool: PoolView, history: PoolHistory | None) -> float:
+    return expected_boot_s(pool, history, "revive")
+
+
+@lru_cache(maxsize=4096)
+def _ski_rental(
+    gaps: Histogram, rent_per_s: float, cold_usd: float, ceiling_s: float
+) -> tuple[float, float, float]:
+    """The threshold T minimising E[rent x min(gap, T)] + P(gap > T) x cold_usd.
+
+    Candidates are 0 and every bucket's upper edge up to ``ceiling_s`` (and the ceiling):
+    the expected cost is piecewise linear between them. Returns (T, expected cost per gap,
+    P(gap > T)). Memoised: a histogram is immutable and hashable.
+    """
+    candidates = [0.0, *(bucket_upper(b) for b, _ in gaps.counts), ceiling_s]
+    best = (math.inf, 0.0, 0.0)
+    for t in sorted({min(c, ceiling_s) for c in candidates}):
+        tail = gaps.tail(t)
+        cost = rent_per_s * gaps.mean_min(t) + tail * cold_usd
+        if cost < best[0] - 1e-12:
+            best = (cost, t, tail)
+    return best[1], best[0], best[2]
+
+
+@dataclass(frozen=True, slots=True)
+class KeepAlive:
+    """How long an idle worker at a demand level is kept, and why (with the numbers)."""
+
+    timeout_s: float
+    why: str
+    expected_idle_s: float  # expected idle time per gap under this timeout (its rent)
+
+
+def keep_alive(pool: PoolView, history: PoolHistory | None, level: int) -> KeepAlive:
+    """The idle timeout of the pool's ``level``-th worker.
+
+    A fixed ``idle_timeout_s`` is used as it is. With "auto": the empirical ski rental over
+    the level's idle gaps (levels above pooled in when a level has few gaps): keep the worker
+    idle for T if the rent of waiting up to T costs less than the cold starts it avoids, a
+    cold start costing a revive boot billed at the GPU price plus the users' wait at
+    ``wait_cost_per_hour``. With too few gaps: the break-even timeout (rent = one cold start),
+    the classic 2-competitive rule.
+    """
+    if not pool.idle_timeout_auto:
+        t = pool.idle_timeout_s
+        return KeepAlive(t, f"idle_timeout_s={t:.0f}", t)
+    boot = revive_s(pool, history)
+    cold_usd = boot / 3600.0 * (pool.price_per_hour + _wait_cost(pool))
+    ceiling = pool.idle_timeout_s
+    if pool.price_per_hour <= 0:
+        return KeepAlive(ceiling, f"auto: free pool, kept up to {ceiling:.0f}s", ceiling)
+    gaps, which = _gaps_for((history or NO_HISTORY).idle_gaps_s, level)
+    if gaps.total < MIN_GAP_SAMPLES:
+        t = min(ceiling, idle_timeout_from_cost(pool, history))
+        why = (
+            f"auto: break-even {t:.0f}s = revive {boot:.0f}s x (price+wait)/price "
+            f"({gaps.total:.0f} idle gaps seen, need {MIN_GAP_SAMPLES:.0f})"
+        )
+        return KeepAlive(t, why, t)
+    t, cost, tail = _ski_rental(gaps, pool.price_per_hour / 3600.0, cold_usd, ceiling)
+    why = (
+        f"auto: learned {t:.0f}s from {gaps.total:.0f} idle gaps of {which} "
+        f"(median {gaps.quantile(0.5):.0f}s; P(gap>{t:.0f}s)={tail:.2f}; "
+        f"expected ${cost:.4f}/gap vs cold start ${cold_usd:.4f})"
+    )
+    return KeepAlive(t, why, gaps.mean_min(t))
+
+
+@lru_cache(maxsize=4096)
+def _gaps_for(idle_gaps_s: tuple[Histogram, ...], level: int) -> tuple[Histogram, str]:
+    """Level ``level``'s gaps; if too few, pooled with every level above; if still too few, all."""
+    history = PoolHistory(idle_gaps_s=idle_gaps_s)
+    own = history.gaps(level)
+    if own.total >= MIN_GAP_SAMPLES:
+        return own, f"level {level}"
+    above = history.gaps_from(level)
+    if above.total >= MIN_GAP_SAMPLES:
+        return above, f"levels >= {level}"
+    return history.all_gaps(), "all levels"
+
+
+def idle_timeout_from_cost(pool: PoolView, history: PoolHistory | None = None) -> float:
     """The break-even idle timeout: idle rent equal to one revive (boot billed + users' wait).
 
-    Not applied by ``plan`` (it uses the pool's ``idle_timeout_s``); the simulator reports it
-    as a tuning suggestion next to the configured value.
+    What "auto" uses while a pool has too few idle gaps to learn from.
     """
-    wait_cost = pool.price_per_hour if pool.wait_cost_per_hour is None else pool.wait_cost_per_hour
     if pool.price_per_hour <= 0:
         return pool.idle_timeout_s
-    return pool.revive_boot_s * (pool.price_per_hour + wait_cost) / pool.price_per_hour
+    return revive_s(pool, history) * (pool.price_per_hour + _wait_cost(pool)) / pool.price_per_hour
 
 
 def next_wake_s(snapshot: Snapshot) -> float | None:
@@ -110,18 +225,33 @@ def next_wake_s(snapshot: Snapshot) -> float | None:
     """
     pools = {p.name: p for p in snapshot.pools}
     times: list[float] = [p.backoff_until for p in snapshot.pools if p.backoff_until]
+    keeps = {wid: k for p in snapshot.pools for wid, k in idle_keep_alives(snapshot, p).items()}
     for w in snapshot.workers:
         p = pools.get(w.pool)
         if p is None:
             continue
         if w.state in BOOTING_STATES:
             times.append((w.boot_started_at or w.state_since) + p.boot_timeout_s)
-        elif w.state is WorkerState.ready and w.idle_since is not None:
-            times.append(w.idle_since + p.idle_timeout_s)
+        elif w.state is WorkerState.ready and w.idle_since is not None and w.id in keeps:
+            times.append(w.idle_since + keeps[w.id].timeout_s)
         elif w.state is WorkerState.stopped and p.can_create:
-            times.append(w.state_since + park_timeout_s(p))
+            times.append(w.state_since + park_timeout_s(p, snapshot.history.get(p.name)))
     future = [t for t in times if t > snapshot.now]
     return min(future) if future else None
+
+
+def idle_keep_alives(snapshot: Snapshot, pool: PoolView) -> dict[str, KeepAlive]:
+    """The keep-alive of every idle ready worker of ``pool``, by the demand level it holds.
+
+    Busy and booting workers hold the lowest levels; idle ones are ranked from the most
+    recently idle (the next level up) to the longest idle (the highest level).
+    """
+    mine = [w for w in snapshot.workers if w.pool == pool.name]
+    idle = [w for w in mine if w.state is WorkerState.ready and w.idle_since is not None]
+    held = sum(1 for w in mine if w.state in SUPPLY_STATES) - len(idle)
+    idle.sort(key=lambda w: (-(w.idle_since or 0.0), w.id))
+    history = snapshot.history.get(pool.name)
+    return {w.id: keep_alive(pool, history, held + rank) for rank, w in enumerate(idle, 1)}
 
 
 @dataclass
@@ -159,7 +289,11 @@ def plan(snapshot: Snapshot) -> list[Action]:
     for demand in sorted(snapshot.demand, key=lambda d: d.key):
         need = _claim_supply(tick, demand.pools, demand.total)
         if need > 0:
-            _scale_up(tick, demand.pools, need, f"{demand.total} tasks of {demand.key}")
+            starts, why = _worth_starting(tick, demand, need)
+            if starts > 0:
+                _scale_up(
+                    tick, demand.pools, need, f"{demand.total} tasks of {demand.key}{why}", starts
+                )
     for name in sorted(tick.pools):
         _keep_minimum(tick, tick.pools[name])
     for name in sorted(tick.pools):
@@ -317,8 +451,11 @@ def _sources(tick: _Tick, pools: list[_PoolTally]) -> list[tuple[_PoolTally, Act
     return out
 
 
-def _scale_up(tick: _Tick, names: tuple[str, ...], need: int, why: str) -> None:
-    while need > 0:
+def _scale_up(
+    tick: _Tick, names: tuple[str, ...], need: int, why: str, max_starts: int | None = None
+) -> None:
+    starts = 0
+    while need > 0 and (max_starts is None or starts < max_starts):
         pools = _by_price(tick, names)
         allowed = [p for p in pools if _blocker(tick, p) is None]
         choice = next(iter(_sources(tick, allowed)), None)
@@ -331,6 +468,112 @@ def _scale_up(tick: _Tick, names: tuple[str, ...], need: int, why: str) -> None:
         pool.committed += take
         pool.unclaimed_slots -= take
         need -= take
+        starts += 1
+
+
+def _worth_starting(tick: _Tick, demand: Demand, need: int) -> tuple[int, str]:
+    """How many workers to start for ``demand``'s ``need`` uncovered slots, and why.
+
+    Without enough service history: ceil(need / slots), today's rule (every waiting task gets
+    a slot). With it, a start must shorten the wait: predict when each waiting task (and the
+    arrivals expected meanwhile) would start on the current supply — free slots now, busy
+    slots after the mean residual service time, booting workers at their expected boot end —
+    and add workers one at a time (each ready after its source's expected boot) while either
+    the wait it saves, valued at ``wait_cost_per_hour``, outweighs its rent (boot + the idle
+    tail its keep-alive expects), or the predicted longest wait is over ``target_wait_s`` and
+    the start shortens it. Never more than ceil(need / slots): a burst starts at most
+    ceil(D / slots) workers.
+    """
+    pools = _by_price(tick, demand.pools)
+    if not pools:
+        return 0, ""
+    cheapest = pools[0].view
+    most = -(-need // cheapest.slots)
+    history = tick.snapshot.history.get(cheapest.name)
+    service = history.service_s if history is not None else Histogram()
+    if service.total < MIN_SERVICE_SAMPLES:
+        return most, ""
+    snap, names = tick.snapshot, set(demand.pools)
+    mean_s, residual_s = service.mean(), service.mean_residual()
+    slots_at: list[float] = []
+    for w in snap.workers:
+        if w.pool not in names or w.id in tick.dead:
+            continue
+        if w.state is WorkerState.ready:
+            busy = min(w.busy_slots, w.slots)
+            slots_at += [0.0] * (w.slots - busy) + [residual_s] * busy
+        elif w.state in BOOTING_STATES:
+            source = "create" if w.ready_since is None else "revive"
+            started = w.boot_started_at if w.boot_started_at is not None else w.state_since
+            eta = expected_boot_s(cheapest, history, source) - (snap.now - started)
+            slots_at += [max(0.0, eta)] * w.slots
+    etas = _start_etas(tick, pools, history, most)
+    rate = history.arrivals_per_s if history is not None and len(names) == 1 else 0.0
+    horizon = (etas[0] if etas else 0.0) + mean_s
+    expected = min(MAX_PREDICTED_TASKS, int(rate * horizon))
+    arrivals = [0.0] * min(MAX_PREDICTED_TASKS, demand.queued + demand.waiting)
+    arrivals += [(j + 0.5) / rate for j in range(expected)]
+    waits = _predicted_waits(slots_at, arrivals, mean_s)
+    first_max = max(waits, default=0.0)
+    price, wait_cost = cheapest.price_per_hour, _wait_cost(cheapest)
+    live = sum(1 for w in snap.workers if w.pool == cheapest.name and w.state in SUPPLY_STATES)
+    starts, saved_total = 0, 0.0
+    for eta in etas:
+        trial = _predicted_waits(slots_at + [eta] * cheapest.slots, arrivals, mean_s)
+        saved = sum(waits) - sum(trial)
+        tail = keep_alive(cheapest, history, live + starts + 1).expected_idle_s
+        worth = saved * wait_cost >= (eta + tail) * price
+        late = max(waits, default=0.0) > cheapest.target_wait_s and max(trial) < max(waits)
+        if not (worth or late):
+            break
+        slots_at += [eta] * cheapest.slots
+        waits, starts, saved_total = trial, starts + 1, saved_total + saved
+    if starts == 0:
+        return 0, ""
+    why = (
+        f" ({len(arrivals)} waiting or expected; predicted longest wait {_secs(first_max)} -> "
+        f"{_secs(max(waits, default=0.0))} with {starts} start(s), saving "
+        f"{_secs(saved_total)} of waiting; service mean {mean_s:.0f}s from "
+        f"{service.total:.0f} samples, next boot ~{etas[0]:.0f}s, "
+        f"target_wait_s={cheapest.target_wait_s:.0f})"
+    )
+    return starts, why
+
+
+def _secs(value: float) -> str:
+    return "unbounded" if math.isinf(value) else f"{value:.0f}s"
+
+
+def _start_etas(
+    tick: _Tick, pools: list[_PoolTally], history: PoolHistory | None, most: int
+) -> list[float]:
+    """Expected boot of the next ``most`` starts, in the order ``_sources`` would take them."""
+    etas: list[float] = []
+    for pool in pools:
+        etas += [0.0] * len(pool.orphans)
+    for pool in pools:
+        parked = sum(1 for w in pool.parked if w.id not in tick.used)
+        etas += [revive_s(pool.view, history)] * parked
+    if any(p.view.can_create for p in pools):
+        create = expected_boot_s(pools[0].view, history, "create")
+        etas += [create] * max(0, most - len(etas))
+    return etas[:most]
+
+
+def _predicted_waits(slots_at: list[float], arrivals: list[float], service_s: float) -> list[float]:
+    """FIFO list scheduling: each task takes the first slot free at or after it arrives and
+    holds it ``service_s``. ``inf`` for every task when there is no slot at all."""
+    if not slots_at:
+        return [math.inf] * len(arrivals)
+    heap = list(slots_at)
+    heapq.heapify(heap)
+    waits = []
+    for at in arrivals:
+        free = heapq.heappop(heap)
+        start = max(free, at)
+        waits.append(start - at)
+        heapq.heappush(heap, start + service_s)
+    return waits
 
 
 def _take(tick: _Tick, pool: _PoolTally, action: Action, reason: str) -> None:
@@ -384,32 +627,39 @@ def _park(pool: PoolView, worker_id: str, reason: str) -> Action:
     return Stop(pool.name, worker_id, reason)
 
 
-def _idle_victims(tick: _Tick, pool: _PoolTally) -> list[WorkerView]:
-    now, timeout = tick.snapshot.now, pool.view.idle_timeout_s
+def _idle_victims(tick: _Tick, pool: _PoolTally) -> list[tuple[WorkerView, str]]:
+    """Idle workers past their keep-alive (and draining ones), longest idle first, with why."""
+    now = tick.snapshot.now
+    keeps = idle_keep_alives(tick.snapshot, pool.view)
     out = []
     for w in tick.snapshot.workers:
         if w.pool != pool.view.name or w.id in tick.dead or w.busy_slots > 0:
             continue
-        idle_since = w.idle_since
-        if w.state is WorkerState.draining or (
-            w.state is WorkerState.ready and idle_since is not None and now - idle_since >= timeout
-        ):
-            out.append(w)
-    return sorted(out, key=lambda w: (w.idle_since or 0.0, w.id))
+        if w.state is WorkerState.draining:
+            out.append((w, "draining"))
+            continue
+        keep = keeps.get(w.id)
+        if keep is None or w.idle_since is None or now - w.idle_since < keep.timeout_s:
+            continue
+        idle_s = now - w.idle_since
+        if pool.view.idle_timeout_auto:
+            why = f"idle {idle_s:.0f}s >= idle timeout {keep.timeout_s:.0f}s ({keep.why})"
+        else:
+            why = f"idle {idle_s:.0f}s >= idle_timeout_s={keep.timeout_s:.0f}"
+        out.append((w, why))
+    return sorted(out, key=lambda pair: (pair[0].idle_since or 0.0, pair[0].id))
 
 
 def _scale_down(tick: _Tick, pool: _PoolTally) -> None:
     p = pool.view
     if p.provider is ProviderKind.static:
         return
-    for w in _idle_victims(tick, pool):
+    for w, reason in _idle_victims(tick, pool):
         if pool.live - 1 < p.min_workers:
             return
         slots = w.slots if w.state is WorkerState.ready else 0
         if pool.supply_slots - slots < pool.committed:
             continue  # demand still needs this worker's slots
-        idle_s = tick.snapshot.now - (w.idle_since or tick.snapshot.now)
-        reason = f"idle {idle_s:.0f}s >= idle_timeout_s={p.idle_timeout_s:.0f}"
         if w.state is WorkerState.ready:
             tick.actions.append(Drain(p.name, w.id, reason))
         tick.actions.append(_park(p, w.id, reason))
@@ -421,7 +671,7 @@ def _expire_parked(tick: _Tick, pool: _PoolTally) -> None:
     p = pool.view
     if not p.can_create:
         return  # SURF workspaces and static URLs are a fixed set: never deleted by the scaler
-    limit = park_timeout_s(p)
+    limit = park_timeout_s(p, tick.snapshot.history.get(p.name))
     for w in pool.parked:
         parked_s = tick.snapshot.now - w.state_since
         if w.state is WorkerState.stopped and w.id not in tick.used and parked_s >= limit:

@@ -20,10 +20,12 @@ Building one (the reconciler's job, see docs/scaling.md):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpufleet.domain import Engine, ProviderKind, WorkerState
+from gpufleet.scaling.history import PoolHistory
 
 # Provider kinds whose instances the scaler creates and deletes; others (SURF workspaces,
 # static URLs) are a fixed set it can only revive or leave alone.
@@ -41,7 +43,15 @@ class PoolView:
     models: tuple[str, ...] = ()
     min_workers: int = 0
     max_workers: int = 1
+    # A fixed idle timeout, used as it is unless ``idle_timeout_auto``; with auto it is only
+    # the ceiling of the learned one (and what the proxy's keep_alive is derived from).
     idle_timeout_s: float = 600.0
+    # True: the policy learns the idle timeout from the pool's idle gaps (``idle_timeout_s =
+    # "auto"`` in config, the default); False: ``idle_timeout_s`` as configured.
+    idle_timeout_auto: bool = False
+    # The wait objective: the scaler starts a worker whenever the work already waiting (plus
+    # the arrivals it expects) would otherwise wait longer than this, if a start shortens it.
+    target_wait_s: float = 60.0
     boot_timeout_s: float = 600.0
     price_per_hour: float = 0.0
     # What a parked (stopped / paused) worker still bills per hour: Novita charges the root
@@ -82,7 +92,10 @@ class PoolView:
             models=tuple(spec.models),
             min_workers=spec.min_workers,
             max_workers=spec.max_workers,
-            idle_timeout_s=spec.idle_timeout_s,
+            idle_timeout_s=spec.idle_timeout_ceiling_s,
+            idle_timeout_auto=spec.idle_timeout_s == "auto",
+            target_wait_s=spec.target_wait_s,
+            wait_cost_per_hour=spec.wait_cost_per_hour,
             boot_timeout_s=spec.boot_timeout_s,
             price_per_hour=spec.price_per_hour or 0.0,
             **runtime,
@@ -166,3 +179,6 @@ class Snapshot:
     instances: tuple[InstanceView, ...] = ()
     listed_providers: frozenset[ProviderKind] = field(default_factory=frozenset)
     budget: GlobalBudget = GlobalBudget()
+    # What each pool's past says (``scaling.history``); a pool missing here has no history
+    # and the policy uses its documented defaults.
+    history: Mapping[str, PoolHistory] = field(default_factory=dict)
