@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property, lru_cache
 
 # --- log-bucketed histograms ----------------------------------------------------------------
 
@@ -62,11 +63,19 @@ def bucket_upper(i: int) -> float:
     return float(BUCKET_FLOOR_S * 2.0 ** ((i + 1) / BUCKETS_PER_DOUBLING))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Histogram:
-    """Weighted counts of durations per log bucket. Immutable; ``add``/``merge`` return new."""
+    """Weighted counts of durations per log bucket. Immutable: ``merge`` returns a new one;
+    its total, mean and hash are computed once (the policy asks for them on every tick)."""
 
     counts: tuple[tuple[int, float], ...] = ()  # (bucket, weight), sorted by bucket
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @cached_property
+    def _hash(self) -> int:
+        return hash(self.counts)
 
     @classmethod
     def of(cls, counts: Mapping[int, float]) -> Histogram:
@@ -89,11 +98,15 @@ class Histogram:
             out[b] = out.get(b, 0.0) + w * weight
         return Histogram.of(out)
 
-    @property
+    @cached_property
     def total(self) -> float:
         return sum(w for _, w in self.counts)
 
     def mean(self) -> float:
+        return self._mean
+
+    @cached_property
+    def _mean(self) -> float:
         total = self.total
         return sum(w * bucket_value(b) for b, w in self.counts) / total if total else 0.0
 
@@ -170,13 +183,20 @@ class PoolHistory:
 
     def gaps_from(self, level: int) -> Histogram:
         """Gaps of ``level`` and every level above it, merged (the pooled fallback)."""
-        out = Histogram()
-        for h in self.idle_gaps_s[max(0, level - 1) :]:
-            out = out.merge(h)
-        return out
+        return merged_levels(self.idle_gaps_s, level)
 
     def all_gaps(self) -> Histogram:
         return self.gaps_from(1)
+
+
+@lru_cache(maxsize=4096)
+def merged_levels(idle_gaps_s: tuple[Histogram, ...], level: int) -> Histogram:
+    """Levels ``level`` and up merged into one histogram (memoised: histograms are immutable)."""
+    out: dict[int, float] = {}
+    for h in idle_gaps_s[max(0, level - 1) :]:
+        for b, w in h.counts:
+            out[b] = out.get(b, 0.0) + w
+    return Histogram.of(out)
 
 
 # --- recording: the rules both recorders follow -----------------------------------------------
@@ -244,21 +264,25 @@ def summarize(
             into = merged.setdefault(metric, {})
             for b, c in counts.items():
                 into[int(b)] = into.get(int(b), 0.0) + float(c) * w
-    gaps = []
-    for level in range(1, LEVELS + 1):
-        gaps.append(Histogram.of(merged.get(f"gap:{level}", {})))
+    hists = {metric: Histogram.of(counts) for metric, counts in merged.items()}
+    return assemble(hists, recent_arrivals, sum(merged.get(arrival_count_metric, {}).values()))
+
+
+def assemble(
+    hists: Mapping[str, Histogram], recent_arrivals: float, arrivals: float
+) -> PoolHistory:
+    """A ``PoolHistory`` from per-metric histograms (see ``summarize`` for the names)."""
+    gaps = [hists.get(f"gap:{level}", Histogram()) for level in range(1, LEVELS + 1)]
     while gaps and not gaps[-1].total:
         gaps.pop()
     return PoolHistory(
-        service_s=Histogram.of(merged.get("service", {})),
+        service_s=hists.get("service", Histogram()),
         boot_s={
-            src: Histogram.of(merged[f"boot:{src}"])
-            for src in ("create", "revive")
-            if f"boot:{src}" in merged
+            src: hists[f"boot:{src}"] for src in ("create", "revive") if f"boot:{src}" in hists
         },
         idle_gaps_s=tuple(gaps),
         arrivals_per_s=recent_arrivals / RATE_WINDOW_S,
-        arrivals=sum(merged.get(arrival_count_metric, {}).values()),
+        arrivals=arrivals,
     )
 
 
@@ -275,6 +299,7 @@ class HistoryBook:
         self._days: dict[str, dict[int, dict[str, dict[int, float]]]] = {}
         self._merged: dict[str, dict[str, dict[int, float]]] = {}
         self._today: dict[str, int] = {}
+        self._hists: dict[str, dict[str, Histogram]] = {}  # pool -> metric -> built
         self._built: dict[str, PoolHistory] = {}
         self._levels: dict[str, tuple[int, dict[int, float]]] = {}
         self._recent: dict[str, dict[int, float]] = {}  # pool -> minute -> arrivals
@@ -294,6 +319,7 @@ class HistoryBook:
                 for b, c in counts.items():
                     into[b] = into.get(b, 0.0) + c * w
         self._merged[pool], self._today[pool] = merged, today
+        self._hists.pop(pool, None)
         self._built.pop(pool, None)
 
     def _add(self, pool: str, t: float, metric: str, value_s: float, weight: float = 1.0) -> None:
@@ -305,6 +331,7 @@ class HistoryBook:
         merged = self._merged[pool].setdefault(metric, {})
         merged[b] = merged.get(b, 0.0) + weight * weight_now
         if metric != "arrivals":
+            self._hists.get(pool, {}).pop(metric, None)
             self._built.pop(pool, None)
 
     def arrival(self, pool: str, t: float, n: int = 1) -> None:
@@ -341,7 +368,11 @@ class HistoryBook:
         rate = self.recent_arrivals(pool, now) / RATE_WINDOW_S
         built = self._built.get(pool)
         if built is None:
-            built = summarize({day_of(now): self._merged[pool]}, now)
+            hists = self._hists.setdefault(pool, {})
+            for metric, counts in self._merged[pool].items():
+                if metric not in hists:
+                    hists[metric] = Histogram.of(counts)
+            built = assemble(hists, 0.0, 0.0)
             self._built[pool] = built
         arrivals = sum(self._merged[pool].get("arrivals", {}).values())
         return replace(built, arrivals_per_s=rate, arrivals=arrivals)

@@ -44,7 +44,13 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
-from gpufleet.scaling.history import Histogram, PoolHistory, bucket_upper
+from gpufleet.scaling.history import (
+    Histogram,
+    PoolHistory,
+    bucket_upper,
+    bucket_value,
+    merged_levels,
+)
 from gpufleet.scaling.snapshot import (
     CREATABLE_PROVIDERS,
     Demand,
@@ -104,14 +110,26 @@ def park_timeout_s(pool: PoolView, history: PoolHistory | None = None) -> float:
         return MAX_PARK_S
     penalty_s = max(0.0, expected_boot_s(pool, history, "create") - revive_s(pool, history))
     penalty_usd = penalty_s / 3600.0 * (pool.price_per_hour + _wait_cost(pool))
-    if pool.idle_timeout_auto and history is not None:
-        gaps = history.all_gaps()
-        keep = keep_alive(pool, history, 1)
-        later = gaps.above(keep.timeout_s)
-        if later.total >= MIN_GAP_SAMPLES:
-            rent_per_s = pool.parked_cost_per_hour / 3600.0
-            return _ski_rental(later, rent_per_s, penalty_usd, MAX_PARK_S)[0]
-    return min(MAX_PARK_S, penalty_usd / pool.parked_cost_per_hour * 3600.0)
+    break_even = min(MAX_PARK_S, penalty_usd / pool.parked_cost_per_hour * 3600.0)
+    if pool.idle_timeout_auto and history is not None and history.idle_gaps_s:
+        idle_s = keep_alive(pool, history, 1).timeout_s
+        rent_per_s = pool.parked_cost_per_hour / 3600.0
+        learned = _learned_park(history.idle_gaps_s, idle_s, rent_per_s, penalty_usd)
+        # Never shorter than the break-even: a delete turns the next burst's revives into
+        # creates for every worker it needs, which one gap's cost undercounts.
+        return max(break_even, learned)
+    return break_even
+
+
+@lru_cache(maxsize=4096)
+def _learned_park(
+    idle_gaps_s: tuple[Histogram, ...], idle_s: float, rent_per_s: float, penalty_usd: float
+) -> float:
+    """Ski rental over what is left of the gaps that outlast the idle timeout; 0 if too few."""
+    later = merged_levels(idle_gaps_s, 1).above(idle_s)
+    if later.total < MIN_GAP_SAMPLES:
+        return 0.0
+    return _ski_rental(later, rent_per_s, penalty_usd, MAX_PARK_S)[0]
 
 
 def _wait_cost(pool: PoolView) -> float:
@@ -136,18 +154,32 @@ def _ski_rental(
 ) -> tuple[float, float, float]:
     """The threshold T minimising E[rent x min(gap, T)] + P(gap > T) x cold_usd.
 
-    Candidates are 0 and every bucket's upper edge up to ``ceiling_s`` (and the ceiling):
-    the expected cost is piecewise linear between them. Returns (T, expected cost per gap,
-    P(gap > T)). Memoised: a histogram is immutable and hashable.
+    Candidates are 0, every bucket's upper edge below ``ceiling_s``, and the ceiling: the
+    expected cost is linear in T between them, so the best T is one of them. One pass over
+    the buckets. Returns (T, expected cost per gap, P(gap > T)). Memoised: a histogram is
+    immutable and hashable.
     """
-    candidates = [0.0, *(bucket_upper(b) for b, _ in gaps.counts), ceiling_s]
-    best = (math.inf, 0.0, 0.0)
-    for t in sorted({min(c, ceiling_s) for c in candidates}):
-        tail = gaps.tail(t)
-        cost = rent_per_s * gaps.mean_min(t) + tail * cold_usd
-        if cost < best[0] - 1e-12:
-            best = (cost, t, tail)
-    return best[1], best[0], best[2]
+    total = gaps.total
+    if total <= 0:
+        return ceiling_s, 0.0, 0.0
+    below_sum = 0.0  # sum of w x value over buckets at or below the threshold
+    below_w = 0.0
+    best_t, best_cost, best_tail = 0.0, cold_usd, 1.0  # T = 0: every gap is a cold start
+    for b, w in gaps.counts:
+        t = bucket_upper(b)
+        if t >= ceiling_s:
+            break
+        below_sum += w * bucket_value(b)
+        below_w += w
+        tail = (total - below_w) / total
+        cost = rent_per_s * (below_sum + t * (total - below_w)) / total + tail * cold_usd
+        if cost < best_cost - 1e-12:
+            best_t, best_cost, best_tail = t, cost, tail
+    tail = gaps.tail(ceiling_s)
+    cost = rent_per_s * gaps.mean_min(ceiling_s) + tail * cold_usd
+    if cost < best_cost - 1e-12:
+        best_t, best_cost, best_tail = ceiling_s, cost, tail
+    return best_t, best_cost, best_tail
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,20 +204,38 @@ def keep_alive(pool: PoolView, history: PoolHistory | None, level: int) -> KeepA
     if not pool.idle_timeout_auto:
         t = pool.idle_timeout_s
         return KeepAlive(t, f"idle_timeout_s={t:.0f}", t)
-    boot = revive_s(pool, history)
-    cold_usd = boot / 3600.0 * (pool.price_per_hour + _wait_cost(pool))
-    ceiling = pool.idle_timeout_s
-    if pool.price_per_hour <= 0:
+    gaps = (history or NO_HISTORY).idle_gaps_s
+    return _learned_keep_alive(
+        pool.price_per_hour,
+        _wait_cost(pool),
+        pool.idle_timeout_s,
+        revive_s(pool, history),
+        gaps,
+        level,
+    )
+
+
+@lru_cache(maxsize=8192)
+def _learned_keep_alive(
+    price: float,
+    wait_cost: float,
+    ceiling: float,
+    boot: float,
+    idle_gaps_s: tuple[Histogram, ...],
+    level: int,
+) -> KeepAlive:
+    cold_usd = boot / 3600.0 * (price + wait_cost)
+    if price <= 0:
         return KeepAlive(ceiling, f"auto: free pool, kept up to {ceiling:.0f}s", ceiling)
-    gaps, which = _gaps_for((history or NO_HISTORY).idle_gaps_s, level)
+    gaps, which = _gaps_for(idle_gaps_s, level)
     if gaps.total < MIN_GAP_SAMPLES:
-        t = min(ceiling, idle_timeout_from_cost(pool, history))
+        t = min(ceiling, boot * (price + wait_cost) / price)
         why = (
             f"auto: break-even {t:.0f}s = revive {boot:.0f}s x (price+wait)/price "
             f"({gaps.total:.0f} idle gaps seen, need {MIN_GAP_SAMPLES:.0f})"
         )
         return KeepAlive(t, why, t)
-    t, cost, tail = _ski_rental(gaps, pool.price_per_hour / 3600.0, cold_usd, ceiling)
+    t, cost, tail = _ski_rental(gaps, price / 3600.0, cold_usd, ceiling)
     why = (
         f"auto: learned {t:.0f}s from {gaps.total:.0f} idle gaps of {which} "
         f"(median {gaps.quantile(0.5):.0f}s; P(gap>{t:.0f}s)={tail:.2f}; "
@@ -217,15 +267,19 @@ def idle_timeout_from_cost(pool: PoolView, history: PoolHistory | None = None) -
     return revive_s(pool, history) * (pool.price_per_hour + _wait_cost(pool)) / pool.price_per_hour
 
 
-def next_wake_s(snapshot: Snapshot) -> float | None:
+def next_wake_s(snapshot: Snapshot, include_due: bool = False) -> float | None:
     """The earliest future time at which ``plan`` would decide differently with no new events.
 
     Idle timeouts, park timeouts, boot timeouts and backoff deadlines. The reconciler may sleep
     until then (or its tick interval, whichever is sooner); the simulator skips idle time with it.
+    ``include_due``: also timers already past (a learned keep-alive can shorten between two
+    snapshots); the simulator then plans once more a tick later, as the live loop's next tick
+    would.
     """
     pools = {p.name: p for p in snapshot.pools}
     times: list[float] = [p.backoff_until for p in snapshot.pools if p.backoff_until]
     keeps = {wid: k for p in snapshot.pools for wid, k in idle_keep_alives(snapshot, p).items()}
+    parks: dict[str, float] = {}
     for w in snapshot.workers:
         p = pools.get(w.pool)
         if p is None:
@@ -235,8 +289,10 @@ def next_wake_s(snapshot: Snapshot) -> float | None:
         elif w.state is WorkerState.ready and w.idle_since is not None and w.id in keeps:
             times.append(w.idle_since + keeps[w.id].timeout_s)
         elif w.state is WorkerState.stopped and p.can_create:
-            times.append(w.state_since + park_timeout_s(p, snapshot.history.get(p.name)))
-    future = [t for t in times if t > snapshot.now]
+            if p.name not in parks:
+                parks[p.name] = park_timeout_s(p, snapshot.history.get(p.name))
+            times.append(w.state_since + parks[p.name])
+    future = [t for t in times if include_due or t > snapshot.now]
     return min(future) if future else None
 
 
@@ -671,10 +727,13 @@ def _expire_parked(tick: _Tick, pool: _PoolTally) -> None:
     p = pool.view
     if not p.can_create:
         return  # SURF workspaces and static URLs are a fixed set: never deleted by the scaler
+    stopped = [w for w in pool.parked if w.state is WorkerState.stopped and w.id not in tick.used]
+    if not stopped:
+        return
     limit = park_timeout_s(p, tick.snapshot.history.get(p.name))
-    for w in pool.parked:
+    for w in stopped:
         parked_s = tick.snapshot.now - w.state_since
-        if w.state is WorkerState.stopped and w.id not in tick.used and parked_s >= limit:
+        if parked_s >= limit:
             why = f"parked {parked_s:.0f}s >= park_timeout_s={limit:.0f}"
             tick.actions.append(Delete(p.name, w.id, w.instance_id, why))
 
