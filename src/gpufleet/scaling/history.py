@@ -41,6 +41,10 @@ DAY_DECAY = 0.5  # yesterday's samples weigh half of today's, the day before a q
 LEVELS = 16  # idle gaps are kept for levels 1..LEVELS; higher levels share the last one
 RATE_WINDOW_S = 600.0  # the recent arrival rate is measured over the last ten minutes
 RATE_BUCKET_S = 60.0  # arrivals are counted per minute for it
+# Idle gaps shorter than this are not recorded: no scaler parks a worker that fast (the
+# reconciler ticks every few seconds), so they carry no information about keep-alive, and
+# demand that flickers between levels within a second would drown the real gaps.
+MIN_GAP_S = 5.0
 
 
 def bucket_of(value_s: float) -> int:
@@ -225,7 +229,7 @@ def step_levels(
     """Advance the per-level gap clocks from ``prev_level`` to ``level`` at ``now``.
 
     Returns the new open gaps (level -> since when) and the gaps that closed, as
-    (level, seconds). Levels that drop open a gap; levels that come back close theirs.
+    (level, seconds); gaps under ``MIN_GAP_S`` close without being returned. Levels that drop open a gap; levels that come back close theirs.
     Only levels up to ``LEVELS + 1`` are tracked individually; anything above is clipped, so
     the state stays bounded whatever the demand.
     """
@@ -237,7 +241,7 @@ def step_levels(
         opened.setdefault(k, now)
     for k in range(1, level + 1):  # levels in use: close their gaps
         since = opened.pop(k, None)
-        if since is not None and now > since:
+        if since is not None and now - since >= MIN_GAP_S:
             closed.append((k, now - since))
     return opened, closed
 
