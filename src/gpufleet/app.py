@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gpufleet import __version__
 from gpufleet.api import build_router
 from gpufleet.api.auth import authenticate
+from gpufleet.api.cursors import CursorCodec
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.request_metrics import RequestMetricsMiddleware
@@ -165,6 +166,9 @@ def create_app(settings: Settings) -> FastAPI:
             secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
             components.extras["apikeys"] = await ApiKeyStore.open(
                 redis, secret, prefix=prefix, cache_ttl_s=settings.auth.key_cache_ttl_s
+            )
+            components.extras["cursors"] = CursorCodec(
+                components.extras["apikeys"].derive_key("task-cursor")
             )
             if not settings.auth.enabled:
                 logger.warning(
