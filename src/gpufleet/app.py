@@ -189,6 +189,10 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Rent GPUs only while there is work for them.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a public CDN: [server] api_docs = false
+        # turns both pages off (the OpenAPI document itself is served by gpufleet).
+        docs_url="/docs" if settings.server.api_docs else None,
+        redoc_url="/redoc" if settings.server.api_docs else None,
     )
     install_error_handlers(app)
     app.include_router(build_router())

@@ -82,6 +82,13 @@ class ServerSettings(Section):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of gpufleet's own loggers."
     )
+    api_docs: bool = Field(
+        True,
+        description="Serve the interactive API docs at /docs (Swagger UI) and /redoc. Their "
+        "pages load scripts and styles from a public CDN (jsdelivr), so the browser that opens "
+        "them fetches code from a third party; false turns both pages off (404). "
+        "/openapi.json, served by gpufleet itself, stays.",
+    )
 
 
 class RedisSettings(Section):
@@ -333,6 +340,14 @@ class AuthSettings(Section):
         False,
         description="When Redis cannot be asked about a key's limits: false (default) refuses "
         "the request with 503; true lets it through unlimited.",
+    )
+    max_streams_per_key: int = Field(
+        20,
+        ge=0,
+        description="Most server-sent event streams (/api/v1/tasks/{id}/events, "
+        "/api/v1/events/stream) one API key may hold open at once, across all replicas "
+        "(counted in Redis; a replica that dies frees its places within a minute). One more "
+        "is 429. With auth off every caller shares one count. 0: no limit.",
     )
     key_cache_ttl_s: float = Field(
         5.0,

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.cursors import BadCursor, CursorCodec
 from gpufleet.api.deps import get_components
+from gpufleet.api.streams import event_stream
 from gpufleet.domain import Engine, TaskStatus
 from gpufleet.errors import Forbidden, TaskNotFound
 from gpufleet.results import ResultStore, guess_content_type, safe_name
@@ -262,7 +263,11 @@ async def wait_task(
     return await queue.wait(task_id, timeout_s)
 
 
-@router.get("/{task_id}/events", summary="Server-sent events of every state change")
+@router.get(
+    "/{task_id}/events",
+    summary="Server-sent events of every state change",
+    responses={429: {"description": "The key holds [auth] max_streams_per_key streams."}},
+)
 async def task_events(
     request: Request,
     task_id: str = TASK_ID,
@@ -287,8 +292,4 @@ async def task_events(
         finally:
             await events.aclose()
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return await event_stream(request, principal, body())
