@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -512,6 +513,7 @@ class _DotEnvSource(DotEnvSettingsSource):
 
 _config_path: ContextVar[Path | None] = ContextVar("gpufleet_config_path", default=None)
 _env_file: ContextVar[Path | None] = ContextVar("gpufleet_env_file", default=Path(".env"))
+_defaults: ContextVar[dict[str, Any] | None] = ContextVar("gpufleet_defaults", default=None)
 
 
 class Settings(BaseSettings):
@@ -555,6 +557,9 @@ class Settings(BaseSettings):
         path = _config_path.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        defaults = _defaults.get()
+        if defaults:  # below every source: a caller's defaults that config and env beat
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=defaults))
         return tuple(sources)
 
     @model_validator(mode="after")
@@ -622,9 +627,14 @@ def load_settings(
     path: Path | str | None = None,
     *,
     env_file: Path | None = Path(".env"),
+    defaults: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Read and validate configuration; raise ``ConfigError`` with one line per problem."""
+    """Read and validate configuration; raise ``ConfigError`` with one line per problem.
+
+    ``overrides`` beat every source; ``defaults`` (same shape) lose to every source but
+    the fields' own defaults.
+    """
     config_path = resolve_config_path(path)
     if config_path is not None:
         if not config_path.is_file():
@@ -635,6 +645,7 @@ def load_settings(
             raise ConfigError([f"config: {config_path} is not valid TOML: {exc}"]) from exc
     token_path = _config_path.set(config_path)
     token_env = _env_file.set(env_file)
+    token_defaults = _defaults.set(defaults)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -642,6 +653,7 @@ def load_settings(
     finally:
         _config_path.reset(token_path)
         _env_file.reset(token_env)
+        _defaults.reset(token_defaults)
     for path in insecure_secret_files(config_path, env_file):
         logger.warning(
             "%s holds secrets and is readable by group or others: run 'chmod 600 %s'",
