@@ -403,7 +403,7 @@ def tasks_list(
             str(t.get("priority", "")),
             str(t.get("attempts", "")),
         )
-    console.print(table)
+    print_tables(table)
 
 
 def tasks_cancel(task_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
@@ -487,7 +487,7 @@ def instances(
     if not found:
         console.print("no pools are configured, so no provider to ask")
     for name, items in found.items():
-        console.print(instances_table(name, items))
+        print_tables(instances_table(name, items))
 
 
 def products(
@@ -513,7 +513,7 @@ def products(
             str(p.get("inventory_state", "")),
             ", ".join(p.get("regions") or []),
         )
-    console.print(table)
+    print_tables(table)
 
 
 def register(app: typer.Typer) -> None:

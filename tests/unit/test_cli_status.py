@@ -115,3 +115,19 @@ def test_a_pipe_gets_the_whole_table(command: list[str]) -> None:
         assert BACKOFF in text
         for header in HEADERS:
             assert header in text, header
+
+
+def test_other_tables_are_whole_in_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    task = {"id": "01m90s77t3522se690wc6hd5k2", "kind": "comfyui", "status": "succeeded",
+            "pool": "a-pool-with-a-rather-long-name-for-a-narrow-console", "priority": 5,
+            "attempts": 1}
+
+    def call(self: Any, method: str, path: str, **kwargs: Any) -> Any:
+        return {"tasks": [task] * 3}
+
+    monkeypatch.setattr(remote.Remote, "call", call)
+    result = runner.invoke(app, ["tasks", "list"])
+    assert result.exit_code == 0, result.output
+    assert task["pool"] in result.output
+    assert task["id"] in result.output
+    assert "…" not in result.output
