@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gpufleet import __version__
 from gpufleet.api import build_router
 from gpufleet.api.auth import authenticate
+from gpufleet.api.cursors import CursorCodec
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.request_metrics import RequestMetricsMiddleware
@@ -166,6 +167,9 @@ def create_app(settings: Settings) -> FastAPI:
             components.extras["apikeys"] = await ApiKeyStore.open(
                 redis, secret, prefix=prefix, cache_ttl_s=settings.auth.key_cache_ttl_s
             )
+            components.extras["cursors"] = CursorCodec(
+                components.extras["apikeys"].derive_key("task-cursor")
+            )
             if not settings.auth.enabled:
                 logger.warning(
                     "AUTH IS DISABLED ([auth] enabled = false): anyone who can reach this "
@@ -185,6 +189,10 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         description="Rent GPUs only while there is work for them.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a public CDN: [server] api_docs = false
+        # turns both pages off (the OpenAPI document itself is served by gpufleet).
+        docs_url="/docs" if settings.server.api_docs else None,
+        redoc_url="/redoc" if settings.server.api_docs else None,
     )
     install_error_handlers(app)
     app.include_router(build_router())

@@ -156,8 +156,16 @@ def serve(config: ConfigOption = None, host: HostOption = None, port: PortOption
 
 @app.command()
 def demo(
-    host: Annotated[str, typer.Option(help="Interface gpufleet listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of gpufleet's API and proxy.")] = 8000,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Interface gpufleet listens on [default: [server] host, else "
+                     "127.0.0.1]."),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port of gpufleet's API and proxy [default: [server] port / PORT, "
+                     "else 8000]."),
+    ] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Embedded Redis and task outputs (default: <data dir>/gpufleet/demo)."),
@@ -166,19 +174,29 @@ def demo(
         bool, typer.Option("--fast", help="Sub-second boots and a 5 s idle timeout.")
     ] = False,
     no_auth: Annotated[
-        bool, typer.Option("--no-auth", help="No API keys (lets the ollama CLI in).")
+        bool,
+        typer.Option("--no-auth", help="No API keys (lets the ollama CLI in); same as "
+                     "GPUFLEET_AUTH__ENABLED=false."),
     ] = False,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug, info, warning or error [default: [server] log_level, else "
+                     "info]."),
+    ] = None,
 ) -> None:
     """Run gpufleet against simulated Novita and SURF clouds on this machine; prints a
-    cheat sheet with a fresh admin key. Ctrl-C stops everything."""
+    cheat sheet with a fresh admin key. Ctrl-C stops everything.
+
+    Configuration and environment apply as for serve, except the demo's own pools, clouds
+    and embedded Redis (it names at start any such setting it ignores)."""
     from gpufleet.demo import DemoOptions
     from gpufleet.demo import main as run_demo
 
-    if log_level not in ("debug", "info", "warning", "error"):
+    if log_level is not None and log_level not in ("debug", "info", "warning", "error"):
         raise typer.BadParameter("debug, info, warning or error", param_hint="--log-level")
     options = DemoOptions(
-        host=host, port=port, data_dir=data_dir, fast=fast, auth=not no_auth, log_level=log_level
+        host=host, port=port, data_dir=data_dir, fast=fast, auth=False if no_auth else None,
+        log_level=log_level,
     )
     raise typer.Exit(run_demo(options))
 

@@ -27,23 +27,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import shlex
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from dotenv import dotenv_values
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from gpufleet.app import create_app
 from gpufleet.engines.simulated.comfyui_app import ComfyUIConfig, SimulatedComfyUI
 from gpufleet.engines.simulated.ollama_app import OllamaConfig, SimulatedOllama
+from gpufleet.errors import ConfigError
 from gpufleet.examples import example_path
 from gpufleet.loopback import LoopbackServer, WorkerHost, free_port
 from gpufleet.providers.simulated import (
@@ -55,7 +60,13 @@ from gpufleet.providers.simulated import (
 )
 from gpufleet.providers.simulated.novita_app import SimInstance, SimNovita
 from gpufleet.providers.simulated.surf_app import SimSurf, SimWorkspace
-from gpufleet.settings import Settings, load_settings
+from gpufleet.settings import (
+    LEGACY_ENV,
+    LEGACY_POOL_ENV,
+    Settings,
+    load_settings,
+    resolve_config_path,
+)
 from gpufleet.store.connection import default_data_dir
 
 logger = logging.getLogger(__name__)
@@ -103,13 +114,17 @@ class DemoTimings:
 
 @dataclass
 class DemoOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
+    """What the command line said. ``None``: not given, so configuration and environment
+    decide as for ``gpufleet serve`` (``GPUFLEET_AUTH__ENABLED=false``, ``PORT``, ...), else
+    the demo's default (127.0.0.1:8000, auth on, log level info)."""
+
+    host: str | None = None
+    port: int | None = None
     data_dir: Path | None = None  # default: <user data dir>/gpufleet/demo
     fast: bool = False
-    auth: bool = True
+    auth: bool | None = None
     timings: DemoTimings | None = None  # overrides ``fast``
-    log_level: str = "info"
+    log_level: str | None = None
 
     @property
     def resolved_timings(self) -> DemoTimings:
@@ -263,6 +278,7 @@ class Demo:
     gpufleet_server: LoopbackServer | None = None
     novita_workers: NovitaWorkers | None = None
     surf_workers: SurfWorkers | None = None
+    overridden: list[str] = field(default_factory=list)  # see demo_overrides
     _stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
 
     @property
@@ -335,25 +351,32 @@ class Demo:
         stack.push_async_callback(self.surf_workers.aclose)
         self.surf_server = await _serve(stack, surf_app, "sim-surf")
 
-        self.settings = demo_settings(
-            opts, novita_url=self.novita_server.url,
-            surf_url=f"{self.surf_server.url}/v1/workspace", ollama_port=ollama_port,
-        )
-        if not port_is_free(opts.host, opts.port):
-            raise DemoError(f"port {opts.port} on {opts.host} is in use: try --port")
-        server = LoopbackServer(create_app(self.settings), host=opts.host, port=opts.port,
+        try:
+            self.settings = demo_settings(
+                opts, novita_url=self.novita_server.url,
+                surf_url=f"{self.surf_server.url}/v1/workspace", ollama_port=ollama_port,
+            )
+        except ConfigError as exc:
+            raise DemoError(str(exc)) from None
+        self.overridden = demo_overrides()
+        for name in self.overridden:
+            logger.warning("demo: ignoring %s (the demo sets it itself)", name)
+        host, port = self.settings.server.host, self.settings.server.port
+        if not port_is_free(host, port):
+            raise DemoError(f"port {port} on {host} is in use: try --port")
+        server = LoopbackServer(create_app(self.settings), host=host, port=port,
                                 name="gpufleet", timeout_graceful_shutdown_s=5)
         try:
             await server.start()
         except SystemExit:  # uvicorn exits when it cannot bind
-            raise DemoError(f"gpufleet could not listen on {opts.host}:{opts.port}") from None
+            raise DemoError(f"gpufleet could not listen on {host}:{port}") from None
         except RuntimeError as exc:  # the lifespan failed (e.g. Redis did not start)
             raise DemoError(f"gpufleet did not start: {exc}") from None
         stack.push_async_callback(server.stop)
         self.gpufleet_server = server
-        shown_host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "") else opts.host
-        self.url = f"http://{shown_host}:{opts.port}"
-        if opts.auth:
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        self.url = f"http://{shown_host}:{port}"
+        if self.settings.auth.enabled:
             store = self.app.state.components.extras["apikeys"]
             _, self.api_key = await store.create("demo", role="admin")
 
@@ -376,9 +399,31 @@ async def _serve(stack: contextlib.AsyncExitStack, app: Starlette | ASGIApp,
     return server
 
 
+# What the demo sets itself, whatever the configuration or environment says: its pools on the
+# simulated clouds (with the clouds' URLs and keys) and its own embedded Redis and results in
+# the demo data directory (a demo never touches a real cloud account or a shared Redis).
+# Everything else ([auth], [server], [queue], [proxy], ...) applies to the demo as to serve.
+DEMO_OWNED = (
+    "pools",
+    "redis.url",
+    "redis.data_dir",
+    "results.dir",
+    "providers.novita.base_url",
+    "providers.novita.api_key",
+    "providers.surf.base_url",
+    "providers.surf.api_token",
+    "providers.surf.csrf_token",
+)
+DEMO_ENV_FILE = Path(".env")
+
+
 def demo_settings(opts: DemoOptions, *, novita_url: str, surf_url: str,
                   ollama_port: int) -> Settings:
-    """gpufleet's configuration for the demo: two pools on the simulated clouds."""
+    """gpufleet's configuration for the demo: two pools on the simulated clouds.
+
+    Precedence: what the demo owns (``DEMO_OWNED``) > command-line options > environment
+    > ``.env`` > ``config.toml`` > the demo's defaults (127.0.0.1:8000, auth on, quick loops).
+    """
     t = opts.resolved_timings
     data_dir = opts.resolved_data_dir
     pools: list[dict[str, Any]] = [
@@ -397,22 +442,78 @@ def demo_settings(opts: DemoOptions, *, novita_url: str, surf_url: str,
             "price_per_hour": SURF_PRICE_PER_HOUR, "port": ollama_port,
         },
     ]
+    defaults: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 8000, "log_level": "info"},
+        "auth": {"enabled": True},
+        "scaling": {"interval_s": t.scaling_interval_s},
+        "workers": {"health_interval_s": t.health_interval_s,
+                    "dispatch_interval_s": min(1.0, t.scaling_interval_s)},
+    }
+    given: dict[str, Any] = {}
+    server = {k: v for k, v in (("host", opts.host), ("port", opts.port),
+                                ("log_level", opts.log_level)) if v is not None}
+    if server:
+        given["server"] = server
+    if opts.auth is not None:
+        given["auth"] = {"enabled": opts.auth}
     return load_settings(
         None,
-        env_file=None,
-        server={"host": opts.host, "port": opts.port, "log_level": opts.log_level},
-        redis={"data_dir": data_dir / "redis"},
+        env_file=DEMO_ENV_FILE,
+        defaults=defaults,
+        redis={"url": "", "data_dir": data_dir / "redis"},
         results={"dir": data_dir / "results"},
-        auth={"enabled": opts.auth},
-        scaling={"interval_s": t.scaling_interval_s},
-        workers={"health_interval_s": t.health_interval_s,
-                 "dispatch_interval_s": min(1.0, t.scaling_interval_s)},
         providers={
             "novita": {"base_url": novita_url, "api_key": "sim-novita-key"},
-            "surf": {"base_url": surf_url, "api_token": "sim-surf-token"},
+            "surf": {"base_url": surf_url, "api_token": "sim-surf-token", "csrf_token": None},
         },
         pools=pools,
+        legacy_novita_pool=None,  # NOVITA_PRODUCT_ID + NOVITA_IMAGE_URL: a real pool, not here
+        **given,
     )
+
+
+def _owned(dotted: str) -> bool:
+    return any(dotted == key or dotted.startswith(key + ".") for key in DEMO_OWNED)
+
+
+def _toml_has(data: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return data not in (None, "", [], {})
+
+
+def demo_overrides(environ: Mapping[str, str] | None = None,
+                   config_path: Path | None = None,
+                   env_file: Path | None = DEMO_ENV_FILE) -> list[str]:
+    """The user's settings the demo ignores because it owns them (``DEMO_OWNED``), each
+    named as the user wrote it: ``GPUFLEET_REDIS__URL``, ``REDIS_URL``, ``.env: NOVITA_API_KEY``,
+    ``config.toml: pools``. Printed at start so nobody wonders why a setting did nothing."""
+    legacy_owned = {name for name, dotted in LEGACY_ENV.items() if _owned(dotted)}
+    legacy_owned |= {*LEGACY_POOL_ENV, "REDIS_HOST", "REDIS_PORT"}
+
+    def owned_variable(name: str) -> bool:
+        upper = name.upper()
+        if upper.startswith("GPUFLEET_"):
+            return _owned(upper.removeprefix("GPUFLEET_").lower().replace("__", "."))
+        return upper in legacy_owned
+
+    found: list[str] = []
+    env = dict(os.environ if environ is None else environ)
+    found += [name for name in sorted(env) if env[name] and owned_variable(name)]
+    if env_file is not None and env_file.is_file():
+        dotenv = dotenv_values(env_file)
+        found += [f"{env_file}: {name}" for name in sorted(dotenv)
+                  if dotenv[name] and name not in env and owned_variable(name)]
+    path = config_path if config_path is not None else resolve_config_path(None)
+    if path is not None and path.is_file():
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            data = {}  # load_settings reports it
+        found += [f"{path}: {key}" for key in DEMO_OWNED if _toml_has(data, key)]
+    return found
 
 
 def cheat_sheet(demo: Demo) -> str:
@@ -435,29 +536,47 @@ def cheat_sheet(demo: Demo) -> str:
         f"data in {demo.options.resolved_data_dir}",
         "",
     ]
+    settings = demo.settings
     if key:
         lines += [
             f"  admin API key (shown once, a new one every run): {key}",
             f"  status page:  {url}/ui#key={key}",
         ]
     else:
+        why = ("--no-auth" if demo.options.auth is False
+               else "[auth] enabled = false in your configuration or environment")
         lines += [
-            "  auth is OFF (--no-auth): anyone who can reach this port can use it",
+            f"  auth is OFF ({why}): anyone who can reach this port can use it",
             f"  status page:  {url}/ui",
+        ]
+    if settings is None or settings.server.api_docs:
+        lines.append(f"  API docs:     {url}/docs")
+    else:
+        lines.append(f"  API docs:     off ([server] api_docs = false); {url}/openapi.json")
+    if demo.overridden:
+        lines += [
+            "  ignored (the demo runs its own clouds, pools and Redis): "
+            + ", ".join(demo.overridden),
         ]
     env = f"export GPUFLEET_URL={url}" + (f" GPUFLEET_API_KEY={key}" if key else "")
     curl_auth = ' -H "Authorization: Bearer $GPUFLEET_API_KEY"' if key else ""
     headers = f', headers={{"Authorization": "Bearer {key}"}}' if key else ""
-    chat = (
-        f"python -c 'import ollama; c = ollama.Client(host=\"{url}\"{headers}); "
+    # Only what `pip install -e .` installs (gpufleet) and curl: the ollama SDK and CLI are
+    # not gpufleet's dependencies, so their lines say how to get them.
+    chat_body = json.dumps({"model": OLLAMA_MODEL, "stream": False,
+                            "messages": [{"role": "user", "content": "hi"}]})
+    chat_curl = f"curl -s{curl_auth} $GPUFLEET_URL/api/chat -d '{chat_body}'"
+    chat_sdk = (
+        f"pip install ollama && python -c 'import ollama; "
+        f"c = ollama.Client(host=\"{url}\"{headers}); "
         f'print(c.chat(model="{OLLAMA_MODEL}", '
         """messages=[{"role": "user", "content": "hi"}]).message.content)'"""
     )
     ollama_cli = f"OLLAMA_HOST={url} ollama run {OLLAMA_MODEL}"
-    if key:
-        ollama_cli += "   # the ollama CLI cannot send a key: run gpufleet demo --no-auth"
+    cli_note = ("# the ollama CLI (not installed by pip: see ollama.com/download) sends no key, "
+                "so it needs gpufleet demo --no-auth:" if key else
+                "# the ollama CLI (not installed by pip: see ollama.com/download):")
     lines += [
-        f"  API docs:     {url}/docs",
         "",
         "Try it in another terminal:",
         "",
@@ -475,8 +594,11 @@ def cheat_sheet(demo: Demo) -> str:
         f"  for i in $(seq 20); do gpufleet tasks submit {graph}; done",
         "",
         "  # chat through the Ollama-compatible proxy: resumes a paused SURF workspace",
-        f"  {chat}",
-        f"  {ollama_cli}",
+        f"  {chat_curl}",
+        "  # the same with the ollama Python SDK (not a gpufleet dependency):",
+        f"  {chat_sdk}",
+        f"  {cli_note}",
+        f"  #   {ollama_cli}",
         "",
         "  # the clouds, as gpufleet's providers see them",
         "  gpufleet instances",
@@ -492,7 +614,8 @@ def cheat_sheet(demo: Demo) -> str:
     return "\n".join(lines)
 
 
-async def run(options: DemoOptions, out: Callable[[str], None] = print) -> None:
+async def run(options: DemoOptions, out: Callable[[str], None] = print,
+              on_start: Callable[[Demo], None] | None = None) -> None:
     """Start the demo, print the cheat sheet, run until SIGINT/SIGTERM, stop cleanly."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -503,6 +626,8 @@ async def run(options: DemoOptions, out: Callable[[str], None] = print) -> None:
             installed.append(sig)
     try:
         async with Demo(options) as demo:
+            if on_start is not None:
+                on_start(demo)
             out(demo.cheat_sheet())
             await stop.wait()
             out("stopping the demo ...")
@@ -515,13 +640,24 @@ def main(options: DemoOptions) -> int:
     """Blocking entry point for the CLI; returns the exit code."""
     from gpufleet.logs import configure_logging
 
-    configure_logging(options.log_level)
-    if options.log_level == "info":
+    def configure(level: str, fmt: Literal["text", "json"] = "text") -> None:
+        configure_logging(level, fmt)
         # Every reconcile tick lists both clouds: at info that drowns the scale decisions,
         # which the reconciler logs itself. --log-level debug shows every provider call.
-        logging.getLogger("gpufleet.providers.base").setLevel(logging.WARNING)
+        logging.getLogger("gpufleet.providers.base").setLevel(
+            logging.WARNING if level == "info" else logging.NOTSET)
+
+    def configured(demo: Demo) -> None:
+        # [server] log_level / [log] format from the configuration or the environment.
+        assert demo.settings is not None
+        server, log = demo.settings.server, demo.settings.log
+        if (server.log_level, log.format) != (options.log_level or "info", "text"):
+            configure(server.log_level, log.format)
+
+    configure(options.log_level or "info")
     try:
-        asyncio.run(run(options, out=lambda text: print(text, flush=True)))
+        asyncio.run(run(options, out=lambda text: print(text, flush=True),
+                        on_start=configured))
     except DemoError as exc:
         print(f"gpufleet demo: {exc}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_TIMEOUT = 1, 2, 3, 4
 STATE_COLORS = {
@@ -114,19 +115,88 @@ def _watch(render: Callable[[], RenderableType], interval_s: float) -> None:
                     live.update(render(), refresh=True)
         while True:
             console.rule(time.strftime("%H:%M:%S"))
-            console.print(render())
+            print_tables(render())
             console.file.flush()
             time.sleep(interval_s)
     except KeyboardInterrupt:
         return
 
 
-def workers_table(workers: list[dict[str, Any]]) -> Table:
-    table = Table(title="workers")
-    for column in ("worker", "pool", "state", "slots", "models", "url", "cost $"):
-        table.add_column(column)
-    for w in workers:
-        table.add_row(
+# A column: header, and how readily it goes on a narrow terminal (0: never; higher first).
+Column = tuple[str, int]
+
+
+def _cell_width(cell: str) -> int:
+    return max((Text.from_markup(line).cell_len for line in cell.split("\n")), default=0)
+
+
+def table_width(columns: list[str], rows: list[list[str]]) -> int:
+    """Cells a rich table with the default box and padding needs to show every value whole."""
+    widths = [
+        max([_cell_width(header)] + [_cell_width(row[i]) for row in rows])
+        for i, header in enumerate(columns)
+    ]
+    return sum(w + 2 for w in widths) + len(widths) + 1  # padding 1+1, one border per column
+
+
+def fit_table(title: str, columns: list[Column], rows: list[list[str]],
+              width: int | None) -> Table:
+    """A table that fits ``width`` cells without cutting any value short.
+
+    ``width=None`` (a pipe or a file) keeps every column: the caller prints it unbounded.
+    On a terminal, columns go by priority (highest first) until the rest fits whole; if even
+    the columns that are never dropped do not fit, their cells fold onto more lines
+    instead of ending in an ellipsis. The caption names what was left out.
+    """
+    keep = list(range(len(columns)))
+    if width is not None:
+        for index in sorted(keep, key=lambda i: -columns[i][1]):
+            if table_width([columns[i][0] for i in keep], [[r[i] for i in keep] for r in rows]) \
+                    <= width:
+                break
+            if columns[index][1] > 0:
+                keep.remove(index)
+    dropped = [columns[i][0] for i in range(len(columns)) if i not in keep]
+    caption = (f"not shown at {width} columns: {', '.join(dropped)} (widen the terminal, "
+               "or use --json)") if dropped else None
+    table = Table(title=title, caption=caption)
+    for i in keep:
+        table.add_column(columns[i][0], overflow="fold")
+    for row in rows:
+        table.add_row(*(row[i] for i in keep))
+    return table
+
+
+def terminal_width() -> int | None:
+    """The terminal's width, or None when printing into a pipe or a file (no limit)."""
+    return console.width if console.is_terminal else None
+
+
+def print_tables(*tables: RenderableType) -> None:
+    """On a terminal as fitted; into a pipe or file each table whole, however wide (a
+    console there is 80 columns by default, which would cut every value short)."""
+    if console.is_terminal:
+        for table in tables:
+            console.print(table)
+        return
+    for table in tables:
+        measured = Console(width=100_000).measure(table).maximum
+        Console(file=console.file, width=max(measured, 20), no_color=True).print(table)
+
+
+WORKER_COLUMNS: list[Column] = [
+    ("worker", 0), ("pool", 3), ("state", 0), ("slots", 1), ("models", 4), ("url", 6),
+    ("cost $", 2),
+]
+POOL_COLUMNS: list[Column] = [
+    ("pool", 0), ("provider", 5), ("engine", 4), ("workers", 0), ("queued", 1),
+    ("waiting", 2), ("min/max", 3), ("burn $/h", 3), ("spend $", 4), ("backoff", 6),
+]
+
+
+def workers_table(workers: list[dict[str, Any]], width: int | None = None) -> Table:
+    rows = [
+        [
             w["id"],
             w["pool"],
             _badge(w["state"]),
@@ -134,28 +204,18 @@ def workers_table(workers: list[dict[str, Any]]) -> Table:
             ", ".join(w.get("models_loaded") or w.get("models_present") or []),
             w.get("base_url", ""),
             f"{w.get('cost_usd', 0):.3f}",
-        )
-    return table
+        ]
+        for w in workers
+    ]
+    return fit_table("workers", WORKER_COLUMNS, rows, width)
 
 
-def status_tables(pools: list[dict[str, Any]], workers: list[dict[str, Any]]) -> list[Table]:
-    table = Table(title="pools")
-    for column in (
-        "pool",
-        "provider",
-        "engine",
-        "workers",
-        "queued",
-        "waiting",
-        "min/max",
-        "burn $/h",
-        "spend $",
-        "backoff",
-    ):
-        table.add_column(column)
+def status_tables(pools: list[dict[str, Any]], workers: list[dict[str, Any]],
+                  width: int | None = None) -> list[Table]:
+    rows = []
     for p in pools:
         demand = p.get("demand") or {}
-        table.add_row(
+        rows.append([
             p["name"],
             p["provider"],
             p["engine"],
@@ -166,8 +226,8 @@ def status_tables(pools: list[dict[str, Any]], workers: list[dict[str, Any]]) ->
             f"{p.get('burn_rate_per_hour', 0):.2f}",
             f"{p.get('spend_usd', 0):.2f}",
             (p.get("backoff") or {}).get("reason", ""),
-        )
-    return [table, workers_table(workers)]
+        ])
+    return [fit_table("pools", POOL_COLUMNS, rows, width), workers_table(workers, width)]
 
 
 def status(
@@ -188,10 +248,9 @@ def status(
         _emit_json({"pools": pools, "workers": workers})
         return
     if not watch:
-        for table in status_tables(*fetch()):
-            console.print(table)
+        print_tables(*status_tables(*fetch(), width=terminal_width()))
         return
-    _watch(lambda: Group(*status_tables(*fetch())), interval)
+    _watch(lambda: Group(*status_tables(*fetch(), width=terminal_width())), interval)
 
 
 def workers(
@@ -209,9 +268,11 @@ def workers(
         _emit_json(remote.call("GET", "/api/v1/workers", params=params))
         return
     if not watch:
-        console.print(workers_table(remote.call("GET", "/api/v1/workers", params=params)))
+        print_tables(workers_table(remote.call("GET", "/api/v1/workers", params=params),
+                                   terminal_width()))
         return
-    _watch(lambda: workers_table(remote.call("GET", "/api/v1/workers", params=params)), interval)
+    _watch(lambda: workers_table(remote.call("GET", "/api/v1/workers", params=params),
+                                 terminal_width()), interval)
 
 
 def events(
@@ -342,7 +403,7 @@ def tasks_list(
             str(t.get("priority", "")),
             str(t.get("attempts", "")),
         )
-    console.print(table)
+    print_tables(table)
 
 
 def tasks_cancel(task_id: str, url: UrlOption = DEFAULT_URL, key: KeyOption = "") -> None:
@@ -426,7 +487,7 @@ def instances(
     if not found:
         console.print("no pools are configured, so no provider to ask")
     for name, items in found.items():
-        console.print(instances_table(name, items))
+        print_tables(instances_table(name, items))
 
 
 def products(
@@ -452,7 +513,7 @@ def products(
             str(p.get("inventory_state", "")),
             ", ".join(p.get("regions") or []),
         )
-    console.print(table)
+    print_tables(table)
 
 
 def register(app: typer.Typer) -> None:

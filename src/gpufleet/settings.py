@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -83,6 +84,13 @@ class ServerSettings(Section):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of gpufleet's own loggers."
+    )
+    api_docs: bool = Field(
+        True,
+        description="Serve the interactive API docs at /docs (Swagger UI) and /redoc. Their "
+        "pages load scripts and styles from a public CDN (jsdelivr), so the browser that opens "
+        "them fetches code from a third party; false turns both pages off (404). "
+        "/openapi.json, served by gpufleet itself, stays.",
     )
 
 
@@ -336,6 +344,14 @@ class AuthSettings(Section):
         description="When Redis cannot be asked about a key's limits: false (default) refuses "
         "the request with 503; true lets it through unlimited.",
     )
+    max_streams_per_key: int = Field(
+        20,
+        ge=0,
+        description="Most server-sent event streams (/api/v1/tasks/{id}/events, "
+        "/api/v1/events/stream) one API key may hold open at once, across all replicas "
+        "(counted in Redis; a replica that dies frees its places within a minute). One more "
+        "is 429. With auth off every caller shares one count. 0: no limit.",
+    )
     key_cache_ttl_s: float = Field(
         5.0,
         ge=0,
@@ -528,6 +544,7 @@ class _DotEnvSource(DotEnvSettingsSource):
 
 _config_path: ContextVar[Path | None] = ContextVar("gpufleet_config_path", default=None)
 _env_file: ContextVar[Path | None] = ContextVar("gpufleet_env_file", default=Path(".env"))
+_defaults: ContextVar[dict[str, Any] | None] = ContextVar("gpufleet_defaults", default=None)
 
 
 class Settings(BaseSettings):
@@ -571,6 +588,9 @@ class Settings(BaseSettings):
         path = _config_path.get()
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        defaults = _defaults.get()
+        if defaults:  # below every source: a caller's defaults that config and env beat
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=defaults))
         return tuple(sources)
 
     @model_validator(mode="after")
@@ -638,9 +658,14 @@ def load_settings(
     path: Path | str | None = None,
     *,
     env_file: Path | None = Path(".env"),
+    defaults: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Settings:
-    """Read and validate configuration; raise ``ConfigError`` with one line per problem."""
+    """Read and validate configuration; raise ``ConfigError`` with one line per problem.
+
+    ``overrides`` beat every source; ``defaults`` (same shape) lose to every source but
+    the fields' own defaults.
+    """
     config_path = resolve_config_path(path)
     if config_path is not None:
         if not config_path.is_file():
@@ -651,6 +676,7 @@ def load_settings(
             raise ConfigError([f"config: {config_path} is not valid TOML: {exc}"]) from exc
     token_path = _config_path.set(config_path)
     token_env = _env_file.set(env_file)
+    token_defaults = _defaults.set(defaults)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -658,6 +684,7 @@ def load_settings(
     finally:
         _config_path.reset(token_path)
         _env_file.reset(token_env)
+        _defaults.reset(token_defaults)
     for path in insecure_secret_files(config_path, env_file):
         logger.warning(
             "%s holds secrets and is readable by group or others: run 'chmod 600 %s'",

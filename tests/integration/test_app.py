@@ -35,6 +35,28 @@ async def test_ready_health_metrics_with_real_redis(redis_url: str) -> None:
             assert (await client.get("/docs")).status_code == 200
 
 
+async def test_api_docs_can_be_turned_off(redis_url: str) -> None:
+    """/docs and /redoc load scripts from a CDN: one setting turns both off; the schema stays."""
+    for enabled in (True, False):
+        settings = load_settings(env_file=None, redis={"url": redis_url},
+                                 server={"api_docs": enabled})
+        app = create_app(settings)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                for page in ("/docs", "/redoc"):
+                    answer = await client.get(page)
+                    assert answer.status_code == (200 if enabled else 404), (enabled, page)
+                    if not enabled:
+                        assert answer.json()["error"]["code"] == "not_found"
+                assert (await client.get("/openapi.json")).status_code == 200
+
+
+def test_api_docs_setting_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUFLEET_SERVER__API_DOCS", "false")
+    assert load_settings(env_file=None).server.api_docs is False
+
+
 async def test_ready_is_503_when_redis_is_gone(tmp_path: Path) -> None:
     from gpufleet.store.connection import EmbeddedRedis
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.tasks import router
+from gpufleet.results import DirectoryResultStore
 from gpufleet.settings import load_settings
 from gpufleet.store.apikeys import ApiKey
 from gpufleet.store.queue import TaskQueue
@@ -27,7 +29,7 @@ GRAPH = {
 
 
 @pytest.fixture
-async def client(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
+async def client(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = load_settings(
         env_file=None,
         auth={"enabled": False},
@@ -38,7 +40,8 @@ async def client(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
+    extras = {"queue": queue, "results": DirectoryResultStore(tmp_path / "results")}
+    app.state.components = Components(settings=settings, redis=redis, extras=extras)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
         c.queue = queue  # type: ignore[attr-defined]
@@ -128,6 +131,28 @@ async def test_unknown_task_is_404(client: httpx.AsyncClient) -> None:
         assert r.json()["error"]["code"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    "task_id", ["NOT-A-TASK", "x" * 65, "bad%20id", "%C3%A9t%C3%A9", "a.b", "0" * 500]
+)
+async def test_a_malformed_task_id_is_404_like_any_unknown_id(
+    client: httpx.AsyncClient, task_id: str
+) -> None:
+    """A script checking "unknown task -> 404" must not see 422 for an id of another shape."""
+    for method, path in [
+        ("GET", f"/api/v1/tasks/{task_id}"),
+        ("POST", f"/api/v1/tasks/{task_id}/cancel"),
+        ("GET", f"/api/v1/tasks/{task_id}/wait?timeout_s=0"),
+        ("GET", f"/api/v1/tasks/{task_id}/events"),
+        ("GET", f"/api/v1/tasks/{task_id}/outputs"),
+        ("GET", f"/api/v1/tasks/{task_id}/outputs/out.png"),
+    ]:
+        r = await client.request(method, path)
+        assert r.status_code == 404, (method, path, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "not_found"
+        assert "no task" in error["message"]
+
+
 async def test_idempotency_key_race(client: httpx.AsyncClient, redis: aioredis.Redis) -> None:
     body = {"payload": GRAPH, "workflow_id": "wf"}
     headers = {"Idempotency-Key": "same-key"}
@@ -160,6 +185,51 @@ async def test_list_filters_and_pages(client: httpx.AsyncClient) -> None:
     assert [t["id"] for t in r.json()["tasks"]] == [ids[4], ids[2], ids[0]]
     r = await client.get("/api/v1/tasks", params={"status": "bogus"})
     assert r.status_code == 422
+
+
+async def test_next_cursor_is_opaque_and_tells_nothing_of_others_volume(
+    client: httpx.AsyncClient,
+) -> None:
+    """The index position is a global counter: a cursor must not carry it readably."""
+    as_key(client, "alice")
+    mine = [(await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()["id"]
+            for _ in range(3)]
+    first = (await client.get("/api/v1/tasks", params={"limit": 1})).json()
+    as_key(client, "bob")
+    for _ in range(7):
+        assert (await client.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
+    as_key(client, "alice")
+    again = (await client.get("/api/v1/tasks", params={"limit": 1})).json()
+    cursor = first["next_cursor"]
+    assert cursor
+    assert again["next_cursor"]
+    assert not cursor.isdigit()
+    # The same position twice gives two different tokens: nothing to compare or count.
+    assert cursor != again["next_cursor"]
+    for token in (cursor, again["next_cursor"]):
+        page = (await client.get("/api/v1/tasks", params={"limit": 5, "cursor": token})).json()
+        assert [t["id"] for t in page["tasks"]] == mine[::-1][1:]
+        assert page["next_cursor"] is None
+
+
+@pytest.mark.parametrize("cursor", ["3", "12345678901234567890", "not-a-cursor", "AAAA" * 12])
+async def test_a_cursor_this_server_did_not_issue_is_400(
+    client: httpx.AsyncClient, cursor: str
+) -> None:
+    await client.post("/api/v1/tasks", json={"payload": GRAPH})
+    r = await client.get("/api/v1/tasks", params={"cursor": cursor})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "bad_request"
+    assert "cursor" in r.json()["error"]["message"]
+
+
+async def test_a_tampered_cursor_is_400(client: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        await client.post("/api/v1/tasks", json={"payload": GRAPH})
+    cursor = (await client.get("/api/v1/tasks", params={"limit": 1})).json()["next_cursor"]
+    flipped = cursor[:-2] + ("A" if cursor[-2] != "A" else "B") + cursor[-1]
+    r = await client.get("/api/v1/tasks", params={"cursor": flipped})
+    assert r.status_code == 400, r.text
 
 
 async def test_cancel_then_409(client: httpx.AsyncClient) -> None:

@@ -62,3 +62,16 @@ def test_config_check_ok(tmp_path: Path) -> None:
     result = runner.invoke(app, ["config", "check", "-c", str(path)])
     assert result.exit_code == 0
     assert "1 pool(s)" in result.output
+
+
+def test_demo_leaves_unset_options_to_the_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpufleet demo` without flags must not pin auth/port/host over GPUFLEET_* settings."""
+    import gpufleet.demo
+
+    seen: list[gpufleet.demo.DemoOptions] = []
+    monkeypatch.setattr(gpufleet.demo, "main", lambda options: seen.append(options) or 0)
+    assert runner.invoke(app, ["demo"]).exit_code == 0
+    assert (seen[0].auth, seen[0].port, seen[0].host, seen[0].log_level) == (None,) * 4
+    result = runner.invoke(app, ["demo", "--no-auth", "--port", "9123", "--log-level", "debug"])
+    assert result.exit_code == 0
+    assert (seen[1].auth, seen[1].port, seen[1].log_level) == (False, 9123, "debug")

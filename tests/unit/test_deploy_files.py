@@ -66,9 +66,31 @@ def test_env_example_names_are_read_by_the_app() -> None:
         assert name in known or name.startswith("GPUFLEET_"), name
 
 
-def test_ci_runs_the_readme_test_command() -> None:
+def readme_quick_start() -> list[str]:
+    """The commands of the README's quick start (its first bash block), comments dropped."""
     readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_quick_start_is_two_commands() -> None:
+    assert readme_quick_start() == ["pip install -e . && gpufleet demo", "scripts/test"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run ends with the README's test command, verbatim."""
+    command = readme_quick_start()[-1]
     ci = (ROOT / ".ci" / "run").read_text()
-    command = 'pip install -e ".[dev]" && make check'
-    assert command in readme
-    assert command in ci.splitlines()
+    lines = [line for line in ci.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[-1] == command
+
+
+def test_the_test_script_is_self_sufficient() -> None:
+    script = ROOT / "scripts" / "test"
+    assert script.stat().st_mode & 0o111, "scripts/test must be executable"
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash")
+    assert 'pip install --quiet -e ".[dev]"' in text
+    assert "apt-get install" in text
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[-1] == "make check"

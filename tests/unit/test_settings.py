@@ -216,3 +216,20 @@ def test_leader_lease_must_outlast_two_ticks() -> None:
     with pytest.raises(ConfigError, match="leader_lease_s"):
         load_settings(env_file=None, scaling={"interval_s": 2, "leader_lease_s": 4})
     assert load_settings(env_file=None, scaling={"interval_s": 10}).scaling.leader_lease_s is None
+
+
+def test_defaults_lose_to_every_source_and_overrides_beat_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What `gpufleet demo` relies on: its defaults yield to config and environment."""
+    config = tmp_path / "config.toml"
+    config.write_text("[scaling]\ninterval_s = 7.0\n")
+    monkeypatch.setenv("GPUFLEET_AUTH__ENABLED", "false")
+    defaults = {"auth": {"enabled": True}, "scaling": {"interval_s": 0.5},
+                "server": {"port": 8123}}
+    s = load_settings(config, env_file=None, defaults=defaults)
+    assert s.auth.enabled is False  # environment beats the default
+    assert s.scaling.interval_s == 7.0  # config.toml beats the default
+    assert s.server.port == 8123  # the default beats the field's own
+    s = load_settings(config, env_file=None, defaults=defaults, auth={"enabled": True})
+    assert s.auth.enabled is True  # an override beats the environment

@@ -109,6 +109,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {
+        400: "bad_request",
         404: "not_found",
         405: "method_not_allowed",
         413: "payload_too_large",

@@ -9,8 +9,9 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
-from gpufleet.api.auth import require_admin
+from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import get_events
+from gpufleet.api.streams import event_stream
 from gpufleet.store.events import EventLog
 
 router = APIRouter(prefix="/api/v1/events", tags=["events"], dependencies=[Depends(require_admin)])
@@ -25,9 +26,14 @@ async def recent_events(
     return await events.recent(limit, pool=pool)
 
 
-@router.get("/stream", summary="Live fleet events as server-sent events")
+@router.get(
+    "/stream",
+    summary="Live fleet events as server-sent events",
+    responses={429: {"description": "The key holds [auth] max_streams_per_key streams."}},
+)
 async def stream_events(
     request: Request,
+    principal: Principal = Depends(authenticate),
     last_event_id: str = Query("$", alias="after", description="Stream id to resume after."),
     events: EventLog = Depends(get_events),
 ) -> StreamingResponse:
@@ -48,8 +54,4 @@ async def stream_events(
         finally:
             await follower.aclose()
 
-    return StreamingResponse(
-        body(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return await event_stream(request, principal, body())

@@ -141,6 +141,11 @@ class ApiKeyStore:
 
     # -- keys ----------------------------------------------------------------------------
 
+    def derive_key(self, purpose: str) -> bytes:
+        """A key for another use (e.g. page cursors), derived from the server secret: the same
+        on every replica, and telling nothing about the secret itself."""
+        return hmac.new(self._secret, f"gpufleet:{purpose}".encode(), hashlib.sha256).digest()
+
     def _digest(self, plaintext: str) -> str:
         return hmac.new(self._secret, plaintext.encode(), hashlib.sha256).hexdigest()
 
