@@ -38,12 +38,15 @@ def test_the_contracts_hold():
 
 
 def test_the_contracts_catch_a_break(tmp_path):
-    """A copy of the sources with three violations planted: each contract type reports it."""
+    """A copy of the sources with violations planted: each contract type reports them."""
     shutil.copytree(ROOT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     pkg = tmp_path / "src" / "gpufleet"
     with (pkg / "scaling" / "actions.py").open("a") as f:
         f.write("\nimport time  # planted: the scaling core reads the clock\n")
+    # history.py is matched whether or not it exists yet (another branch adds it).
+    with (pkg / "scaling" / "history.py").open("a") as f:
+        f.write("\nimport random  # planted: a pool's history draws random numbers\n")
     with (pkg / "store" / "keys.py").open("a") as f:
         f.write("\nimport gpufleet.api  # planted: the store reaches up into the API\n")
     with (pkg / "engines" / "ollama.py").open("a") as f:
@@ -57,5 +60,6 @@ def test_the_contracts_catch_a_break(tmp_path):
     assert "gpufleet.scaling.actions is not allowed to import time" in out
     # Indirect imports count: policy reads the clock through actions.
     assert "gpufleet.scaling.policy is not allowed to import time" in out
+    assert "gpufleet.scaling.history is not allowed to import random" in out
     assert "gpufleet.store is not allowed to import gpufleet.api" in out
     assert "gpufleet.engines.ollama is not allowed to import gpufleet.engines.comfyui" in out
