@@ -1,4 +1,4 @@
-.PHONY: lint typecheck test check
+.PHONY: lint typecheck contracts test check
 
 lint:
 	ruff check .
@@ -6,8 +6,14 @@ lint:
 typecheck:
 	mypy
 
+# The import contracts in pyproject.toml ([tool.importlinter]): layers, the pure scaling core,
+# one module per provider/engine, simulated clouds kept out of the service.
+contracts:
+	lint-imports
+
 test:
 	python -m pytest
 
-# The README's test command: lint, then the whole suite.
-check: lint test
+# The README's test command, what CI runs: ruff, mypy (strict), import contracts, then the
+# whole suite.
+check: lint typecheck contracts test

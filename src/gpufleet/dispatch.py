@@ -554,7 +554,7 @@ class Dispatcher:
                                exc)
             finally:
                 with contextlib.suppress(RedisError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), backoff_s)
             backoff_s = min(LISTEN_RETRY_MAX_S, backoff_s * 2)

@@ -7,8 +7,8 @@ replica 0 gets SIGTERM. Then:
 - it stops accepting: new connections are refused while the open long poll is still
   being served, and that long poll gets its answer;
 - it leases nothing new: tasks queued after the SIGTERM all run on replica 1;
-- it releases the leader lock at once: replica 1 leads with a newer token while replica
-  0's lease would not have run out yet;
+- it releases the leader lock at once: Redis reports the lock key deleted (not expired)
+  before replica 1 takes it, and replica 1 leads with a newer token;
 - it hands its four running tasks back with the attempt refunded: each succeeds on
   replica 1 at attempt 1, its error history naming the shutdown hand-back;
 - it exits with status 0 within the grace period.
@@ -48,8 +48,15 @@ async def test_sigterm_hands_back_leases_and_leadership(tmp_path: Path) -> None:
         await fleet.start_replicas([1])
         await fleet.set_first_token_s(0.0)  # from now on the engines answer at once
         holder, old_token = await fleet.lock_holder()
-        lease_left_ms = int(await fleet.redis.pttl(f"{PREFIX}:leader:reconciler"))
+        lock_key = f"{PREFIX}:leader:reconciler"
+        lease_left_ms = int(await fleet.redis.pttl(lock_key))
         assert lease_left_ms > 0
+        # Watch the lock key: Redis announces a release as "del" and a lease that ran out by
+        # itself as "expired", so the order of events says how leadership moved, with no clock.
+        await fleet.redis.config_set("notify-keyspace-events", "Kghx")
+        db = fleet.redis.connection_pool.connection_kwargs.get("db", 0)
+        lock_events = fleet.redis.pubsub()
+        await lock_events.subscribe(f"__keyspace@{db}__:{lock_key}")
 
         # A long poll keeps replica 0's server open through the first part of its shutdown.
         async with httpx.AsyncClient(headers=fleet.http.headers, trust_env=False) as poller:
@@ -89,8 +96,21 @@ async def test_sigterm_hands_back_leases_and_leadership(tmp_path: Path) -> None:
         assert new_token is not None
         assert old_token is not None
         assert new_token > old_token
-        # Leadership moved before replica 0's lease could have run out by itself.
-        assert time.monotonic() - termed < lease_left_ms / 1000
+        # Leadership moved because replica 0 released the lock, not because its lease ran out:
+        # the key was deleted before it could expire, and replica 1 took it after that.
+        events: list[str] = []
+
+        async def replica_1_took_it() -> bool:  # its acquire writes the hash: "hset"
+            message = await lock_events.get_message(timeout=1.0)
+            if message is not None and message["type"] == "message":
+                events.append(message["data"])
+            return "hset" in events
+
+        await until(replica_1_took_it, 10)  # all published already: replica 1 leads
+        await lock_events.aclose()
+        removals = [e for e in events if e in ("del", "expired")]
+        assert removals[:1] == ["del"], events
+        assert "hset" in events[events.index("del"):], events
 
         states = await fleet.wait_finished([*first.ids.values(), *second.ids.values()], 60)
         for task_id in first.ids.values():

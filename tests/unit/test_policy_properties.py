@@ -1,11 +1,18 @@
-"""Invariants of ``policy.plan`` over generated snapshots (hypothesis)."""
+"""Invariants of ``policy.plan`` over generated snapshots (hypothesis).
+
+An invariant that only speaks about some plans (those that scale up, those that park) runs as an
+inner ``@given`` function inside the test, which counts the examples where the case occurred and
+asserts the count is above zero afterwards: a generator that never produced the case fails the
+test instead of passing it without checking anything. ``event()`` shows the same cases in
+``--hypothesis-show-statistics``.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
 
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from gpufleet.domain import Engine, ProviderKind, WorkerState
@@ -79,26 +86,47 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
     return Snapshot(NOW, tuple(ps), tuple(ws), (dem,))
 
 
-@settings(max_examples=300, deadline=None)
-@given(snapshots())
-def test_never_more_than_max_workers_live(snap: Snapshot):
+def test_never_more_than_max_workers_live():
     """Live after the actions apply: live now, minus those retired or parked, plus scale-ups."""
-    actions = plan(snap)
-    gone = {a.worker_id for a in actions if isinstance(a, MarkFailed | Delete | Stop | Pause)}
-    for p in snap.pools:
-        live = [w for w in snap.workers if w.pool == p.name and w.state in LIVE_STATES]
-        kept = sum(1 for w in live if w.id not in gone)
-        added = sum(1 for a in actions if isinstance(a, SCALE_UP_ACTIONS) and a.pool == p.name)
-        assert added == 0 or kept + added <= p.max_workers
+    scale_ups = 0
+
+    @settings(max_examples=300, deadline=None)
+    @given(snapshots())
+    def check(snap: Snapshot):
+        nonlocal scale_ups
+        actions = plan(snap)
+        gone = {a.worker_id for a in actions if isinstance(a, MarkFailed | Delete | Stop | Pause)}
+        for p in snap.pools:
+            live = [w for w in snap.workers if w.pool == p.name and w.state in LIVE_STATES]
+            kept = sum(1 for w in live if w.id not in gone)
+            added = sum(1 for a in actions if isinstance(a, SCALE_UP_ACTIONS) and a.pool == p.name)
+            if added:
+                scale_ups += 1
+                event("a pool scaled up")
+            assert added == 0 or kept + added <= p.max_workers
+
+    check()
+    assert scale_ups > 0, "no generated plan scaled a pool up: the bound was never checked"
 
 
-@settings(max_examples=300, deadline=None)
-@given(snapshots())
-def test_never_parks_or_deletes_a_busy_worker(snap: Snapshot):
-    busy = {w.id for w in snap.workers if w.busy_slots > 0}
-    for a in plan(snap):
-        if isinstance(a, Stop | Pause | Delete | Drain):
-            assert a.worker_id not in busy, a
+def test_never_parks_or_deletes_a_busy_worker():
+    scale_downs = with_busy_workers = 0
+
+    @settings(max_examples=300, deadline=None)
+    @given(snapshots())
+    def check(snap: Snapshot):
+        nonlocal scale_downs, with_busy_workers
+        busy = {w.id for w in snap.workers if w.busy_slots > 0}
+        for a in plan(snap):
+            if isinstance(a, Stop | Pause | Delete | Drain):
+                scale_downs += 1
+                with_busy_workers += bool(busy)
+                event("scale-down with a busy worker present" if busy else "scale-down")
+                assert a.worker_id not in busy, a
+
+    check()
+    assert scale_downs > 0, "no generated plan parked, drained or deleted a worker"
+    assert with_busy_workers > 0, "no such plan had a busy worker it could have picked"
 
 
 @settings(max_examples=200, deadline=None)
@@ -108,16 +136,34 @@ def test_plan_is_deterministic(snap: Snapshot):
     assert plan(replace(snap, workers=tuple(reversed(snap.workers)))) == plan(snap)
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    burst=st.integers(1, 200),
-    slots=st.integers(1, 8),
-    step=st.integers(1, 20),
-    ticks=st.integers(1, 12),
-    boot_ticks=st.integers(1, 15),
-)
-def test_a_burst_starts_at_most_ceil_d_over_slots_workers(burst, slots, step, ticks, boot_ticks):
+def test_a_burst_starts_at_most_ceil_d_over_slots_workers():
     """D tasks onto an empty pool, replanned every 5 s while the boots are still pending."""
+    covered = 0
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        burst=st.integers(1, 200),
+        slots=st.integers(1, 8),
+        step=st.integers(1, 20),
+        ticks=st.integers(1, 12),
+        boot_ticks=st.integers(1, 15),
+    )
+    def check(burst, slots, step, ticks, boot_ticks):
+        nonlocal covered
+        starts = run_burst(burst, slots, step, ticks, boot_ticks)
+        wanted = math.ceil(burst / slots)
+        assert starts <= wanted
+        if ticks + boot_ticks >= math.ceil(wanted / step):
+            covered += 1
+            event("enough ticks for the step to cover the burst")
+            assert starts == wanted  # and the demand is covered once the step allows it
+
+    check()
+    assert covered > 0, "no example had enough ticks to cover its burst"
+
+
+def run_burst(burst: int, slots: int, step: int, ticks: int, boot_ticks: int) -> int:
+    """Creates and starts that ``plan`` asks for over ``ticks + boot_ticks`` ticks."""
     pool = PoolView(
         "p",
         ProviderKind.novita,
@@ -146,7 +192,4 @@ def test_a_burst_starts_at_most_ceil_d_over_slots_workers(burst, slots, step, ti
             )
             for i in range(len(created))
         ]
-    wanted = math.ceil(burst / slots)
-    assert starts <= wanted
-    if ticks + boot_ticks >= math.ceil(wanted / step):
-        assert starts == wanted  # and the demand is covered once the step allows it
+    return starts

@@ -34,3 +34,34 @@ def test_the_check_would_catch_a_clock(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from time import time\nimport asyncio.tasks\n")
     assert imported_roots(bad) & BANNED == {"time", "asyncio"}
+
+
+def scaling_imports(path: Path) -> set[str]:
+    """The ``gpufleet.scaling`` modules a file imports by name (``from gpufleet.scaling.x``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[:2] == ["gpufleet", "scaling"] and len(parts) > 2:
+                files = (f"{parts[2]}.py", f"{parts[2]}/__init__.py")
+                found |= {f for f in files if (SCALING / f).exists()}
+    return found
+
+
+def test_every_scaling_module_policy_reaches_is_pure():
+    """Whatever policy.py pulls in from scaling/ (snapshot, actions, history, ...) is pure too."""
+    seen: set[str] = set()
+    todo = ["policy.py"]
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(scaling_imports(SCALING / module) - seen)
+    assert {"policy.py", "snapshot.py", "actions.py"} <= seen, seen
+    impure = {m: sorted(imported_roots(SCALING / m) & BANNED) for m in sorted(seen)}
+    assert not {m: roots for m, roots in impure.items() if roots}

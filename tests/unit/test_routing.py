@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 import gpufleet.routing as routing
@@ -133,16 +133,40 @@ def fleets(draw: st.DrawFn) -> list[Worker]:
     return out
 
 
-@given(fleets(), models)
-def test_a_free_worker_with_the_model_loaded_always_comes_first(
-    workers: list[Worker], model: str
-) -> None:
-    candidates = pick_worker(model, workers, POOLS)
-    wanted = normalize_model(model)
-    ideal = [w for w in candidates if w.free_slots > 0 and routing.model_tier(w, wanted) == LOADED]
-    if ideal:
-        assert candidates[0].free_slots > 0
-        assert routing.model_tier(candidates[0], wanted) == LOADED
+@st.composite
+def fleets_and_models(draw: st.DrawFn) -> tuple[list[Worker], str]:
+    """A fleet and a model; half the time one more worker, anywhere in the list, is ready with
+    a free slot and the model loaded (random fleets alone rarely have one)."""
+    workers, model = draw(fleets()), draw(models)
+    if draw(st.booleans()):
+        slots = draw(st.integers(1, 4))
+        ideal = worker("ideal", pool="any", slots=slots, busy=draw(st.integers(0, slots - 1)),
+                       loaded=(model,))
+        workers.insert(draw(st.integers(0, len(workers))), ideal)
+    return workers, model
+
+
+def test_a_free_worker_with_the_model_loaded_always_comes_first() -> None:
+    """Checked on the fleets that have such a worker; the count shows many did."""
+    with_ideal = 0
+
+    @given(fleets_and_models())
+    def check(fleet_and_model: tuple[list[Worker], str]) -> None:
+        nonlocal with_ideal
+        workers, model = fleet_and_model
+        candidates = pick_worker(model, workers, POOLS)
+        wanted = normalize_model(model)
+        ideal = [
+            w for w in candidates if w.free_slots > 0 and routing.model_tier(w, wanted) == LOADED
+        ]
+        if ideal:
+            with_ideal += 1
+            event("a free worker has the model loaded")
+            assert candidates[0].free_slots > 0
+            assert routing.model_tier(candidates[0], wanted) == LOADED
+
+    check()
+    assert with_ideal > 0, "no generated fleet had a free worker with the model loaded"
 
 
 @given(fleets(), models)

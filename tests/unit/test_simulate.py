@@ -1,8 +1,14 @@
-"""The trace simulator on small synthetic traces, and the real trace files when present."""
+"""The trace simulator on small synthetic traces, and on the real trace files.
+
+The real traces are found like the simulator finds them (``$GPUFLEET_TRACES_DIR``, else
+``../shared/traces`` beside the repository); a missing file fails its test with a message
+saying where it was looked for, never a silent skip.
+"""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -75,29 +81,30 @@ def test_traces_dir_prefers_argument_then_env(monkeypatch, tmp_path):
     assert sim.traces_dir().parts[-2:] == ("shared", "traces")
 
 
-TRACES = sim.traces_dir()
-needs_traces = pytest.mark.skipif(
-    not (TRACES / sim.GENTD26).exists(), reason="shared traces not present"
-)
+def trace(name: str) -> Path:
+    """A shared trace file, which must exist: the tests below are about these very files."""
+    path = sim.traces_dir() / name
+    assert path.is_file(), (
+        f"trace file {path} is missing: put the shared traces there, or point "
+        f"GPUFLEET_TRACES_DIR at the directory that holds {name}"
+    )
+    return path
 
 
-@needs_traces
 def test_reads_gentd26_as_it_is():
-    jobs = sim.read_gentd26(TRACES / sim.GENTD26, limit=200)
+    jobs = sim.read_gentd26(trace(sim.GENTD26), limit=200)
     assert len(jobs) == 200
     assert jobs[0].arrival_s == 0.0
     assert all(j.service_s >= 1.0 and j.model.startswith("M") for j in jobs)
 
 
-@needs_traces
 def test_reads_load_latency_in_seconds():
-    loads = sim.read_load_latency_s(TRACES / sim.LOAD_LATENCY)
+    loads = sim.read_load_latency_s(trace(sim.LOAD_LATENCY))
     assert len(loads) > 7000
     assert 10.0 < sorted(loads)[len(loads) // 2] < 40.0  # README: median 22.7 s
 
 
-@needs_traces
 def test_reads_azure_hour():
-    jobs = sim.read_azure(TRACES / sim.AZURE)
+    jobs = sim.read_azure(trace(sim.AZURE))
     assert len(jobs) > 19_000
     assert 3000.0 < jobs[-1].arrival_s <= 3600.0

@@ -881,7 +881,7 @@ class Reconciler:
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop``; then release the lock so another replica leads at once."""

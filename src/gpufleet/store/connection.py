@@ -310,7 +310,7 @@ def _connect_sentinel(url: str, max_connections: int) -> aioredis.Redis:
 
     parsed = parse_sentinel_url(url)
     auth: dict[str, Any] = {"password": parsed.password} if parsed.password else {}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(parsed.hosts), sentinel_kwargs=auth, socket_timeout=5.0
     )
     client: _SentinelManagedRedis = sentinel.master_for(

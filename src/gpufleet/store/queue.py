@@ -643,7 +643,7 @@ class _Notifier:
                 logger.warning("task events subscription lost (%s); reconnecting", exc)
             finally:
                 with contextlib.suppress(RedisError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await asyncio.sleep(backoff_s)
             backoff_s = min(5.0, backoff_s * 2)
 
