@@ -74,11 +74,23 @@ def test_bursty_generator_is_seeded_and_sorted():
 
 
 def test_traces_dir_prefers_argument_then_env(monkeypatch, tmp_path):
+    given = tmp_path / "given"
+    given.mkdir()
     monkeypatch.setenv("GPUFLEET_TRACES_DIR", str(tmp_path))
     assert sim.traces_dir() == tmp_path
-    assert sim.traces_dir("/elsewhere") == sim.Path("/elsewhere")
+    assert sim.traces_dir(given) == given
     monkeypatch.delenv("GPUFLEET_TRACES_DIR")
-    assert sim.traces_dir().parts[-2:] == ("shared", "traces")
+    assert sim.DEFAULT_TRACE_DIR.parts[-2:] == ("shared", "traces")
+
+
+def test_a_missing_traces_dir_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPUFLEET_TRACES_DIR", str(tmp_path / "nope"))
+    with pytest.raises(sim.TracesNotFound, match="GPUFLEET_TRACES_DIR"):
+        sim.traces_dir()
+    with pytest.raises(sim.TracesNotFound, match="--traces"):
+        sim.traces_dir(tmp_path / "also-nope")
+    # a report asking for a trace whose directory is missing stops with exit 2
+    assert sim.main(["--only", "gentd26", "--no-chart"]) == 2
 
 
 def trace(name: str) -> Path:

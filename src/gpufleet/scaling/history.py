@@ -229,9 +229,9 @@ def step_levels(
     """Advance the per-level gap clocks from ``prev_level`` to ``level`` at ``now``.
 
     Returns the new open gaps (level -> since when) and the gaps that closed, as
-    (level, seconds); gaps under ``MIN_GAP_S`` close without being returned. Levels that drop open a gap; levels that come back close theirs.
-    Only levels up to ``LEVELS + 1`` are tracked individually; anything above is clipped, so
-    the state stays bounded whatever the demand.
+    (level, seconds); gaps under ``MIN_GAP_S`` close without being returned. Levels that
+    drop open a gap; levels that come back close theirs. Only levels up to ``LEVELS`` are
+    tracked individually; anything above is clipped, so the state stays bounded.
     """
     cap = LEVELS
     prev_level, level = min(prev_level, cap), min(level, cap)
