@@ -124,6 +124,25 @@ class Histogram:
         m2 = sum(w * bucket_value(b) ** 2 for b, w in self.counts) / total
         return m2 / (2.0 * m1) if m1 > 0 else 0.0
 
+    @lru_cache(maxsize=64)  # noqa: B019 - a frozen, hashable value: the cache holds nothing alive
+    def residual_quantile(self, q: float) -> float:
+        """The q-quantile of how long a job caught in progress still runs (renewal theory:
+        density (1 - F(x)) / mean), from the bucket representatives."""
+        total, mean = self.total, self.mean()
+        if not total or mean <= 0:
+            return 0.0
+        running, prev, area, left = 0.0, 0.0, 0.0, 1.0
+        for b, w in self.counts:
+            v = bucket_value(b)
+            step = left * (v - prev) / mean  # 1 - F stays `left` on [prev, v)
+            if area + step >= q:
+                return prev + (q - area) * mean / left
+            area += step
+            running += w
+            left = max(0.0, 1.0 - running / total)
+            prev = v
+        return prev
+
     def quantile(self, q: float) -> float:
         total = self.total
         if not total:
@@ -246,6 +265,20 @@ def step_levels(
     return opened, closed
 
 
+def recent_rate(per_minute: Mapping[int, float], now: float) -> float:
+    """Arrivals per second lately, from counts per minute (minute = int(t // 60)).
+
+    The higher of the rate over the last two minutes (this one so far and the one before:
+    a burst shows within seconds) and over the last ``RATE_WINDOW_S`` (steady traffic).
+    """
+    minute = int(now // RATE_BUCKET_S)
+    first = minute - int(RATE_WINDOW_S // RATE_BUCKET_S) + 1
+    window = sum(n for m, n in per_minute.items() if first <= m <= minute)
+    lately = per_minute.get(minute, 0.0) + per_minute.get(minute - 1, 0.0)
+    lately_s = RATE_BUCKET_S + (now - minute * RATE_BUCKET_S)
+    return max(window / RATE_WINDOW_S, lately / max(1.0, lately_s))
+
+
 def summarize(
     days: Mapping[int, Mapping[str, Mapping[int, float]]],
     now: float,
@@ -363,13 +396,9 @@ class HistoryBook:
             self._add(pool, t, f"gap:{k}", gap)
         self._levels[pool] = (level, opened)
 
-    def recent_arrivals(self, pool: str, now: float) -> float:
-        first = int((now - RATE_WINDOW_S) // RATE_BUCKET_S) + 1
-        return sum(n for m, n in self._recent.get(pool, {}).items() if m >= first)
-
     def summary(self, pool: str, now: float) -> PoolHistory:
         self._roll(pool, now)
-        rate = self.recent_arrivals(pool, now) / RATE_WINDOW_S
+        rate = recent_rate(self._recent.get(pool, {}), now)
         built = self._built.get(pool)
         if built is None:
             hists = self._hists.setdefault(pool, {})
