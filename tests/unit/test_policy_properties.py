@@ -27,6 +27,7 @@ from gpufleet.scaling.actions import (
     Stop,
 )
 from gpufleet.scaling.policy import LIVE_STATES, plan
+from gpufleet.scaling.history import Histogram, PoolHistory
 from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
 
 NOW = 1_000_000.0
@@ -48,6 +49,25 @@ def pools(draw: st.DrawFn, name: str) -> PoolView:
         park_timeout_s=draw(st.sampled_from([None, 0.0, 3600.0])),
         parked_cost_per_hour=0.005,
         max_step_per_tick=draw(st.integers(1, 10)),
+        idle_timeout_auto=draw(st.booleans()),
+        target_wait_s=draw(st.sampled_from([0.0, 60.0, 600.0])),
+    )
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> PoolHistory | None:
+    """A pool's past: none at all, or service, boot and per-level idle-gap samples."""
+    if draw(st.booleans()):
+        return None
+    seconds = st.floats(0.5, 50_000, allow_nan=False)
+    return PoolHistory(
+        service_s=Histogram.from_samples(draw(st.lists(seconds, max_size=30))),
+        boot_s={"revive": Histogram.from_samples(draw(st.lists(seconds, max_size=5)))},
+        idle_gaps_s=tuple(
+            Histogram.from_samples(draw(st.lists(seconds, max_size=20)))
+            for _ in range(draw(st.integers(0, 4)))
+        ),
+        arrivals_per_s=draw(st.sampled_from([0.0, 0.01, 1.0])),
     )
 
 
@@ -83,7 +103,8 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
         waiting=draw(st.integers(0, 5)),
         in_flight=sum(w.busy_slots for w in ws),
     )
-    return Snapshot(NOW, tuple(ps), tuple(ws), (dem,))
+    history = {p.name: h for p in ps if (h := draw(histories())) is not None}
+    return Snapshot(NOW, tuple(ps), tuple(ws), (dem,), history=history)
 
 
 def test_never_more_than_max_workers_live():
