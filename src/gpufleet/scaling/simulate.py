@@ -233,6 +233,7 @@ class Simulator:
         # service and boot times, idle gaps per demand level; plan() reads its summary.
         self.history = HistoryBook()
         self._due_retried: float | None = None
+        self._at_last_done: tuple[float, float, float] | None = None
 
     def run(self) -> SimResult:
         nxt = 0
@@ -263,6 +264,13 @@ class Simulator:
             self._dispatch()
             self._record()
             next_plan = self._next_plan(self._snapshot())
+        if self._at_last_done is not None:
+            # Bill every policy up to the moment its last job finished: what comes after (an
+            # idle tail, parked disks until deleted or forever) is an artifact of where the
+            # trace ends, and would otherwise be charged to the policies that clean up and not
+            # to those that never do.
+            r = self.result
+            r.cost_usd, r.gpu_hours, r.idle_gpu_hours = self._at_last_done
         return self.result
 
     def _next_plan(self, snap: Snapshot) -> float:
@@ -325,6 +333,8 @@ class Simulator:
             w.last_busy_at = self.now
             held_s = float(ref.split("#")[1])
             self.history.service(self.cfg.pool.name, self.now, held_s)
+            r = self.result
+            self._at_last_done = (r.cost_usd, r.gpu_hours, r.idle_gpu_hours)
 
     def _dispatch(self) -> None:
         free = [w for w in self.workers.values() if w.state is WorkerState.ready]
@@ -569,9 +579,10 @@ class KedaLike:
 def clairvoyant(jobs: Sequence[Job], config: SimConfig) -> SimResult:
     """(e) knows every arrival and service time in advance; the bound the others are held to.
 
-    Runs at most ``max_workers`` workers, like every policy here. Jobs start on arrival while
-    a slot of the capped fleet is free, else in arrival order as slots free up (an ideal FIFO
-    queue on ``max_workers x slots`` slots with no boot delay). Then worker k runs whenever at
+    Runs at most ``max_workers`` workers, like every policy here, and starts cold like them
+    (no worker up before the fastest create boot after the first arrival). Jobs start on
+    arrival while a slot of the capped fleet is free, else in arrival order as slots free up
+    (an ideal FIFO queue on ``max_workers x slots`` slots with no further boot delay). Then worker k runs whenever at
     least k workers' worth of slots are busy (the "layers" of that concurrency profile); a gap
     inside a layer costs min(gap, the fastest revive), and each layer's first boot the fastest
     create. Model loads are not billed. No policy whose jobs start no later than in this
@@ -579,7 +590,10 @@ def clairvoyant(jobs: Sequence[Job], config: SimConfig) -> SimResult:
     """
     pool, slots = config.pool, config.pool.slots
     capacity = max(1, pool.max_workers) * slots
-    free: list[float] = [0.0] * capacity
+    first = jobs[0].arrival_s if jobs else 0.0
+    # It starts cold, like every policy: no worker is up before the fastest create has booted
+    # after the first arrival (it cannot rent a GPU before the trace begins).
+    free: list[float] = [first + config.create_boot_s[0]] * capacity
     starts: list[tuple[float, float]] = []
     waits: list[float] = []
     for j in sorted(jobs, key=lambda j: j.arrival_s):
