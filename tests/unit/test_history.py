@@ -12,7 +12,8 @@ from gpufleet.scaling import history as h
 def test_buckets_cover_durations_within_a_fifth():
     for value in (0.5, 3.0, 23.0, 210.0, 3600.0, 86400.0):
         b = h.bucket_of(value)
-        assert h.bucket_upper(b - 1) <= value < h.bucket_upper(b) if b else value < h.bucket_upper(0)
+        lower = h.bucket_upper(b - 1) if b else 0.0
+        assert lower <= value < h.bucket_upper(b)
         assert abs(h.bucket_value(b) / value - 1) < 0.2
     assert h.bucket_of(0.0) == h.bucket_of(-3.0) == h.bucket_of(float("nan")) == 0
     assert h.bucket_of(math.inf) == h.MAX_BUCKET
@@ -36,9 +37,11 @@ def test_level_gaps_open_when_demand_falls_and_close_when_it_returns():
     opened, closed = h.step_levels(opened, 3, 1, now=10.0)
     assert opened == {2: 10.0, 3: 10.0}
     opened, closed = h.step_levels(opened, 1, 2, now=70.0)
-    assert closed == [(2, 60.0)] and opened == {3: 10.0}
+    assert closed == [(2, 60.0)]
+    assert opened == {3: 10.0}
     opened, closed = h.step_levels(opened, 2, 3, now=72.0)
-    assert closed == [(3, 62.0)] and opened == {}
+    assert closed == [(3, 62.0)]
+    assert opened == {}
     # a gap shorter than MIN_GAP_S is not a gap a scaler could have used
     opened, _ = h.step_levels({}, 3, 2, now=100.0)
     _, closed = h.step_levels(opened, 2, 3, now=100.0 + h.MIN_GAP_S / 2)
@@ -60,9 +63,11 @@ def test_book_summarises_service_boots_gaps_and_rate():
     for t, d in [(0, 2), (100, 0), (400, 2), (500, 1), (520, 2)]:
         book.demand("p", float(t), d, slots=1)
     s = book.summary("p", 1020.0)
-    assert s.service_s.total == 20 and s.service_s.mean() == pytest.approx(30.0, rel=0.1)
+    assert s.service_s.total == 20
+    assert s.service_s.mean() == pytest.approx(30.0, rel=0.1)
     assert s.boot_s["create"].mean() == pytest.approx(200.0, rel=0.1)
-    assert s.gaps(1).total == 1 and s.gaps(1).mean() == pytest.approx(300.0, rel=0.1)
+    assert s.gaps(1).total == 1
+    assert s.gaps(1).mean() == pytest.approx(300.0, rel=0.1)
     assert s.gaps(2).total == 2  # 300 s, then 20 s
     assert s.arrivals == 20
     # a burst shows at once: 20 arrivals in the last minute, not 20 over ten minutes

@@ -62,9 +62,10 @@ def stopped(wid: str) -> WorkerView:
 
 def snap(workers: list[WorkerView], queued: int, history: PoolHistory | None, pool=AUTO):
     in_flight = sum(w.busy_slots for w in workers)
-    demand = (Demand("p", ("p",), queued=queued, in_flight=in_flight),) if queued or in_flight else ()
+    demand = Demand("p", ("p",), queued=queued, in_flight=in_flight)
+    demands = (demand,) if queued or in_flight else ()
     return Snapshot(
-        NOW, (pool,), tuple(workers), demand, history={"p": history} if history else {}
+        NOW, (pool,), tuple(workers), demands, history={"p": history} if history else {}
     )
 
 
@@ -87,7 +88,8 @@ def test_a_long_queue_starts_workers_but_never_more_than_it_needs():
     assert 1 <= len(started) <= 6
     assert isinstance(started[0], Start)  # the parked worker first: the shortest boot
     reason = started[0].reason
-    assert "predicted longest wait" in reason and "service mean" in reason
+    assert "predicted longest wait" in reason
+    assert "service mean" in reason
 
 
 def test_an_empty_pool_starts_at_once_whatever_the_history():
@@ -106,7 +108,8 @@ def test_short_idle_gaps_keep_a_worker_long_gaps_park_it_at_once():
     long = keep_alive(AUTO, hist(gaps=[20_000.0] * 30), level=1)
     assert 20.0 <= short.timeout_s <= 30.0  # rent 20 s < one cold start: keep over the gap
     assert long.timeout_s == 0.0  # waiting never pays: park as soon as idle
-    assert "learned" in short.why and "30 idle gaps" in short.why
+    assert "learned" in short.why
+    assert "30 idle gaps" in short.why
 
 
 def test_mixed_gaps_pick_the_cheapest_threshold():
@@ -135,9 +138,43 @@ def test_learned_timeout_parks_and_says_why():
     kept = plan(snap([idle("a", idle_s=10.0)], queued=0, history=hist(gaps=[20.0] * 30)))
     assert kept == []
     wake = next_wake_s(snap([idle("a", idle_s=10.0)], queued=0, history=hist(gaps=[20.0] * 30)))
-    assert wake is not None and NOW < wake <= NOW + 20.0
+    assert wake is not None
+    assert NOW < wake <= NOW + 20.0
 
 
 def test_parking_is_never_shorter_than_break_even():
     short_gaps = hist(gaps=[30.0] * 40 + [40.0] * 40)
     assert park_timeout_s(AUTO, short_gaps) >= park_timeout_s(AUTO, None) > 0
+
+
+def hourly(rate_per_h: float, days: float = 3.0) -> PoolHistory:
+    return replace(
+        hist(gaps=[20.0] * 30), arrivals_by_hour=(rate_per_h,) * 24, days_observed=days
+    )
+
+
+def test_an_empty_pool_is_prewarmed_when_its_hour_is_busy():
+    actions = plan(snap([stopped("s")], queued=0, history=hourly(600.0)))
+    assert [type(a) for a in actions] == [Start]
+    assert "pre-warm: 600 arrivals/h" in actions[0].reason
+
+
+def test_no_prewarm_for_a_quiet_hour_or_a_short_history():
+    assert starts(plan(snap([stopped("s")], queued=0, history=hourly(2.0)))) == []
+    assert starts(plan(snap([stopped("s")], queued=0, history=hourly(600.0, days=1.0)))) == []
+    busy_pool = plan(snap([idle("a", 1.0), stopped("s")], queued=0, history=hourly(600.0)))
+    assert starts(busy_pool) == []  # only an empty pool is pre-warmed
+
+
+def test_hourly_arrivals_are_averaged_over_the_days_seen():
+    from gpufleet.scaling.history import HistoryBook
+
+    book = HistoryBook()
+    for day in range(3):
+        for i in range(30):  # 30 arrivals in hour 9 of each day
+            book.arrival("p", day * 86400.0 + 9 * 3600.0 + i)
+    s = book.summary("p", 2 * 86400.0 + 10 * 3600.0)
+    assert s.days_observed == pytest.approx(1.75)
+    assert s.arrivals_by_hour[9] == pytest.approx(30.0)
+    assert s.arrivals_by_hour[8] == 0.0
+    assert s.hourly_rate_per_s(9 * 3600.0 + 5.0) == pytest.approx(30.0 / 3600.0)

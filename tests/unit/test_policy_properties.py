@@ -26,8 +26,8 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
-from gpufleet.scaling.policy import LIVE_STATES, plan
 from gpufleet.scaling.history import Histogram, PoolHistory
+from gpufleet.scaling.policy import LIVE_STATES, plan
 from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
 
 NOW = 1_000_000.0

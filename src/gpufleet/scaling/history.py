@@ -195,8 +195,18 @@ class PoolHistory:
     boot_s: Mapping[str, Histogram] = field(default_factory=dict)
     # idle_gaps_s[k-1]: gaps of demand level k (the last entry also collects higher levels)
     idle_gaps_s: tuple[Histogram, ...] = ()
-    arrivals_per_s: float = 0.0  # over the last RATE_WINDOW_S
+    arrivals_per_s: float = 0.0  # lately (see ``recent_rate``)
     arrivals: float = 0.0  # weighted count of arrivals in the window (days, decayed)
+    # Mean arrivals in each hour of the (UTC) day over the days observed, and how many
+    # (weighted) days that mean rests on: what pre-warming reads.
+    arrivals_by_hour: tuple[float, ...] = ()
+    days_observed: float = 0.0
+
+    def hourly_rate_per_s(self, at: float) -> float:
+        """Expected arrivals per second in the hour of day that contains ``at``."""
+        if not self.arrivals_by_hour:
+            return 0.0
+        return self.arrivals_by_hour[hour_of_day(at)] / 3600.0
 
     def gaps(self, level: int) -> Histogram:
         """Level ``level``'s idle gaps (1-based); empty when none were seen."""
@@ -227,6 +237,10 @@ def merged_levels(idle_gaps_s: tuple[Histogram, ...], level: int) -> Histogram:
 
 def day_of(t: float) -> int:
     return int(t // DAY_S)
+
+
+def hour_of_day(t: float) -> int:
+    return int((t % DAY_S) // 3600.0)
 
 
 def day_weight(day: int, today: int) -> float:
@@ -283,13 +297,14 @@ def summarize(
     days: Mapping[int, Mapping[str, Mapping[int, float]]],
     now: float,
     recent_arrivals: float = 0.0,
-    arrival_count_metric: str = "arrivals",
 ) -> PoolHistory:
     """Build the ``PoolHistory`` from per-day histogram counts (metric -> bucket -> weight).
 
-    Metric names: ``service``, ``boot:create``, ``boot:revive``, ``gap:<level>`` and
-    ``arrivals`` (all arrivals land in bucket 0: a count). ``recent_arrivals`` is the number
-    of arrivals in the last ``RATE_WINDOW_S``. The live store and the simulator both call this.
+    Metric names: ``service``, ``boot:create``, ``boot:revive``, ``gap:<level>`` (buckets of
+    ``bucket_of``), ``arrivals`` (bucket = the hour of day, 0-23: a count per hour) and
+    ``days`` (bucket 0 set to 1 once on each day that saw an arrival). ``recent_arrivals`` is
+    the arrival rate lately (``recent_rate``) times ``RATE_WINDOW_S``. The live store and the
+    simulator both call this.
     """
     today = day_of(now)
     merged: dict[str, dict[int, float]] = {}
@@ -302,7 +317,7 @@ def summarize(
             for b, c in counts.items():
                 into[int(b)] = into.get(int(b), 0.0) + float(c) * w
     hists = {metric: Histogram.of(counts) for metric, counts in merged.items()}
-    return assemble(hists, recent_arrivals, sum(merged.get(arrival_count_metric, {}).values()))
+    return assemble(hists, recent_arrivals, 0.0)
 
 
 def assemble(
@@ -312,14 +327,19 @@ def assemble(
     gaps = [hists.get(f"gap:{level}", Histogram()) for level in range(1, LEVELS + 1)]
     while gaps and not gaps[-1].total:
         gaps.pop()
+    by_hour = hists.get("arrivals", Histogram()).as_dict()
+    days = hists.get("days", Histogram()).total
+    hourly = tuple(by_hour.get(h, 0.0) / days for h in range(24)) if days > 0 else ()
     return PoolHistory(
+        arrivals_by_hour=hourly,
+        days_observed=days,
         service_s=hists.get("service", Histogram()),
         boot_s={
             src: hists[f"boot:{src}"] for src in ("create", "revive") if f"boot:{src}" in hists
         },
         idle_gaps_s=tuple(gaps),
         arrivals_per_s=recent_arrivals / RATE_WINDOW_S,
-        arrivals=arrivals,
+        arrivals=arrivals or sum(by_hour.values()),
     )
 
 
@@ -360,19 +380,23 @@ class HistoryBook:
         self._built.pop(pool, None)
 
     def _add(self, pool: str, t: float, metric: str, value_s: float, weight: float = 1.0) -> None:
+        self._add_to(pool, t, metric, bucket_of(value_s), weight)
+
+    def _add_to(self, pool: str, t: float, metric: str, b: int, weight: float = 1.0) -> None:
         self._roll(pool, t)
-        b = bucket_of(value_s)
         weight_now = day_weight(day_of(t), self._today[pool])
         day = self._days.setdefault(pool, {}).setdefault(day_of(t), {}).setdefault(metric, {})
         day[b] = day.get(b, 0.0) + weight
         merged = self._merged[pool].setdefault(metric, {})
         merged[b] = merged.get(b, 0.0) + weight * weight_now
-        if metric != "arrivals":
-            self._hists.get(pool, {}).pop(metric, None)
-            self._built.pop(pool, None)
+        self._hists.get(pool, {}).pop(metric, None)
+        self._built.pop(pool, None)
 
     def arrival(self, pool: str, t: float, n: int = 1) -> None:
-        self._add(pool, t, "arrivals", 0.0, float(n))
+        day = self._days.get(pool, {}).get(day_of(t), {})
+        if "days" not in day:
+            self._add_to(pool, t, "days", 0, 1.0)
+        self._add_to(pool, t, "arrivals", hour_of_day(t), float(n))
         minutes = self._recent.setdefault(pool, {})
         m = int(t // RATE_BUCKET_S)
         minutes[m] = minutes.get(m, 0.0) + n
@@ -407,5 +431,4 @@ class HistoryBook:
                     hists[metric] = Histogram.of(counts)
             built = assemble(hists, 0.0, 0.0)
             self._built[pool] = built
-        arrivals = sum(self._merged[pool].get("arrivals", {}).values())
-        return replace(built, arrivals_per_s=rate, arrivals=arrivals)
+        return replace(built, arrivals_per_s=rate)

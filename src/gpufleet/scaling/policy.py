@@ -82,6 +82,9 @@ MAX_PREDICTED_TASKS = 400
 # each costlier and with a worse score, so the median it is).
 TARGET_QUANTILE = 0.5
 NO_HISTORY = PoolHistory()
+# Pre-warming needs this many (decay-weighted) days of hourly arrivals: 1 + 1/2 + 1/4 = three
+# days in a row, so one busy afternoon does not become a habit.
+MIN_PREWARM_DAYS = 1.75
 
 
 def backoff_delay_s(
@@ -296,6 +299,7 @@ def next_wake_s(snapshot: Snapshot, include_due: bool = False) -> float | None:
             if p.name not in parks:
                 parks[p.name] = park_timeout_s(p, snapshot.history.get(p.name))
             times.append(w.state_since + parks[p.name])
+    times += _prewarm_wakes(snapshot)
     future = [t for t in times if include_due or t > snapshot.now]
     return min(future) if future else None
 
@@ -356,6 +360,7 @@ def plan(snapshot: Snapshot) -> list[Action]:
                 )
     for name in sorted(tick.pools):
         _keep_minimum(tick, tick.pools[name])
+        _prewarm(tick, tick.pools[name])
     for name in sorted(tick.pools):
         _scale_down(tick, tick.pools[name])
         _expire_parked(tick, tick.pools[name])
@@ -683,6 +688,59 @@ def _keep_minimum(tick: _Tick, pool: _PoolTally) -> None:
         if choice is None:
             return
         _take(tick, pool, choice[1], f"keep min_workers={pool.view.min_workers}")
+
+
+def prewarm_gain(pool: PoolView, history: PoolHistory | None, at: float) -> tuple[float, str]:
+    """Expected $ a worker started now saves (negative: costs), for an empty, idle pool.
+
+    Demand recurring by time of day: with arrivals at rate r (this hour of day, averaged over
+    the days seen) a worker ready after a revive B and kept T (its keep-alive) meets an
+    arrival with p = 1 - exp(-r T). It saves that arrival's wait, B at ``wait_cost_per_hour``,
+    with probability p; it costs its boot when nobody comes (probability 1 - p) and its idle
+    rent until the arrival, E[min(first arrival, T)] = p / r. (Shahrad et al., ATC 2020:
+    histogram keep-alive plus pre-warming.)
+    """
+    if history is None or history.days_observed < MIN_PREWARM_DAYS:
+        return -math.inf, ""
+    boot = revive_s(pool, history)
+    rate = history.hourly_rate_per_s(at + boot)
+    if rate <= 0:
+        return -math.inf, ""
+    keep = keep_alive(pool, history, 1).timeout_s
+    p = 1.0 - math.exp(-rate * keep)
+    saved = p * boot / 3600.0 * _wait_cost(pool)
+    cost = pool.price_per_hour / 3600.0 * (boot * (1.0 - p) + p / rate)
+    why = (
+        f"pre-warm: {rate * 3600:.0f} arrivals/h expected at this hour (over "
+        f"{history.days_observed:.1f} weighted days); P(arrival within keep-alive "
+        f"{keep:.0f}s)={p:.2f}; saves ${saved:.4f} of waiting vs ${cost:.4f} boot+idle"
+    )
+    return saved - cost, why
+
+
+def _prewarm(tick: _Tick, pool: _PoolTally) -> None:
+    """Start one worker ahead of demand that recurs at this hour, when it pays (above)."""
+    p = pool.view
+    if pool.live > 0 or pool.committed > 0 or _blocker(tick, pool) is not None:
+        return
+    gain, why = prewarm_gain(p, tick.snapshot.history.get(p.name), tick.snapshot.now)
+    if gain <= 0:
+        return
+    choice = next(iter(_sources(tick, [pool])), None)
+    if choice is not None:
+        _take(tick, pool, choice[1], why)
+
+
+def _prewarm_wakes(snapshot: Snapshot) -> list[float]:
+    """When the hour a revive would land in changes, for empty pools with hourly history."""
+    out = []
+    for p in snapshot.pools:
+        h = snapshot.history.get(p.name)
+        if h is None or h.days_observed < MIN_PREWARM_DAYS:
+            continue
+        boot = revive_s(p, h)
+        out.append((math.floor((snapshot.now + boot) / 3600.0) + 1) * 3600.0 - boot)
+    return out
 
 
 # --- 4. scale down ---------------------------------------------------------------------------

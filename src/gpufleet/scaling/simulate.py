@@ -582,11 +582,13 @@ def clairvoyant(jobs: Sequence[Job], config: SimConfig) -> SimResult:
     Runs at most ``max_workers`` workers, like every policy here, and starts cold like them
     (no worker up before the fastest create boot after the first arrival). Jobs start on
     arrival while a slot of the capped fleet is free, else in arrival order as slots free up
-    (an ideal FIFO queue on ``max_workers x slots`` slots with no further boot delay). Then worker k runs whenever at
-    least k workers' worth of slots are busy (the "layers" of that concurrency profile); a gap
-    inside a layer costs min(gap, the fastest revive), and each layer's first boot the fastest
-    create. Model loads are not billed. No policy whose jobs start no later than in this
-    schedule can cost less; a policy that lets jobs queue longer can (always-on, for one).
+    (an ideal FIFO queue on ``max_workers x slots`` slots with no further boot delay). Then
+    worker k runs whenever at least k workers' worth of slots are busy (the "layers" of that
+    concurrency profile); a gap inside a layer costs min(gap, the fastest revive), and each
+    layer's first boot the fastest create. Model loads are not billed. No policy whose jobs
+    start no later than in this schedule can cost less; a policy that lets jobs queue longer
+    can (always-on, for one; and a policy that queues a few seconds to pack slots, as
+    gpufleet's work-aware scale-up does, can come in just under it).
     """
     pool, slots = config.pool, config.pool.slots
     capacity = max(1, pool.max_workers) * slots
