@@ -205,19 +205,25 @@ def keep_alive(pool: PoolView, history: PoolHistory | None, level: int) -> KeepA
     the level's idle gaps (levels above pooled in when a level has few gaps): keep the worker
     idle for T if the rent of waiting up to T costs less than the cold starts it avoids, a
     cold start costing a revive boot billed at the GPU price plus the users' wait at
-    ``wait_cost_per_hour``. With too few gaps: the break-even timeout (rent = one cold start),
-    the classic 2-competitive rule.
+    ``wait_cost_per_hour`` (the arrival that finds no worker and those arriving during the
+    boot at the recent rate). With too few gaps: the break-even timeout (rent = one cold
+    start), the classic 2-competitive rule.
     """
     if not pool.idle_timeout_auto:
         t = pool.idle_timeout_s
         return KeepAlive(t, f"idle_timeout_s={t:.0f}", t)
-    gaps = (history or NO_HISTORY).idle_gaps_s
+    past = history or NO_HISTORY
+    # Users hit by one cold start: the arrival that finds no worker, plus those arriving
+    # during the boot (rate x boot / 2 on average, this level's share of the pool's rate).
+    boot = revive_s(pool, history)
+    waiting = 1.0 + past.arrivals_per_s / max(1, level) * boot / 2.0
+    waiting = 2.0 ** (round(math.log2(waiting) * 4.0) / 4.0)  # ~19% steps: the memo hits
     return _learned_keep_alive(
         pool.price_per_hour,
-        _wait_cost(pool),
+        _wait_cost(pool) * waiting,
         pool.idle_timeout_s,
-        revive_s(pool, history),
-        gaps,
+        boot,
+        past.idle_gaps_s,
         level,
     )
 
