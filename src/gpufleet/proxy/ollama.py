@@ -109,8 +109,18 @@ async def tags(request: Request) -> JSONResponse:
     return JSONResponse({"models": [_tag(name) for name in sorted(models)]})
 
 
+def _is_admin(request: Request) -> bool:
+    """The caller's role, from the principal ``authenticate`` left on the request (no auth
+    dependency, as in a bare proxy app: everyone is admin)."""
+    principal = getattr(request.state, "principal", None)
+    return principal is None or bool(getattr(principal, "is_admin", False))
+
+
 async def ps(request: Request) -> JSONResponse:
+    """Loaded models; admin keys also get the ids of the workers holding each (user keys
+    get only ``worker_count``: which machines run what is not theirs to see)."""
     service = get_service(request.app)
+    admin = _is_admin(request)
     loaded = []
     for name, entry in sorted((await inventory(service)).items()):
         if not entry["loaded"]:
@@ -124,7 +134,8 @@ async def ps(request: Request) -> JSONResponse:
                 **_tag(name),
                 "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
                 "size_vram": 0,
-                "workers": sorted(w.id for w in entry["loaded"]),
+                "worker_count": len(entry["loaded"]),
+                **({"workers": sorted(w.id for w in entry["loaded"])} if admin else {}),
             }
         )
     return JSONResponse({"models": loaded})
