@@ -7,7 +7,7 @@ before it writes a new state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -99,6 +99,8 @@ class Worker:
     price_per_hour: float = 0.0
     cost_usd: float = 0.0
     last_error: str = ""
+    # The secret the worker's gate wants (``gpufleet.worker_auth``); never shown or logged.
+    token: str = field(default="", repr=False, compare=False)
 
     @property
     def free_slots(self) -> int:

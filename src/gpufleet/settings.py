@@ -393,6 +393,20 @@ class PoolSpec(Section):
     )
     # static
     urls: list[str] = Field(default_factory=list, description="Engine base URLs (static).")
+    # worker gate (docs/operations.md, "Worker gate")
+    token: SecretStr | None = Field(
+        None,
+        description="Secret sent to this pool's workers as X-Gpufleet-Worker-Token on every "
+        "call (their 'gpufleet worker-gate' checks it). Static and SURF pools: set it (or "
+        "token_env). Novita pools: leave empty and every instance gets its own random "
+        "secret in its envs (GPUFLEET_WORKER_TOKEN); set, all instances share it.",
+    )
+    token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding this pool's token (keeps the "
+        "secret out of config.toml); used when token is empty.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -414,6 +428,11 @@ class PoolSpec(Section):
             missing = [] if self.urls else ["urls"]
         if missing:
             raise ValueError(f"a {self.provider} pool needs {', '.join(missing)}")
+        if self.token is None and self.token_env:
+            value = os.environ.get(self.token_env, "")
+            if not value:
+                raise ValueError(f"token_env: environment variable {self.token_env} is not set")
+            self.token = SecretStr(value)
         return self
 
     @property
@@ -565,6 +584,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    def pool_tokens(self) -> dict[str, str]:
+        """Pool name -> the worker secret its config sets (pools without one left out)."""
+        return {p.name: p.token.get_secret_value() for p in self.pools if p.token is not None}
+
     def pool(self, name: str) -> PoolSpec:
         for pool in self.pools:
             if pool.name == name:
@@ -637,7 +660,7 @@ def load_settings(
 
 
 # Keys whose values are secrets, in config.toml (any table) and in .env files.
-SECRET_TOML_KEYS = {"api_key", "api_token", "csrf_token", "secret", "metrics_token"}
+SECRET_TOML_KEYS = {"api_key", "api_token", "csrf_token", "secret", "metrics_token", "token"}
 SECRET_ENV = re.compile(
     r"^(NOVITA_API_KEY|CLOUD_API_TOKEN|CLOUD_CSRF_TOKEN|GPUFLEET_AUTH__SECRET|"
     r"GPUFLEET_AUTH__METRICS_TOKEN|GPUFLEET_PROVIDERS__\w+__(API_KEY|API_TOKEN|CSRF_TOKEN))$"

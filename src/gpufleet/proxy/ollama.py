@@ -32,6 +32,7 @@ from gpufleet.proxy.streaming import (
     read_body,
 )
 from gpufleet.routing import normalize_model, pick_worker, pools_serving
+from gpufleet.worker_auth import TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +179,9 @@ async def show(request: Request) -> Response:
     for worker in pick_worker(model, await service.broker.workers(), service.pools)[:2]:
         try:  # metadata only: no slot; the worker answers from its manifest
             upstream = await service.http.post(
-                worker.base_url.rstrip("/") + "/api/show", json=payload
+                worker.base_url.rstrip("/") + "/api/show",
+                json=payload,
+                headers={TOKEN_HEADER: worker.token} if worker.token else None,
             )
         except httpx.TransportError as exc:
             logger.warning("proxy /api/show %s: worker %s failed (%s)", model, worker.id, exc)

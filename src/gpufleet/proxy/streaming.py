@@ -423,7 +423,7 @@ class ProxyService:
         first_by = loop.time() + self.config.load_timeout_s
         try:
             async with asyncio.timeout_at(first_by):
-                response = await self.upstream.post(url, body)
+                response = await self.upstream.post(url, body, extra_head=_token_head(lease))
         except (UpstreamError, TimeoutError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         try:
@@ -506,6 +506,14 @@ def _splicable(body: bytes) -> bool:
 
 def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
     return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _token_head(lease: Lease) -> bytes:
+    """The worker's secret as a header line for its gate (``gpufleet.worker_auth``)."""
+    token = lease.worker.token
+    if not token or any(c in token for c in "\r\n"):
+        return b""
+    return b"x-gpufleet-worker-token: " + token.encode("latin-1") + b"\r\n"
 
 
 def _our_headers(lease: Lease) -> list[tuple[bytes, bytes]]:

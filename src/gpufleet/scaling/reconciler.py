@@ -460,6 +460,8 @@ class Reconciler:
             base_url=base_url,
             engine=spec.engine.value,
             price_per_hour=spec.price_per_hour or inst.price_per_hour or 0.0,
+            # The instance's own gate secret (Novita envs); none: the pool's, if any.
+            **({"worker_token": inst.worker_token} if inst.worker_token else {}),
         )
 
     async def _sync(self, seen: _Observed, now: float) -> None:
