@@ -128,6 +128,14 @@ class QueueSettings(Section):
         2.0, ge=0, description="First retry delay; doubles each attempt, with jitter."
     )
     retry_backoff_max_s: float = Field(300.0, ge=0, description="Cap on the retry delay.")
+    max_queue_age_s: float | None = Field(
+        24 * 3600.0,
+        gt=0,
+        description="A task still waiting (queued, or waiting for a retry) this long after it "
+        "was submitted fails with error code 'expired' instead of keeping a GPU rented for "
+        "it forever; a running attempt is never cut short. A task's own max_queue_age_s may "
+        "be shorter, not longer. Empty: no limit.",
+    )
 
 
 class ScalingSettings(Section):
@@ -333,6 +341,13 @@ class AuthSettings(Section):
         False,
         description="When Redis cannot be asked about a key's limits: false (default) refuses "
         "the request with 503; true lets it through unlimited.",
+    )
+    default_max_queued: int = Field(
+        1000,
+        ge=0,
+        description="Waiting tasks a key may have when the key sets no max_queued of its "
+        "own; the next submission gets 429. Bounds what one key (or one leaked key) can "
+        "pile up. 0: no limit.",
     )
     key_cache_ttl_s: float = Field(
         5.0,

@@ -28,6 +28,8 @@ from gpufleet.api.deps import get_components
 from gpufleet.domain import Engine, TaskStatus
 from gpufleet.errors import Forbidden, TaskNotFound
 from gpufleet.results import ResultStore, guess_content_type, safe_name
+from gpufleet.routing import pool_serves
+from gpufleet.settings import PoolSpec
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import Task, TaskSubmit
 
@@ -89,9 +91,27 @@ def _check_submit(request: Request, spec: TaskSubmit, principal: Principal) -> N
         if pool.engine != spec.kind:
             msg = f"pool {spec.pool!r} runs {pool.engine}, not {spec.kind}"
             raise _invalid([{"loc": ("pool",), "msg": msg, "type": "value_error"}])
+    if settings.pools:
+        _check_servable(spec, settings.pools)
     key = principal.key
     if key is not None and key.max_priority is not None and spec.priority > key.max_priority:
         raise Forbidden(f"priority {spec.priority} is above this key's limit {key.max_priority}")
+
+
+def _check_servable(spec: TaskSubmit, pools: list[PoolSpec]) -> None:
+    """422 unless some configured pool could run the task: nothing else would ever take it,
+    and it would keep a pool scaled up for nothing (issue 19)."""
+    candidates = [p for p in pools if p.engine == spec.kind and spec.pool in (None, p.name)]
+    if not candidates:
+        msg = f"no pool runs {spec.kind} tasks"
+        raise _invalid([{"loc": ("kind",), "msg": msg, "type": "value_error"}])
+    if spec.model is None or any(pool_serves(p, spec.model) for p in candidates):
+        return
+    served = sorted({m for p in candidates for m in p.models})
+    where = f"pool {spec.pool!r}" if spec.pool else f"no {spec.kind} pool"
+    verb = "does not serve" if spec.pool else "serves"
+    msg = f"{where} {verb} model {spec.model!r} (served: {', '.join(served)})"
+    raise _invalid([{"loc": ("model",), "msg": msg, "type": "value_error"}])
 
 
 @router.post(
@@ -122,11 +142,13 @@ async def submit_task(
     except ValidationError as exc:
         raise _invalid(list(exc.errors(include_url=False))) from None
     _check_submit(request, spec, principal)
+    key = principal.key
+    default_max_queued = get_components(request).settings.auth.default_max_queued or None
     return await queue.enqueue(
         spec,
         owner=principal.owner,
         idempotency_key=idempotency_key,
-        max_queued=principal.key.max_queued if principal.key else None,
+        max_queued=(key.max_queued or default_max_queued) if key else None,
     )
 
 
