@@ -79,6 +79,13 @@ class ServerSettings(Section):
         "times [proxy] max_waiting bounds the memory of a full queue; 16 MiB fits chat "
         "requests with a few base64 images.",
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a client may take to send a request body, REST API and proxy "
+        "alike (seconds); slower bodies get 408 and their bytes are dropped. The API key is "
+        "checked before any body byte is read, so only a valid key can hold a body open.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of gpufleet's own loggers."
     )

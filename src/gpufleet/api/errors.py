@@ -111,6 +111,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     code = {
         404: "not_found",
         405: "method_not_allowed",
+        408: "request_timeout",
         413: "payload_too_large",
         401: "unauthorized",
         403: "forbidden",

@@ -12,6 +12,7 @@ The queue itself is built by ``create_app`` (``components.extras["queue"]``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -58,21 +59,31 @@ def get_queue(request: Request) -> TaskQueue:
 
 
 async def read_limited_body(request: Request) -> bytes:
-    """The request body, or 413 as soon as it is known to pass ``server.max_body_bytes``."""
-    limit = get_components(request).settings.server.max_body_bytes
+    """The request body, or 413 as soon as it is known to pass ``server.max_body_bytes``,
+    or 408 if it is not complete within ``server.body_timeout_s`` (the key was checked
+    before: ``authenticate`` runs first and reads no body)."""
+    server = get_components(request).settings.server
+    limit = server.max_body_bytes
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        async with asyncio.timeout(server.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
     except ClientDisconnect:
         # The client left mid-body: nothing was written and nobody reads the answer.
         raise HTTPException(400, "the client disconnected before the body was complete") from None
+    except TimeoutError:
+        raise HTTPException(
+            408,
+            f"request body not complete within {server.body_timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
     return bytes(body)
 
 

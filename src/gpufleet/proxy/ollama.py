@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gpufleet.domain import WorkerState
 from gpufleet.proxy.streaming import (
     Authenticator,
+    BodyTimeout,
     ClientGone,
     ForwardEndpoint,
     ProxyService,
@@ -161,9 +162,17 @@ SHOW_OPENAPI: dict[str, Any] = {
 async def show(request: Request) -> Response:
     service = get_service(request.app)
     try:
-        raw = await read_body(request.receive, service.max_body_bytes)
+        raw = await read_body(
+            request.receive,
+            service.max_body_bytes,
+            timeout_s=service.body_timeout_s,
+            declared=request.headers.get("content-length"),
+        )
     except ClientGone:
         return Response(status_code=499)
+    except BodyTimeout as exc:
+        return JSONResponse({"error": str(exc)}, status_code=408,
+                            headers={"Connection": "close"})
     if raw is None:
         return JSONResponse({"error": "request body too large"}, status_code=413)
     try:

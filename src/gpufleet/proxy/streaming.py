@@ -261,6 +261,7 @@ class ProxyService:
         self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
         self.max_body_bytes = settings.server.max_proxy_body_bytes
+        self.body_timeout_s = settings.server.body_timeout_s
         self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
 
     def __repr__(self) -> str:
@@ -553,21 +554,50 @@ def get_service(app: Any) -> ProxyService:
     return service
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None if it is larger than ``limit`` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+class BodyTimeout(Exception):
+    """The client did not send its whole body within ``[server] body_timeout_s`` (408)."""
+
+
+async def read_body(
+    receive: Receive,
+    limit: int,
+    *,
+    timeout_s: float | None = None,
+    declared: str | None = None,
+) -> bytes | None:
+    """The whole request body, or None if it is larger than ``limit`` bytes.
+
+    ``declared`` (the ``Content-Length`` header) over the limit answers None before a
+    byte is read. ``timeout_s`` bounds the whole read (``BodyTimeout``): a client that
+    sends slowly, or stops one byte short, cannot hold a buffer open. The body grows in
+    one buffer that is dropped as soon as the read fails.
+    """
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                buf += message.get("body", b"")
+                if len(buf) > limit:
+                    return None
+                if not message.get("more_body", False):
+                    return bytes(buf)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not complete within {timeout_s:g} s") from None
+    finally:
+        del buf
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """One request header's value (latin-1), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _priority(scope: Scope) -> int:
@@ -599,18 +629,26 @@ class ForwardEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = get_service(scope["app"])
+        owner = "anonymous"
+        principal: Any = None
+        if self.auth is not None:  # the key first: an anonymous body is never read
+            principal = await self.auth(Request(scope, receive))
+            owner = getattr(principal, "owner", None) or owner
         try:
-            body = await read_body(receive, service.max_body_bytes)
+            body = await read_body(
+                receive,
+                service.max_body_bytes,
+                timeout_s=service.body_timeout_s,
+                declared=header(scope, b"content-length"),
+            )
         except ClientGone:
+            return
+        except BodyTimeout as exc:
+            await send_error(send, self.flavor, 408, str(exc), {"Connection": "close"})
             return
         if body is None:
             await send_error(send, self.flavor, 413, "request body too large")
             return
-        owner = "anonymous"
-        principal: Any = None
-        if self.auth is not None:
-            principal = await self.auth(Request(scope, receive))
-            owner = getattr(principal, "owner", None) or owner
         if not body.strip():
             await send_error(send, self.flavor, 400, "missing request body")
             return
