@@ -445,3 +445,27 @@ async def test_a_body_that_never_completes_is_408(
     assert status == 413, body
     assert live.worker.seen == []
     assert await snapshot(redis) == before
+
+
+# -- the key's max_priority holds for the proxy too (issue 19 point 10) -------------------
+
+
+async def test_proxy_refuses_a_priority_above_the_keys_limit_like_rest(live: Live) -> None:
+    store = live.app.state.components.extras["apikeys"]
+    _, key = await store.create("capped", role="user", max_priority=3)
+    auth = {"Authorization": f"Bearer {key}"}
+    for path, shape in (("/api/chat", "ollama"), ("/v1/chat/completions", "openai")):
+        refused = await live.client.post(
+            path, json=chat_body(), headers={**auth, "X-Gpufleet-Priority": "10"}
+        )
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        assert "above this key's limit 3" in (error if shape == "ollama" else error["message"])
+        for headers in ({"X-Gpufleet-Priority": "3"}, {"X-Gpufleet-Priority": "-5"}, {}):
+            ok = await live.client.post(path, json=chat_body(), headers={**auth, **headers})
+            assert ok.status_code == 200, (path, headers, ok.text)
+    rest = await live.client.post("/api/v1/tasks", headers=auth, json={
+        "kind": "ollama", "priority": 9,
+        "payload": {"api": "chat", "body": chat_body()}})
+    assert rest.status_code == 403
+    assert len(live.worker.seen) == 6  # only the allowed calls reached the worker

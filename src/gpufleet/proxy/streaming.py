@@ -634,6 +634,12 @@ class ForwardEndpoint:
         if self.auth is not None:  # the key first: an anonymous body is never read
             principal = await self.auth(Request(scope, receive))
             owner = getattr(principal, "owner", None) or owner
+        priority = _priority(scope)
+        max_priority = getattr(getattr(principal, "key", None), "max_priority", None)
+        if max_priority is not None and priority > max_priority:  # as the REST API: refused
+            message = f"priority {priority} is above this key's limit {max_priority}"
+            await send_error(send, self.flavor, 403, message)
+            return
         try:
             body = await read_body(
                 receive,
@@ -668,7 +674,7 @@ class ForwardEndpoint:
             payload=payload,
             body=body,
             owner=owner,
-            priority=_priority(scope),
+            priority=priority,
             set_keep_alive=self.set_keep_alive,
         )
         # The key's max_concurrent, exact across replicas: a place in a Redis ZSET (Lua),
