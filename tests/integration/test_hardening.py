@@ -469,3 +469,19 @@ async def test_proxy_refuses_a_priority_above_the_keys_limit_like_rest(live: Liv
         "payload": {"api": "chat", "body": chat_body()}})
     assert rest.status_code == 403
     assert len(live.worker.seen) == 6  # only the allowed calls reached the worker
+
+
+# -- absurd keep_alive values are clamped, not a 500 (issue 19 point 11) -----------------
+
+
+@pytest.mark.parametrize(
+    "value", ["1" + "0" * 400, "-" + "9" * 400, "1e400", '"' + "9" * 400 + 'h"']
+)
+async def test_a_huge_keep_alive_is_clamped_not_a_500(live: Live, value: str) -> None:
+    raw = b'{"model": "llama3.2", "stream": false, "keep_alive": %s}' % value.encode()
+    answer = await live.client.post("/api/chat", content=raw,
+                                    headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    (seen,) = live.worker.seen
+    sent = json.loads(seen["body"])["keep_alive"]
+    assert sent == int(live.app.state.components.settings.proxy.keep_alive_max_s)

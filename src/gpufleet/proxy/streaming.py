@@ -52,7 +52,7 @@ from gpufleet.metrics import (
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
-from gpufleet.routing import normalize_model
+from gpufleet.routing import normalize_model, pick_worker
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.workers import WorkerRegistry
 
@@ -101,8 +101,12 @@ def parse_keep_alive(value: Any) -> float | None:
     unreadable. Negative means "forever"."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, int):  # a 400-digit integer is "very long", not an error
+        if abs(value) < 10**300:
+            return float(value)
+        return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
     if isinstance(value, str):
         text = value.strip()
         with contextlib.suppress(ValueError):
@@ -329,6 +333,11 @@ class ProxyService:
         request_id = uuid.uuid4().hex
         exclude: set[str] = set()
         for attempt in range(self.config.retries + 1):
+            if exclude and not await self._others_ready(call.model, exclude):
+                # Nobody else could take it now: try the failed worker again rather than
+                # wait up to max_wait_s for another one, so the client hears the worker's
+                # error promptly once the retries are spent.
+                exclude.clear()
             try:
                 lease = await self.broker.acquire(
                     call.model,
@@ -381,6 +390,11 @@ class ProxyService:
             await self.usage.maybe_flush()
             return "ok" if state.get("clean", True) else "worker_failed_mid_stream"
         return "worker_failed"  # not reached: the last attempt returns above
+
+    async def _others_ready(self, model: str, exclude: set[str]) -> bool:
+        """True if a ready worker not in ``exclude`` serves ``model`` (busy or not)."""
+        workers = await self.broker.workers()
+        return any(w.id not in exclude for w in pick_worker(model, workers, self.pools))
 
     def _upstream_body(self, call: Call, lease: Lease) -> bytes:
         if not call.set_keep_alive:
