@@ -7,6 +7,7 @@ before it writes a new state.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -108,3 +109,9 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.pool} {self.state} {self.busy_slots}/{self.slots}>"
+
+
+def public_worker_id(worker_id: str) -> str:
+    """The alias user-role keys see for a worker (API and proxy answers): stable, and
+    reveals no instance id (a Novita worker's id is its instance id)."""
+    return "w-" + hashlib.sha256(f"gpufleet-worker:{worker_id}".encode()).hexdigest()[:16]

@@ -485,3 +485,19 @@ async def test_a_huge_keep_alive_is_clamped_not_a_500(live: Live, value: str) ->
     (seen,) = live.worker.seen
     sent = json.loads(seen["body"])["keep_alive"]
     assert sent == int(live.app.state.components.settings.proxy.keep_alive_max_s)
+
+
+async def test_proxy_answers_name_workers_by_alias_for_user_keys(live: Live) -> None:
+    """Issue 19 point 6: X-Gpufleet-Worker gives user keys the alias /api/v1/workers shows."""
+    answer = await live.client.post("/api/chat", json=chat_body())  # a user-role key
+    assert answer.status_code == 200
+    alias = answer.headers["x-gpufleet-worker"]
+    assert alias != "llm-w1"
+    assert alias.startswith("w-")
+    listed = (await live.client.get("/api/v1/workers")).json()
+    assert [w["id"] for w in listed] == [alias]
+    store = live.app.state.components.extras["apikeys"]
+    _, admin = await store.create("ops", role="admin")
+    seen = await live.client.post("/api/chat", json=chat_body(),
+                                  headers={"Authorization": f"Bearer {admin}"})
+    assert seen.headers["x-gpufleet-worker"] == "llm-w1"

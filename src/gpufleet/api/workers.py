@@ -9,7 +9,6 @@ Draining is admin only.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -18,7 +17,7 @@ from pydantic import BaseModel
 
 from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import get_events, get_registry
-from gpufleet.domain import Worker, WorkerState
+from gpufleet.domain import Worker, WorkerState, public_worker_id
 from gpufleet.errors import Conflict, NotFound
 from gpufleet.store.events import EventLog
 from gpufleet.store.workers import WorkerRegistry
@@ -30,11 +29,6 @@ router = APIRouter(prefix="/api/v1/workers", tags=["workers"])
 ADMIN_ONLY_FIELDS = frozenset(
     {"instance_id", "base_url", "last_error", "price_per_hour", "cost_usd"}
 )
-
-
-def public_worker_id(worker_id: str) -> str:
-    """The alias user keys see for a worker: stable, and reveals no instance id."""
-    return "w-" + hashlib.sha256(f"gpufleet-worker:{worker_id}".encode()).hexdigest()[:16]
 
 
 class WorkerOut(BaseModel):

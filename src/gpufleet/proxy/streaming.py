@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
+from gpufleet.domain import public_worker_id
 from gpufleet.metrics import (
     PROXY_DURATION,
     PROXY_REQUESTS,
@@ -191,6 +192,7 @@ class Call:
     owner: str
     priority: int = 0
     set_keep_alive: bool = False
+    admin: bool = True  # a user-role key sees workers by their alias only
 
 
 def error_payload(flavor: Flavor, message: str, status: int = 500) -> dict[str, Any]:
@@ -446,7 +448,7 @@ class ProxyService:
                 raise _Retryable(f"HTTP {response.status_code}")
             headers = [(k, v) for k, v in response.headers if k.lower() in _PASS_HEADERS]
             content_type = response.header(b"content-type") or b""
-            headers += _our_headers(lease)
+            headers += _our_headers(lease, admin=call.admin)
             gap = self.config.idle_gap_timeout_s
             while True:
                 # Before the first byte the model may be loading (load timeout); after it,
@@ -531,8 +533,9 @@ def _token_head(lease: Lease) -> bytes:
     return b"x-gpufleet-worker-token: " + token.encode("latin-1") + b"\r\n"
 
 
-def _our_headers(lease: Lease) -> list[tuple[bytes, bytes]]:
-    headers = [(b"x-gpufleet-worker", lease.worker.id.encode())]
+def _our_headers(lease: Lease, *, admin: bool = True) -> list[tuple[bytes, bytes]]:
+    worker = lease.worker.id if admin else public_worker_id(lease.worker.id)
+    headers = [(b"x-gpufleet-worker", worker.encode())]
     if lease.waited_s > 0:
         headers.append((b"x-gpufleet-queue-wait", f"{lease.waited_s:.3f}".encode()))
         if lease.cold_start:
@@ -690,6 +693,7 @@ class ForwardEndpoint:
             owner=owner,
             priority=priority,
             set_keep_alive=self.set_keep_alive,
+            admin=bool(getattr(principal, "is_admin", True)),
         )
         # The key's max_concurrent, exact across replicas: a place in a Redis ZSET (Lua),
         # held for the whole request; a replica that dies frees it after the TTL.
