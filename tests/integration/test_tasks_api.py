@@ -345,3 +345,38 @@ async def test_submitted_tasks_show_when_they_expire(pooled: httpx.AsyncClient) 
     assert default["expires_at"] == pytest.approx(default["created_at"] + 86400)
     bad = await pooled.post("/api/v1/tasks", json={"payload": GRAPH, "max_queue_age_s": 0})
     assert bad.status_code == 422
+
+
+async def test_user_keys_see_their_tasks_workers_by_alias_and_no_worker_urls(
+    client: httpx.AsyncClient,
+) -> None:
+    """Issue 19 point 6: a Novita worker's id is its instance id, and engine errors quote
+    the worker's URL; neither reaches a user key through its own tasks."""
+    from gpufleet.domain import public_worker_id
+
+    as_key(client, "frank")
+    task_id = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()["id"]
+    queue = queue_of(client)
+    (lease,) = await queue.lease("inst-9f2c41d0", kinds=["comfyui"])
+    await queue.fail(task_id, lease.token,
+                     "comfyui: GET https://inst-9f2c41d0-8188.gpu.example/history/x timed out")
+    seen = await client.get(f"/api/v1/tasks/{task_id}")
+    assert seen.status_code == 200
+    assert "inst-9f2c41d0" not in seen.text
+    assert "gpu.example" not in seen.text
+    task = seen.json()
+    alias = public_worker_id("inst-9f2c41d0")
+    assert task["worker"] == alias
+    assert task["errors"][0]["worker"] == alias
+    assert task["errors"][0]["message"] == "comfyui: GET <worker> timed out"
+    listed = await client.get("/api/v1/tasks")
+    assert "inst-9f2c41d0" not in listed.text
+    await queue.cancel(task_id)
+    events = await client.get(f"/api/v1/tasks/{task_id}/events")
+    assert "running" in events.text
+    assert alias in events.text
+    assert "inst-9f2c41d0" not in events.text
+    client.app.dependency_overrides.clear()  # type: ignore[attr-defined]
+    admin = (await client.get(f"/api/v1/tasks/{task_id}")).json()  # auth off: admin
+    assert admin["worker"] == "inst-9f2c41d0"
+    assert "gpu.example" in admin["errors"][0]["message"]

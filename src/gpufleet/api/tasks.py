@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.deps import get_components
-from gpufleet.domain import Engine, TaskStatus
+from gpufleet.domain import Engine, TaskStatus, public_worker_id
 from gpufleet.errors import Forbidden, TaskNotFound
 from gpufleet.results import ResultStore, guess_content_type, safe_name
 from gpufleet.routing import pool_serves
@@ -181,7 +181,47 @@ async def list_tasks(
         limit=limit,
         cursor=cursor,
     )
-    return TaskList(tasks=page.tasks, next_cursor=page.next_cursor)
+    return TaskList(tasks=[shown(t, principal) for t in page.tasks], next_cursor=page.next_cursor)
+
+
+# A worker's URL as it appears in engine error messages ("GET http://… timed out").
+_URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+")
+
+
+def _hide_urls(text: str) -> str:
+    return _URL.sub("<worker>", text)
+
+
+def _shown_error(error: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    out = dict(error)
+    if out.get("worker"):
+        out["worker"] = public_worker_id(str(out["worker"]))
+    if isinstance(out.get("message"), str):
+        out["message"] = _hide_urls(out["message"])
+    return out
+
+
+def shown(task: Task, principal: Principal) -> Task:
+    """``task`` as ``principal`` may see it: user keys get workers by their alias and error
+    messages without worker URLs (a Novita worker's id is its instance id); admins all."""
+    if principal.is_admin or (task.worker is None and not task.errors):
+        return task
+    return task.model_copy(
+        update={
+            "worker": public_worker_id(task.worker) if task.worker else None,
+            "error": _shown_error(task.error, principal) if task.error else None,
+            "errors": [_shown_error(e, principal) for e in task.errors],
+        }
+    )
+
+
+def shown_event(event: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """A task event for ``principal``: the ``running`` event names the worker's alias."""
+    if principal.is_admin or not event.get("detail"):
+        return event
+    detail = str(event["detail"])
+    alias = public_worker_id(detail) if event.get("status") == "running" else _hide_urls(detail)
+    return {**event, "detail": alias}
 
 
 async def _visible(queue: TaskQueue, task_id: str, principal: Principal, **kw: Any) -> Task:
@@ -197,7 +237,7 @@ async def get_task(
     principal: Principal = Depends(authenticate),
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
-    return await _visible(queue, task_id, principal)
+    return shown(await _visible(queue, task_id, principal), principal)
 
 
 def get_results(request: Request) -> ResultStore:
@@ -248,7 +288,7 @@ async def cancel_task(
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
     await _visible(queue, task_id, principal, include_payload=False)
-    return await queue.cancel(task_id)
+    return shown(await queue.cancel(task_id), principal)
 
 
 @router.get("/{task_id}/wait", summary="Long poll: the task once finished, or after timeout_s")
@@ -259,7 +299,7 @@ async def wait_task(
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
     await _visible(queue, task_id, principal, include_payload=False)
-    return await queue.wait(task_id, timeout_s)
+    return shown(await queue.wait(task_id, timeout_s), principal)
 
 
 @router.get("/{task_id}/events", summary="Server-sent events of every state change")
@@ -282,7 +322,7 @@ async def task_events(
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
-                data = json.dumps(event.to_json())
+                data = json.dumps(shown_event(event.to_json(), principal))
                 yield f"id: {event.id}\nevent: {event.status}\ndata: {data}\n\n".encode()
         finally:
             await events.aclose()
