@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gpufleet.app import create_app
+from gpufleet.domain import WorkerState
 from gpufleet.engines.simulated import OllamaConfig, SimulatedOllama
 from gpufleet.settings import load_settings
 from tests.servers import serve
@@ -73,3 +74,36 @@ async def test_the_openai_client_gets_the_error_too(broken: Any) -> None:
         )
     assert sim.recorder.count("/v1/chat/completions") == 3
     await client.close()
+
+
+async def test_a_dead_workers_address_is_not_told_to_user_keys(
+    redis_url: str, redis: aioredis.Redis, tmp_path: Path
+) -> None:
+    """Issue 19 point 6: the 502 for an unreachable worker named its host and port."""
+    from gpufleet.loopback import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = load_settings(
+        env_file=None, redis={"url": redis_url}, results={"dir": tmp_path / "results"},
+        workers={"health_interval_s": 3600}, proxy={"retries": 1},
+        pools=[{"name": "llm", "provider": "static", "engine": "ollama",
+                "models": ["llama3.2"], "urls": [dead]}],
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        components = app.state.components
+        assert await components.registry.transition("llm-0", WorkerState.ready, "test")
+        store = components.extras["apikeys"]
+        _, user = await store.create("u", role="user")
+        _, admin = await store.create("a", role="admin")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gpufleet") as client:
+            as_user = await client.post("/api/chat", json=CHAT,
+                                        headers={"Authorization": f"Bearer {user}"})
+            as_admin = await client.post("/api/chat", json=CHAT,
+                                         headers={"Authorization": f"Bearer {admin}"})
+    assert as_user.status_code == 502
+    assert "worker failed" in as_user.json()["error"]
+    assert dead.removeprefix("http://") not in as_user.text
+    assert as_admin.status_code == 502
+    assert dead.removeprefix("http://") in as_admin.text

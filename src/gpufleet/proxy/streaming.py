@@ -376,7 +376,9 @@ class ProxyService:
                 )
                 exclude.add(lease.worker.id)
                 if last:
-                    await send_error(send, call.flavor, 502, f"worker failed: {exc}")
+                    # The worker's address is in the error: for admins only.
+                    detail = str(exc) if call.admin else "it could not be reached or broke off"
+                    await send_error(send, call.flavor, 502, f"worker failed: {detail}")
                     return "worker_failed"
                 continue
             finally:
