@@ -352,9 +352,9 @@ class AuthSettings(Section):
     default_max_queued: int = Field(
         1000,
         ge=0,
-        description="Waiting tasks a key may have when the key sets no max_queued of its "
-        "own; the next submission gets 429. Bounds what one key (or one leaked key) can "
-        "pile up. 0: no limit.",
+        description="Waiting tasks a user-role key may have when it sets no max_queued of "
+        "its own; the next submission gets 429. Bounds what one key (or one leaked key) can "
+        "pile up. Admin keys are limited only by their own max_queued. 0: no limit.",
     )
     key_cache_ttl_s: float = Field(
         5.0,

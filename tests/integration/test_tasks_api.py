@@ -335,6 +335,11 @@ async def test_keys_without_their_own_max_queued_get_the_default(
     for _ in range(5):
         assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
     assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 429
+    # Admin keys (operators' bulk jobs) are bound only by a max_queued of their own.
+    admin = ApiKey(id="ops", name="ops", email="", role="admin", created_at=0.0)
+    pooled.app.dependency_overrides[authenticate] = lambda: Principal(admin)  # type: ignore[attr-defined]
+    for _ in range(5):
+        assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
 
 
 async def test_submitted_tasks_show_when_they_expire(pooled: httpx.AsyncClient) -> None:

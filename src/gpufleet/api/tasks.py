@@ -154,12 +154,14 @@ async def submit_task(
         raise _invalid(list(exc.errors(include_url=False))) from None
     _check_submit(request, spec, principal)
     key = principal.key
-    default_max_queued = get_components(request).settings.auth.default_max_queued or None
+    max_queued = key.max_queued if key else None
+    if key is not None and max_queued is None and not principal.is_admin:
+        max_queued = get_components(request).settings.auth.default_max_queued or None
     return await queue.enqueue(
         spec,
         owner=principal.owner,
         idempotency_key=idempotency_key,
-        max_queued=(key.max_queued or default_max_queued) if key else None,
+        max_queued=max_queued,
     )
 
 
