@@ -42,6 +42,7 @@ from gpufleet.store.events import EventLog
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
+from gpufleet.worker_auth import WorkerAuth
 
 logger = logging.getLogger(__name__)
 # How long shutdown lets background loops finish their current tick before cancelling them.
@@ -110,7 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
             except Exception as exc:
                 raise StoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from exc
             prefix = settings.redis.key_prefix
-            registry = WorkerRegistry(redis, prefix=prefix)
+            registry = WorkerRegistry(redis, prefix=prefix, pool_tokens=settings.pool_tokens())
             components = Components(
                 settings=settings,
                 redis=redis,
@@ -131,10 +132,12 @@ def create_app(settings: Settings) -> FastAPI:
             components.extras["proxy_http"] = proxy_http
             components.extras["proxy"] = proxy
             # Engines (health probes, queued runs) share one client; per-call timeouts are
-            # the engines' own. No pool cap: worker slots bound the concurrency.
+            # the engines' own. No pool cap: worker slots bound the concurrency. WorkerAuth
+            # adds each worker's secret to every call under its base_url.
             engine_http = httpx.AsyncClient(
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                 trust_env=False,
+                auth=WorkerAuth(registry.tokens),
             )
             stack.push_async_callback(engine_http.aclose)
             dispatcher = Dispatcher(settings, registry, queue, engine_http,

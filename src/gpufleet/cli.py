@@ -213,6 +213,33 @@ def simulate(ctx: typer.Context) -> None:
     raise typer.Exit(run_simulation(list(ctx.args)) or 0)
 
 
+@app.command("worker-gate")
+def worker_gate(
+    upstream: Annotated[
+        str, typer.Option(help="The engine behind the gate, e.g. http://127.0.0.1:8189.")
+    ],
+    listen: Annotated[
+        str, typer.Option(help="host:port the gate listens on (the pool's engine port).")
+    ] = "0.0.0.0:8188",
+    token_env: Annotated[
+        str, typer.Option(help="Environment variable that holds the worker's secret.")
+    ] = "GPUFLEET_WORKER_TOKEN",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run in a worker image, in front of its engine: only calls carrying the worker's
+    secret (X-Gpufleet-Worker-Token or Authorization: Bearer) get through; see
+    docs/operations.md."""
+    from gpufleet.worker_gate import parse_listen, run_gate, token_from_env
+
+    try:
+        token = token_from_env(token_env)
+        parse_listen(listen)
+    except ValueError as exc:
+        typer.echo(f"gpufleet worker-gate: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run_gate(upstream, listen, token, log_level=log_level)
+
+
 @config_app.command("show")
 def config_show(
     config: ConfigOption = None,

@@ -68,6 +68,7 @@ from gpufleet.settings import (
     resolve_config_path,
 )
 from gpufleet.store.connection import default_data_dir
+from gpufleet.worker_auth import TOKEN_ENV, new_token
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,11 @@ class NovitaWorkers:
 
     def on_change(self, inst: SimInstance, old: str, new: str) -> None:
         if new == "running" and inst.id not in self.engines:
-            engine = SimulatedComfyUI(ComfyUIConfig(step_time_s=self.timings.comfyui_step_s))
+            # Like a real worker image running 'gpufleet worker-gate': the secret gpufleet
+            # put into the instance's envs is required on every call.
+            token = next((e.get("value") for e in inst.envs if e.get("key") == TOKEN_ENV), None)
+            engine = SimulatedComfyUI(ComfyUIConfig(step_time_s=self.timings.comfyui_step_s,
+                                                    token=token or None))
             self.engines[inst.id] = engine
             self.host.add(inst.id, engine)
         elif new != "running" and inst.id in self.engines:
@@ -204,6 +209,8 @@ class SurfWorkers:
         self.timings = timings
         self.port = port
         self.shared_ip = shared_ip
+        # The SURF pool's configured worker token (workspaces run a worker gate too).
+        self.token = new_token()
         self.sim: SimSurf | None = None
         self.engines: dict[str, SimulatedOllama] = {}  # by ip
         self.servers: dict[str, LoopbackServer] = {}  # by ip, while wanted
@@ -222,6 +229,7 @@ class SurfWorkers:
                 tokens_per_s=self.timings.ollama_tokens_per_s,
                 reply="Hello from a simulated Ollama on a SURF workspace that gpufleet "
                 "resumed for you.",
+                token=self.token,
             ))
         return self.engines[ip]
 
@@ -355,6 +363,7 @@ class Demo:
             self.settings = demo_settings(
                 opts, novita_url=self.novita_server.url,
                 surf_url=f"{self.surf_server.url}/v1/workspace", ollama_port=ollama_port,
+                surf_token=self.surf_workers.token,
             )
         except ConfigError as exc:
             raise DemoError(str(exc)) from None
@@ -418,7 +427,7 @@ DEMO_ENV_FILE = Path(".env")
 
 
 def demo_settings(opts: DemoOptions, *, novita_url: str, surf_url: str,
-                  ollama_port: int) -> Settings:
+                  ollama_port: int, surf_token: str | None = None) -> Settings:
     """gpufleet's configuration for the demo: two pools on the simulated clouds.
 
     Precedence: what the demo owns (``DEMO_OWNED``) > command-line options > environment
@@ -440,6 +449,7 @@ def demo_settings(opts: DemoOptions, *, novita_url: str, surf_url: str,
             "min_workers": 0, "max_workers": len(SURF_WORKSPACES),
             "idle_timeout_s": t.idle_timeout_s, "boot_timeout_s": 120.0,
             "price_per_hour": SURF_PRICE_PER_HOUR, "port": ollama_port,
+            **({"token": surf_token} if surf_token else {}),
         },
     ]
     defaults: dict[str, Any] = {

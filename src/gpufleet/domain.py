@@ -7,7 +7,8 @@ before it writes a new state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -99,6 +100,8 @@ class Worker:
     price_per_hour: float = 0.0
     cost_usd: float = 0.0
     last_error: str = ""
+    # The secret the worker's gate wants (``gpufleet.worker_auth``); never shown or logged.
+    token: str = field(default="", repr=False, compare=False)
 
     @property
     def free_slots(self) -> int:
@@ -106,3 +109,9 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.pool} {self.state} {self.busy_slots}/{self.slots}>"
+
+
+def public_worker_id(worker_id: str) -> str:
+    """The alias user-role keys see for a worker (API and proxy answers): stable, and
+    reveals no instance id (a Novita worker's id is its instance id)."""
+    return "w-" + hashlib.sha256(f"gpufleet-worker:{worker_id}".encode()).hexdigest()[:16]

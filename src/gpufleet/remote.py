@@ -319,13 +319,14 @@ def endpoints_export(
     key: KeyOption = "",
     as_json: Annotated[bool, typer.Option("--json", help="JSON (always: the default).")] = True,
 ) -> None:
-    """Ready worker endpoints per pool, as JSON, for tools that call workers directly."""
+    """Ready worker endpoints per pool, as JSON, for tools that call workers directly
+    (URLs need an admin key: user keys never see where workers are)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for w in Remote(url, key).call("GET", "/api/v1/workers", params={"state": "ready"}):
         out.setdefault(w["pool"], []).append(
             {
                 "worker": w["id"],
-                "url": w["base_url"],
+                "url": w.get("base_url"),
                 "slots": w["slots"],
                 "models": w.get("models_present", []),
             }

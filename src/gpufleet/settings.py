@@ -82,6 +82,13 @@ class ServerSettings(Section):
         "times [proxy] max_waiting bounds the memory of a full queue; 16 MiB fits chat "
         "requests with a few base64 images.",
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a client may take to send a request body, REST API and proxy "
+        "alike (seconds); slower bodies get 408 and their bytes are dropped. The API key is "
+        "checked before any body byte is read, so only a valid key can hold a body open.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level of gpufleet's own loggers."
     )
@@ -138,6 +145,14 @@ class QueueSettings(Section):
         2.0, ge=0, description="First retry delay; doubles each attempt, with jitter."
     )
     retry_backoff_max_s: float = Field(300.0, ge=0, description="Cap on the retry delay.")
+    max_queue_age_s: float | None = Field(
+        24 * 3600.0,
+        gt=0,
+        description="A task still waiting (queued, or waiting for a retry) this long after it "
+        "was submitted fails with error code 'expired' instead of keeping a GPU rented for "
+        "it forever; a running attempt is never cut short. A task's own max_queue_age_s may "
+        "be shorter, not longer. Empty: no limit.",
+    )
 
 
 class ScalingSettings(Section):
@@ -352,6 +367,13 @@ class AuthSettings(Section):
         "(counted in Redis; a replica that dies frees its places within a minute). One more "
         "is 429. With auth off every caller shares one count. 0: no limit.",
     )
+    default_max_queued: int = Field(
+        1000,
+        ge=0,
+        description="Waiting tasks a user-role key may have when it sets no max_queued of "
+        "its own; the next submission gets 429. Bounds what one key (or one leaked key) can "
+        "pile up. Admin keys are limited only by their own max_queued. 0: no limit.",
+    )
     key_cache_ttl_s: float = Field(
         5.0,
         ge=0,
@@ -428,6 +450,20 @@ class PoolSpec(Section):
     )
     # static
     urls: list[str] = Field(default_factory=list, description="Engine base URLs (static).")
+    # worker gate (docs/operations.md, "Worker gate")
+    token: SecretStr | None = Field(
+        None,
+        description="Secret sent to this pool's workers as X-Gpufleet-Worker-Token on every "
+        "call (their 'gpufleet worker-gate' checks it). Static and SURF pools: set it (or "
+        "token_env). Novita pools: leave empty and every instance gets its own random "
+        "secret in its envs (GPUFLEET_WORKER_TOKEN); set, all instances share it.",
+    )
+    token_env: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of an environment variable holding this pool's token (keeps the "
+        "secret out of config.toml); used when token is empty.",
+    )
 
     @field_validator("idle_timeout_s")
     @classmethod
@@ -461,6 +497,11 @@ class PoolSpec(Section):
             missing = [] if self.urls else ["urls"]
         if missing:
             raise ValueError(f"a {self.provider} pool needs {', '.join(missing)}")
+        if self.token is None and self.token_env:
+            value = os.environ.get(self.token_env, "")
+            if not value:
+                raise ValueError(f"token_env: environment variable {self.token_env} is not set")
+            self.token = SecretStr(value)
         return self
 
     @property
@@ -616,6 +657,10 @@ class Settings(BaseSettings):
             )
         return self
 
+    def pool_tokens(self) -> dict[str, str]:
+        """Pool name -> the worker secret its config sets (pools without one left out)."""
+        return {p.name: p.token.get_secret_value() for p in self.pools if p.token is not None}
+
     def pool(self, name: str) -> PoolSpec:
         for pool in self.pools:
             if pool.name == name:
@@ -695,7 +740,7 @@ def load_settings(
 
 
 # Keys whose values are secrets, in config.toml (any table) and in .env files.
-SECRET_TOML_KEYS = {"api_key", "api_token", "csrf_token", "secret", "metrics_token"}
+SECRET_TOML_KEYS = {"api_key", "api_token", "csrf_token", "secret", "metrics_token", "token"}
 SECRET_ENV = re.compile(
     r"^(NOVITA_API_KEY|CLOUD_API_TOKEN|CLOUD_CSRF_TOKEN|GPUFLEET_AUTH__SECRET|"
     r"GPUFLEET_AUTH__METRICS_TOKEN|GPUFLEET_PROVIDERS__\w+__(API_KEY|API_TOKEN|CSRF_TOKEN))$"

@@ -9,7 +9,7 @@ is a valid ``TaskSubmit`` as is (``kind`` defaults to ``comfyui``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -50,6 +50,13 @@ class TaskSubmit(BaseModel):
     )
     timeout_s: float | None = Field(
         None, gt=0, le=MAX_TIMEOUT_S, description="Longest one attempt may run (seconds)."
+    )
+    max_queue_age_s: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Fail the task if it is still waiting this long after submission "
+        "(seconds); default and upper bound: [queue] max_queue_age_s (24 h).",
     )
 
     @field_validator("payload")
@@ -99,6 +106,9 @@ class Task(BaseModel):
     started_at: float | None = Field(None, description="Start of the latest attempt.")
     finished_at: float | None = None
     next_attempt_at: float | None = Field(None, description="When a waiting retry is due.")
+    expires_at: float | None = Field(
+        None, description="If still waiting then, the task fails (code 'expired')."
+    )
     worker: str | None = Field(None, description="Worker of the latest attempt.")
     lease_deadline: float | None = None
     result: Any = None
@@ -145,6 +155,7 @@ class Task(BaseModel):
             started_at=opt_float("started_at"),
             finished_at=opt_float("finished_at"),
             next_attempt_at=opt_float("next_attempt_at"),
+            expires_at=opt_float("expires_at"),
             worker=data.get("worker") or None,
             lease_deadline=opt_float("lease_deadline"),
             result=opt_json("result"),
@@ -230,6 +241,11 @@ class QueueStats:
     oldest_unpooled: dict[str, float]
     queued_by_owner: dict[str, int]  # API key id -> waiting tasks (the max_queued limit)
     running_by_owner: dict[str, int]  # API key id -> running tasks (for max_concurrent)
+    # Runnable waiting tasks (retries in their backoff left out) by requirement: pool name
+    # (tasks naming a pool) or engine (tasks naming none) -> model ("*": none) -> count.
+    # The scaler uses it to count a task only for pools that serve its model.
+    runnable_by_pool_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    runnable_unpooled_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def oldest_age_s(self, now: float) -> float:
         """Age of the oldest waiting task anywhere (0 when none waits)."""

@@ -79,6 +79,10 @@ async def test_burst_scales_up_runs_and_scales_down(demo: Demo) -> None:
         created = list(demo.novita.instances.values())
         assert 1 <= len(created) <= 3
         assert all("running" in inst.transitions for inst in created)
+        # Each instance got its own worker-gate secret, which its simulated ComfyUI required.
+        secrets = [next(e["value"] for e in inst.envs if e["key"] == "GPUFLEET_WORKER_TOKEN")
+                   for inst in created]
+        assert len(set(secrets)) == len(created)
         events = (await client.get("/api/v1/events", params={"limit": 500})).json()
         ready = {e["worker"] for e in events if e.get("kind") == "worker"
                  and e.get("pool") == NOVITA_POOL and e.get("state") == "ready"}
@@ -110,6 +114,12 @@ async def test_proxied_chat_resumes_a_paused_workspace(demo: Demo) -> None:
     assert "simulated Ollama" in reply.message.content
     resumed = [ws for ws in demo.surf.workspaces.values() if "resuming" in ws.transitions]
     assert len(resumed) == 1
+    # The workspaces' Ollama is gated (the pool's token) and gpufleet always sent it.
+    engines = list(demo.surf_workers.engines.values())
+    assert engines
+    assert all(engine.config.token for engine in engines)
+    assert sum(engine.recorder.refused for engine in engines) == 0
+    assert sum(engine.recorder.total for engine in engines) >= 1
     async with httpx.AsyncClient(base_url=demo.url, timeout=30, headers={
             "X-API-Key": demo.api_key}) as http:
         workers = (await http.get("/api/v1/workers", params={"pool": SURF_POOL})).json()

@@ -31,6 +31,7 @@ from tests.servers import serve
 
 REST_LIMIT = 4096
 PROXY_LIMIT = 8192
+BODY_TIMEOUT_S = 2.0
 POOLS = [
     {
         "name": "llm",
@@ -39,7 +40,9 @@ POOLS = [
         "slots": 2,
         "max_workers": 1,
         "models": ["llama3.2"],
-    }
+    },
+    # Queued ComfyUI tasks need a pool that runs them (else 422); none of its workers exist.
+    {"name": "comfy", "provider": "simulated", "engine": "comfyui", "max_workers": 0},
 ]
 
 
@@ -84,6 +87,8 @@ class Live:
     worker: Recorder
     decoy: Recorder
     decoy_url: str
+    url: str = ""
+    key: str = ""
 
 
 @pytest.fixture
@@ -92,7 +97,8 @@ async def live(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIt
         env_file=None,
         redis={"url": redis_url},
         results={"dir": tmp_path / "results"},
-        server={"max_body_bytes": REST_LIMIT, "max_proxy_body_bytes": PROXY_LIMIT},
+        server={"max_body_bytes": REST_LIMIT, "max_proxy_body_bytes": PROXY_LIMIT,
+                "body_timeout_s": BODY_TIMEOUT_S},
         pools=POOLS,
     )
     app = create_app(settings)
@@ -112,7 +118,7 @@ async def live(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIt
             httpx.AsyncClient(base_url=url, timeout=30,
                               headers={"Authorization": f"Bearer {key}"})
         )
-        yield Live(client, app, worker, decoy, decoy_url)
+        yield Live(client, app, worker, decoy, decoy_url, url, key)
 
 
 # Written by the background loops on their own clock (leader lock, spend accounting).
@@ -378,3 +384,120 @@ async def test_max_concurrent_is_exact_across_two_replicas(
         assert await redis.zcard(places) == 0
         again = await clients[1].post("/api/chat", json=chat_body())
         assert again.status_code == 200
+
+
+# -- the key before the body; a body-read timeout (issue 19 point 9) ---------------------
+
+
+async def raw_post(url: str, path: str, *, declared: int, sent: bytes,
+                   key: str | None = None) -> tuple[int, str]:
+    """POST over a raw socket: headers declaring ``declared`` body bytes, then only ``sent``
+    of them; return the status and body of whatever gpufleet answers (it must answer
+    without the rest of the body)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    head = (f"POST {path} HTTP/1.1\r\nHost: gpufleet\r\nContent-Type: application/json\r\n"
+            f"{auth}Content-Length: {declared}\r\n\r\n").encode()
+    writer.write(head + sent)
+    await writer.drain()
+    try:
+        status_line = await asyncio.wait_for(reader.readline(), timeout=30)
+        headers: dict[str, str] = {}
+        while (line := await asyncio.wait_for(reader.readline(), timeout=30)) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        body = await asyncio.wait_for(reader.readexactly(length), timeout=30)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return int(status_line.split()[1]), body.decode()
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/api/show",
+                                  "/api/v1/tasks"])
+async def test_anonymous_large_upload_is_401_before_any_body_byte_is_read(
+    live: Live, path: str
+) -> None:
+    """40 anonymous 15 MiB uploads one byte short used to sit in memory with no timeout."""
+    status, body = await raw_post(live.url, path, declared=15 * 1024 * 1024, sent=b"{")
+    assert status == 401, body
+    status, body = await raw_post(live.url, path, declared=1000, sent=b"")
+    assert status == 401, body
+    assert live.worker.seen == []
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions", "/api/show",
+                                  "/api/v1/tasks"])
+async def test_a_body_that_never_completes_is_408(
+    live: Live, redis: aioredis.Redis, path: str
+) -> None:
+    before = await snapshot(redis)
+    status, body = await raw_post(live.url, path, declared=3000, sent=b'{"model": "ll',
+                                  key=live.key)
+    assert status == 408, body
+    assert "not complete within 2 s" in body
+    # Declared over the limit: 413 at once, with a key too, before reading.
+    status, body = await raw_post(live.url, path, declared=15 * 1024 * 1024, sent=b"{",
+                                  key=live.key)
+    assert status == 413, body
+    assert live.worker.seen == []
+    assert await snapshot(redis) == before
+
+
+# -- the key's max_priority holds for the proxy too (issue 19 point 10) -------------------
+
+
+async def test_proxy_refuses_a_priority_above_the_keys_limit_like_rest(live: Live) -> None:
+    store = live.app.state.components.extras["apikeys"]
+    _, key = await store.create("capped", role="user", max_priority=3)
+    auth = {"Authorization": f"Bearer {key}"}
+    for path, shape in (("/api/chat", "ollama"), ("/v1/chat/completions", "openai")):
+        refused = await live.client.post(
+            path, json=chat_body(), headers={**auth, "X-Gpufleet-Priority": "10"}
+        )
+        assert refused.status_code == 403, refused.text
+        error = refused.json()["error"]
+        assert "above this key's limit 3" in (error if shape == "ollama" else error["message"])
+        for headers in ({"X-Gpufleet-Priority": "3"}, {"X-Gpufleet-Priority": "-5"}, {}):
+            ok = await live.client.post(path, json=chat_body(), headers={**auth, **headers})
+            assert ok.status_code == 200, (path, headers, ok.text)
+    rest = await live.client.post("/api/v1/tasks", headers=auth, json={
+        "kind": "ollama", "priority": 9,
+        "payload": {"api": "chat", "body": chat_body()}})
+    assert rest.status_code == 403
+    assert len(live.worker.seen) == 6  # only the allowed calls reached the worker
+
+
+# -- absurd keep_alive values are clamped, not a 500 (issue 19 point 11) -----------------
+
+
+@pytest.mark.parametrize(
+    "value", ["1" + "0" * 400, "-" + "9" * 400, "1e400", '"' + "9" * 400 + 'h"']
+)
+async def test_a_huge_keep_alive_is_clamped_not_a_500(live: Live, value: str) -> None:
+    raw = b'{"model": "llama3.2", "stream": false, "keep_alive": %s}' % value.encode()
+    answer = await live.client.post("/api/chat", content=raw,
+                                    headers={"content-type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    (seen,) = live.worker.seen
+    sent = json.loads(seen["body"])["keep_alive"]
+    assert sent == int(live.app.state.components.settings.proxy.keep_alive_max_s)
+
+
+async def test_proxy_answers_name_workers_by_alias_for_user_keys(live: Live) -> None:
+    """Issue 19 point 6: X-Gpufleet-Worker gives user keys the alias /api/v1/workers shows."""
+    answer = await live.client.post("/api/chat", json=chat_body())  # a user-role key
+    assert answer.status_code == 200
+    alias = answer.headers["x-gpufleet-worker"]
+    assert alias != "llm-w1"
+    assert alias.startswith("w-")
+    listed = (await live.client.get("/api/v1/workers")).json()
+    assert [w["id"] for w in listed] == [alias]
+    store = live.app.state.components.extras["apikeys"]
+    _, admin = await store.create("ops", role="admin")
+    seen = await live.client.post("/api/chat", json=chat_body(),
+                                  headers={"Authorization": f"Bearer {admin}"})
+    assert seen.headers["x-gpufleet-worker"] == "llm-w1"

@@ -121,3 +121,46 @@ async def test_spend_total_and_per_day(redis: Any) -> None:
     runtime = await store.runtime("p")
     assert runtime.spend_usd == pytest.approx(0.75)
     assert runtime.spend_today_usd == pytest.approx(0.75)
+
+
+ADMIN_ONLY = ("provider", "price_per_hour", "spend_usd", "spend_today_usd",
+              "burn_rate_per_hour", "backoff", "last_actions", "overrides", "floor")
+
+
+async def test_user_keys_see_pool_counts_not_spend_or_scale_reasons(client: Any) -> None:
+    pool_state = client.components.extras["pool_state"]
+    await pool_state.back_off("comfy", "boot timeout on inst-9", base_s=60, cap_s=60)
+    await client.components.events.emit("scale", pool="comfy", action="create", reason="demand 3")
+    admin = (await client.get("/api/v1/pools/comfy")).json()
+    assert admin["backoff"]["reason"] == "boot timeout on inst-9"
+    assert admin["last_actions"]
+    assert "burn_rate_per_hour" in admin
+    for path in ("/api/v1/pools", "/api/v1/pools/comfy"):
+        answer = await client.get(path, headers=client.user)
+        assert answer.status_code == 200
+        body = answer.json()
+        pool = body[0] if isinstance(body, list) else body
+        assert pool["name"] == "comfy"
+        assert pool["engine"] == "comfyui"
+        assert "workers_by_state" in pool
+        assert "demand" in pool
+        assert "models" in pool
+        for field in ADMIN_ONLY:
+            assert field not in pool, (path, field)
+        assert "inst-9" not in answer.text
+        assert "demand 3" not in answer.text
+
+
+async def test_api_ps_shows_users_counts_not_worker_ids(client: Any) -> None:
+    registry = client.components.registry
+    await registry.register(pool="llm", provider="static", slots=4, worker_id="llm-secret-1",
+                            state=WorkerState.ready, base_url="http://h:11434",
+                            models_loaded=["llama3.1:8b"])
+    admin = (await client.get("/api/ps")).json()["models"]
+    assert admin[0]["workers"] == ["llm-secret-1"]
+    user = await client.get("/api/ps", headers=client.user)
+    (model,) = user.json()["models"]
+    assert model["name"] == "llama3.1:8b"
+    assert model["worker_count"] == 1
+    assert "workers" not in model
+    assert "llm-secret-1" not in user.text

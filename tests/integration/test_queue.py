@@ -89,6 +89,7 @@ async def test_key_layout_matches_lua(queue: TaskQueue) -> None:
         keys.wake(),
         keys.task_channel(),
         keys.cancel_channel(),
+        keys.deadlines(),
     ]
 
 
@@ -573,3 +574,60 @@ async def test_100k_tasks_then_retention_back_to_baseline(redis: aioredis.Redis)
         await asyncio.sleep(0.1)
     assert growth < 256 * 1024
     await queue.aclose()
+
+
+async def test_waiting_tasks_fail_at_their_maximum_queue_age(
+    clock: Clock, store: aioredis.Redis
+) -> None:
+    """Issue 19 point 8: a task nothing runs does not wait (and count as demand) forever."""
+    # A lease long enough for one attempt to run past every deadline below.
+    settings = QueueSettings(lease_ttl_s=30 * 86400, heartbeat_interval_s=5)
+    queue = TaskQueue(store, settings, "t", clock=clock)
+    assert queue.settings.max_queue_age_s == 24 * 3600  # the default
+    stale = await queue.enqueue(ollama("no-worker-has-this"), owner="k1")
+    short = await queue.enqueue(comfy(max_queue_age_s=60))
+    capped = await queue.enqueue(comfy(max_queue_age_s=7 * 86400))  # longer than allowed
+    running = await queue.enqueue(ollama("llama3:8b"))
+    assert stale.expires_at == clock.now + 24 * 3600
+    assert short.expires_at == clock.now + 60
+    assert capped.expires_at == stale.expires_at
+    assert (await queue.get(short.id)).expires_at == short.expires_at
+    (lease,) = await queue.lease("w1", kinds=["ollama"], models=["llama3:8b"])
+    assert lease.task_id == running.id
+
+    clock.advance(61)
+    assert (await queue.requeue_expired()).expired == 1
+    failed = await queue.get(short.id)
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error["code"] == "expired"
+    assert "queue" in failed.error["message"]
+    assert (await queue.get(stale.id)).status == "queued"
+
+    clock.advance(24 * 3600)  # the running attempt goes on past its deadline
+    assert await queue.heartbeat(running.id, lease.token) is LeaseOutcome.ok
+    assert (await queue.requeue_expired()).expired == 2
+    assert (await queue.get(stale.id)).status == "failed"
+    assert (await queue.get(capped.id)).status == "failed"
+    assert (await queue.get(running.id)).status == "running"
+    stats = await queue.stats()
+    assert stats.queued == 0
+    assert stats.queued_by_owner == {}
+    assert stats.queued_by_model == {}
+    assert await queue.ack(running.id, lease.token) is LeaseOutcome.ok
+    assert await store.zcard(Keys("t").deadlines()) == 0  # finished tasks leave the set
+    await queue.aclose()
+
+
+async def test_a_retry_waiting_past_the_deadline_expires(queue: TaskQueue, clock: Clock) -> None:
+    task = await queue.enqueue(comfy(max_queue_age_s=10))
+    (lease,) = await queue.lease("w1", kinds=["comfyui"])
+    clock.advance(11)
+    assert (await queue.requeue_expired()).expired == 0  # running: not cut short
+    assert await queue.fail(task.id, lease.token, "oom") is LeaseOutcome.retry
+    clock.advance(61)  # looked at again a minute later: it waits again, so it fails
+    assert (await queue.requeue_expired()).expired == 1
+    failed = await queue.get(task.id)
+    assert failed.status == "failed"
+    assert [e.get("code") for e in failed.errors][-1] == "expired"
+    assert (await queue.stats()).delayed == 0

@@ -322,3 +322,136 @@ async def test_a_client_leaving_mid_body_is_a_quiet_400(api: Any) -> None:
     with pytest.raises(HTTPException) as left:  # not starlette's ClientDisconnect traceback
         await read_limited_body(Request(scope, receive))
     assert left.value.status_code == 400
+
+
+@pytest.fixture
+async def pooled(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
+    """The tasks router with two configured pools and a small default max_queued."""
+    settings = load_settings(
+        env_file=None,
+        auth={"enabled": False, "default_max_queued": 3},
+        pools=[
+            {"name": "comfy", "provider": "static", "engine": "comfyui", "urls": ["http://h:1"]},
+            {"name": "llm", "provider": "static", "engine": "ollama", "urls": ["http://h:2"],
+             "models": ["llama3.2", "qwen2.5:7b"]},
+        ],
+    )
+    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gpufleet") as c:
+        c.queue = queue  # type: ignore[attr-defined]
+        c.app = app  # type: ignore[attr-defined]
+        yield c
+    await queue.aclose()
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    return {"kind": "ollama", "payload": {"api": "chat", "body": body}, **extra}
+
+
+async def test_a_task_nothing_serves_is_422_naming_what_is_missing(
+    pooled: httpx.AsyncClient, redis: aioredis.Redis
+) -> None:
+    """Issue 19 point 8: such a task would never run and keep a pool scaled up."""
+    cases = [
+        (chat("mistral:7b"), "no ollama pool serves model 'mistral:7b'"),
+        (chat("mistral:7b", pool="llm"), "pool 'llm' does not serve model 'mistral:7b'"),
+        ({"payload": GRAPH, "pool": "llm"}, "pool 'llm' runs ollama, not comfyui"),
+        ({"payload": GRAPH, "model": "sdxl.safetensors", "pool": "nope"}, "unknown pool 'nope'"),
+    ]
+    for body, message in cases:
+        refused = await pooled.post("/api/v1/tasks", json=body)
+        assert refused.status_code == 422, body
+        assert message in refused.text, refused.text
+    assert "llama3.2" in (await pooled.post("/api/v1/tasks", json=chat("nope"))).text
+    assert await redis.dbsize() == 0  # nothing was stored
+    for body in (chat("llama3.2"), chat("qwen2.5:7b", pool="llm"), {"payload": GRAPH}):
+        assert (await pooled.post("/api/v1/tasks", json=body)).status_code == 202, body
+
+
+async def test_a_kind_no_pool_runs_is_422(redis: aioredis.Redis) -> None:
+    settings = load_settings(env_file=None, auth={"enabled": False}, pools=[
+        {"name": "llm", "provider": "static", "engine": "ollama", "urls": ["http://h:2"]}])
+    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://gpufleet") as c:
+        refused = await c.post("/api/v1/tasks", json={"payload": GRAPH})
+        assert refused.status_code == 422
+        assert "no pool runs comfyui tasks" in refused.text
+        # An Ollama pool without a models list serves any model.
+        assert (await c.post("/api/v1/tasks", json=chat("anything:1b"))).status_code == 202
+    await queue.aclose()
+
+
+async def test_keys_without_their_own_max_queued_get_the_default(
+    pooled: httpx.AsyncClient,
+) -> None:
+    as_key(pooled, "dave")
+    for _ in range(3):
+        assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
+    limited = await pooled.post("/api/v1/tasks", json={"payload": GRAPH})
+    assert limited.status_code == 429
+    assert "limit 3" in limited.json()["error"]["message"]
+    as_key(pooled, "erin", max_queued=5)  # a key's own limit wins over the default
+    for _ in range(5):
+        assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
+    assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 429
+    # Admin keys (operators' bulk jobs) are bound only by a max_queued of their own.
+    admin = ApiKey(id="ops", name="ops", email="", role="admin", created_at=0.0)
+    pooled.app.dependency_overrides[authenticate] = lambda: Principal(admin)  # type: ignore[attr-defined]
+    for _ in range(5):
+        assert (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).status_code == 202
+
+
+async def test_submitted_tasks_show_when_they_expire(pooled: httpx.AsyncClient) -> None:
+    task = (await pooled.post("/api/v1/tasks", json={"payload": GRAPH,
+                                                    "max_queue_age_s": 600})).json()
+    assert task["expires_at"] == pytest.approx(task["created_at"] + 600)
+    default = (await pooled.post("/api/v1/tasks", json={"payload": GRAPH})).json()
+    assert default["expires_at"] == pytest.approx(default["created_at"] + 86400)
+    bad = await pooled.post("/api/v1/tasks", json={"payload": GRAPH, "max_queue_age_s": 0})
+    assert bad.status_code == 422
+
+
+async def test_user_keys_see_their_tasks_workers_by_alias_and_no_worker_urls(
+    client: httpx.AsyncClient,
+) -> None:
+    """Issue 19 point 6: a Novita worker's id is its instance id, and engine errors quote
+    the worker's URL; neither reaches a user key through its own tasks."""
+    from gpufleet.domain import public_worker_id
+
+    as_key(client, "frank")
+    task_id = (await client.post("/api/v1/tasks", json={"payload": GRAPH})).json()["id"]
+    queue = queue_of(client)
+    (lease,) = await queue.lease("inst-9f2c41d0", kinds=["comfyui"])
+    await queue.fail(task_id, lease.token,
+                     "comfyui: GET https://inst-9f2c41d0-8188.gpu.example/history/x timed out")
+    seen = await client.get(f"/api/v1/tasks/{task_id}")
+    assert seen.status_code == 200
+    assert "inst-9f2c41d0" not in seen.text
+    assert "gpu.example" not in seen.text
+    task = seen.json()
+    alias = public_worker_id("inst-9f2c41d0")
+    assert task["worker"] == alias
+    assert task["errors"][0]["worker"] == alias
+    assert task["errors"][0]["message"] == "comfyui: GET <worker> timed out"
+    listed = await client.get("/api/v1/tasks")
+    assert "inst-9f2c41d0" not in listed.text
+    await queue.cancel(task_id)
+    events = await client.get(f"/api/v1/tasks/{task_id}/events")
+    assert "running" in events.text
+    assert alias in events.text
+    assert "inst-9f2c41d0" not in events.text
+    client.app.dependency_overrides.clear()  # type: ignore[attr-defined]
+    admin = (await client.get(f"/api/v1/tasks/{task_id}")).json()  # auth off: admin
+    assert admin["worker"] == "inst-9f2c41d0"
+    assert "gpu.example" in admin["errors"][0]["message"]

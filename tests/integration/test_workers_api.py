@@ -47,3 +47,56 @@ async def test_list_get_metrics_and_drain(api: Any) -> None:
     events = await api.components.events.recent()
     assert events[0]["worker"] == "w1"
     assert events[0]["state"] == "draining"
+
+
+async def _user(api: Any) -> dict[str, str]:
+    _, key = await api.keys.create("tenant", role="user")
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_user_keys_never_see_worker_urls_instance_ids_or_costs(api: Any) -> None:
+    registry = api.components.registry
+    await registry.register(
+        pool="gpu", provider="novita", slots=1, worker_id="inst-4f2a9c", state=WorkerState.ready,
+        instance_id="inst-4f2a9c", base_url="https://inst-4f2a9c-8188.gpu.example",
+        price_per_hour=0.7,
+    )
+    await registry.transition("inst-4f2a9c", WorkerState.draining,
+                              "instance running at https://inst-4f2a9c-8188.gpu.example")
+    user = await _user(api)
+    listed = await api.get("/api/v1/workers", headers=user)
+    assert listed.status_code == 200
+    (seen,) = listed.json()
+    text = listed.text
+    assert "inst-4f2a9c" not in text
+    assert "gpu.example" not in text
+    for field in ("base_url", "instance_id", "last_error", "cost_usd", "price_per_hour"):
+        assert field not in seen
+    assert seen["pool"] == "gpu"
+    assert seen["state"] == "draining"
+    assert seen["slots"] == 1
+    # Users address the worker by its alias; the real id is unknown to them.
+    one = await api.get(f"/api/v1/workers/{seen['id']}", headers=user)
+    assert one.status_code == 200
+    assert "inst-4f2a9c" not in one.text
+    assert "base_url" not in one.json()
+    assert (await api.get("/api/v1/workers/inst-4f2a9c", headers=user)).status_code == 404
+    # Admin keys see everything.
+    admin = (await api.get("/api/v1/workers/inst-4f2a9c")).json()
+    assert admin["base_url"] == "https://inst-4f2a9c-8188.gpu.example"
+    assert admin["instance_id"] == "inst-4f2a9c"
+    assert admin["price_per_hour"] == 0.7
+
+
+async def test_user_key_cannot_drain_a_worker(api: Any) -> None:
+    registry = api.components.registry
+    await registry.register(pool="a", provider="static", slots=1, worker_id="w1",
+                            state=WorkerState.ready, base_url="http://h:1")
+    user = await _user(api)
+    alias = (await api.get("/api/v1/workers", headers=user)).json()[0]["id"]
+    for worker_id in ("w1", alias):
+        refused = await api.post(f"/api/v1/workers/{worker_id}/drain", headers=user)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "forbidden"
+    assert (await registry.get("w1")).state is WorkerState.ready
+    assert (await api.post("/api/v1/workers/w1/drain")).status_code == 200

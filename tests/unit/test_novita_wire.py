@@ -64,9 +64,13 @@ async def test_create_body_and_lookup_first(novita: NovitaProvider) -> None:
     assert json.loads(request.content) == {
         "name": "gpufleet-comfy-1", "productId": "4090.18c.60g", "gpuNum": 2, "rootfsSize": 80,
         "imageUrl": "ghcr.io/example/comfyui:latest", "ports": "8188/http",
-        "envs": [{"key": "CLI_ARGS", "value": "--listen 0.0.0.0"}], "command": "python main.py",
+        # The worker gate's secret, one per instance (issue 19 point 6).
+        "envs": [{"key": "CLI_ARGS", "value": "--listen 0.0.0.0"},
+                 {"key": "GPUFLEET_WORKER_TOKEN", "value": inst.worker_token}],
+        "command": "python main.py",
         "clusterId": "5", "kind": "gpu", "billingMode": "onDemand", "month": 0,
     }
+    assert len(inst.worker_token) >= 32
 
 
 @respx.mock

@@ -74,6 +74,13 @@ async def test_create_start_stop_delete_by_hand(client: Any, clock: FakeClock) -
     [listed] = r.json()["instances"]
     assert listed["state"] == "running"
     assert listed["base_url"].endswith("-8188.sim-1.gpu-instance.novita.ai")
+    # The instance has its worker-gate secret, and no answer shows it (issue 19 point 6).
+    envs = {e["key"]: e["value"] for e in client.novita.instances[inst["id"]].envs}
+    secret = envs["GPUFLEET_WORKER_TOKEN"]
+    assert secret
+    assert "worker_token" not in inst
+    assert "worker_token" not in listed
+    assert secret not in r.text
 
     r = await client.post(f"/api/v1/providers/novita/instances/{inst['id']}/start")
     assert r.status_code == 409

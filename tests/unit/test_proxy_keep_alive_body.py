@@ -50,3 +50,8 @@ def test_bodies_not_in_plain_utf8_are_re_encoded(encoding: str) -> None:
     body = '{"model":"llama3.2"}'.encode(encoding)
     sent = upstream_body(body)
     assert json.loads(sent) == {"model": "llama3.2", "keep_alive": clamp_keep_alive(None, POOL, CONFIG)}  # noqa: E501
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), float("inf"), float("-inf")])
+def test_keep_alives_too_large_for_a_float_are_clamped_to_the_cap(value: Any) -> None:
+    assert clamp_keep_alive(value, POOL, CONFIG) == int(CONFIG.keep_alive_max_s)

@@ -112,6 +112,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         400: "bad_request",
         404: "not_found",
         405: "method_not_allowed",
+        408: "request_timeout",
         413: "payload_too_large",
         401: "unauthorized",
         403: "forbidden",

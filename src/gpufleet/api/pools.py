@@ -1,4 +1,9 @@
-"""``/api/v1/pools``: each pool's config, workers, demand, spend and backoff; knobs at run time."""
+"""``/api/v1/pools``: each pool's config, workers, demand, spend and backoff; knobs at run time.
+
+User keys see what they need to use a pool (``USER_FIELDS``: name, engine, models and
+counts); provider, prices, spend, burn rate, backoff reasons and the last scale
+actions are for admin keys only.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gpufleet.api.auth import require_admin
+from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import Components, get_components
 from gpufleet.domain import WorkerState
 from gpufleet.errors import Conflict, NotFound
@@ -16,6 +21,27 @@ from gpufleet.settings import PoolSpec
 from gpufleet.store.pools import PoolStateStore
 
 router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
+
+# What a user-role key sees of a pool: what it serves and how busy it is, nothing more.
+USER_FIELDS = (
+    "name",
+    "engine",
+    "models",
+    "slots",
+    "min_workers",
+    "max_workers",
+    "workers_by_state",
+    "slots_busy",
+    "slots_free",
+    "demand",
+)
+
+
+def shown_to(view: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """``view`` as ``principal`` may see it (admin: all of it)."""
+    if principal.is_admin:
+        return view
+    return {k: view[k] for k in USER_FIELDS if k in view}
 
 
 class PoolPatch(BaseModel):
@@ -104,18 +130,26 @@ async def describe(components: Components, store: PoolStateStore, spec: PoolSpec
 
 @router.get("", summary="Every pool with workers, demand, spend and backoff")
 async def list_pools(
-    request: Request, store: PoolStateStore = Depends(get_pool_state)
+    request: Request,
+    store: PoolStateStore = Depends(get_pool_state),
+    principal: Principal = Depends(authenticate),
 ) -> list[dict[str, Any]]:
     components = get_components(request)
-    return [await describe(components, store, spec) for spec in components.settings.pools]
+    return [
+        shown_to(await describe(components, store, spec), principal)
+        for spec in components.settings.pools
+    ]
 
 
 @router.get("/{name}", summary="One pool")
 async def get_pool(
-    name: str, request: Request, store: PoolStateStore = Depends(get_pool_state)
+    name: str,
+    request: Request,
+    store: PoolStateStore = Depends(get_pool_state),
+    principal: Principal = Depends(authenticate),
 ) -> dict[str, Any]:
     components = get_components(request)
-    return await describe(components, store, _spec(components, name))
+    return shown_to(await describe(components, store, _spec(components, name)), principal)
 
 
 @router.patch(

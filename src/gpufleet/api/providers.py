@@ -82,6 +82,7 @@ def _lacks(provider: Provider, capability: Capability) -> JSONResponse | None:
 
 def instance_json(inst: Instance) -> dict[str, Any]:
     data = dataclasses.asdict(inst)
+    data.pop("worker_token", None)  # the worker gate's secret is never shown, to admins either
     data["state"] = str(inst.state)
     data["endpoints"] = {str(k): v for k, v in inst.endpoints.items()}
     return data

@@ -12,6 +12,7 @@ The queue itself is built by ``create_app`` (``components.extras["queue"]``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -27,9 +28,11 @@ from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.cursors import BadCursor, CursorCodec
 from gpufleet.api.deps import get_components
 from gpufleet.api.streams import event_stream
-from gpufleet.domain import Engine, TaskStatus
+from gpufleet.domain import Engine, TaskStatus, public_worker_id
 from gpufleet.errors import Forbidden, TaskNotFound
 from gpufleet.results import ResultStore, guess_content_type, safe_name
+from gpufleet.routing import pool_serves
+from gpufleet.settings import PoolSpec
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import Task, TaskSubmit
 
@@ -73,21 +76,31 @@ def get_queue(request: Request) -> TaskQueue:
 
 
 async def read_limited_body(request: Request) -> bytes:
-    """The request body, or 413 as soon as it is known to pass ``server.max_body_bytes``."""
-    limit = get_components(request).settings.server.max_body_bytes
+    """The request body, or 413 as soon as it is known to pass ``server.max_body_bytes``,
+    or 408 if it is not complete within ``server.body_timeout_s`` (the key was checked
+    before: ``authenticate`` runs first and reads no body)."""
+    server = get_components(request).settings.server
+    limit = server.max_body_bytes
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
+        async with asyncio.timeout(server.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
     except ClientDisconnect:
         # The client left mid-body: nothing was written and nobody reads the answer.
         raise HTTPException(400, "the client disconnected before the body was complete") from None
+    except TimeoutError:
+        raise HTTPException(
+            408,
+            f"request body not complete within {server.body_timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
     return bytes(body)
 
 
@@ -106,9 +119,27 @@ def _check_submit(request: Request, spec: TaskSubmit, principal: Principal) -> N
         if pool.engine != spec.kind:
             msg = f"pool {spec.pool!r} runs {pool.engine}, not {spec.kind}"
             raise _invalid([{"loc": ("pool",), "msg": msg, "type": "value_error"}])
+    if settings.pools:
+        _check_servable(spec, settings.pools)
     key = principal.key
     if key is not None and key.max_priority is not None and spec.priority > key.max_priority:
         raise Forbidden(f"priority {spec.priority} is above this key's limit {key.max_priority}")
+
+
+def _check_servable(spec: TaskSubmit, pools: list[PoolSpec]) -> None:
+    """422 unless some configured pool could run the task: nothing else would ever take it,
+    and it would keep a pool scaled up for nothing (issue 19)."""
+    candidates = [p for p in pools if p.engine == spec.kind and spec.pool in (None, p.name)]
+    if not candidates:
+        msg = f"no pool runs {spec.kind} tasks"
+        raise _invalid([{"loc": ("kind",), "msg": msg, "type": "value_error"}])
+    if spec.model is None or any(pool_serves(p, spec.model) for p in candidates):
+        return
+    served = sorted({m for p in candidates for m in p.models})
+    where = f"pool {spec.pool!r}" if spec.pool else f"no {spec.kind} pool"
+    verb = "does not serve" if spec.pool else "serves"
+    msg = f"{where} {verb} model {spec.model!r} (served: {', '.join(served)})"
+    raise _invalid([{"loc": ("model",), "msg": msg, "type": "value_error"}])
 
 
 @router.post(
@@ -139,11 +170,15 @@ async def submit_task(
     except ValidationError as exc:
         raise _invalid(list(exc.errors(include_url=False))) from None
     _check_submit(request, spec, principal)
+    key = principal.key
+    max_queued = key.max_queued if key else None
+    if key is not None and max_queued is None and not principal.is_admin:
+        max_queued = get_components(request).settings.auth.default_max_queued or None
     return await queue.enqueue(
         spec,
         owner=principal.owner,
         idempotency_key=idempotency_key,
-        max_queued=principal.key.max_queued if principal.key else None,
+        max_queued=max_queued,
     )
 
 
@@ -180,7 +215,47 @@ async def list_tasks(
     )
     # The queue's position is a global counter: encrypted, so it tells nothing of others' work.
     following = cursors.encode(int(page.next_cursor)) if page.next_cursor else None
-    return TaskList(tasks=page.tasks, next_cursor=following)
+    return TaskList(tasks=[shown(t, principal) for t in page.tasks], next_cursor=following)
+
+
+# A worker's URL as it appears in engine error messages ("GET http://… timed out").
+_URL = re.compile(r"\b(?:https?|wss?)://[^\s'\"<>]+")
+
+
+def _hide_urls(text: str) -> str:
+    return _URL.sub("<worker>", text)
+
+
+def _shown_error(error: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    out = dict(error)
+    if out.get("worker"):
+        out["worker"] = public_worker_id(str(out["worker"]))
+    if isinstance(out.get("message"), str):
+        out["message"] = _hide_urls(out["message"])
+    return out
+
+
+def shown(task: Task, principal: Principal) -> Task:
+    """``task`` as ``principal`` may see it: user keys get workers by their alias and error
+    messages without worker URLs (a Novita worker's id is its instance id); admins all."""
+    if principal.is_admin or (task.worker is None and not task.errors):
+        return task
+    return task.model_copy(
+        update={
+            "worker": public_worker_id(task.worker) if task.worker else None,
+            "error": _shown_error(task.error, principal) if task.error else None,
+            "errors": [_shown_error(e, principal) for e in task.errors],
+        }
+    )
+
+
+def shown_event(event: dict[str, Any], principal: Principal) -> dict[str, Any]:
+    """A task event for ``principal``: the ``running`` event names the worker's alias."""
+    if principal.is_admin or not event.get("detail"):
+        return event
+    detail = str(event["detail"])
+    alias = public_worker_id(detail) if event.get("status") == "running" else _hide_urls(detail)
+    return {**event, "detail": alias}
 
 
 async def _visible(queue: TaskQueue, task_id: str, principal: Principal, **kw: Any) -> Task:
@@ -198,7 +273,7 @@ async def get_task(
     principal: Principal = Depends(authenticate),
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
-    return await _visible(queue, task_id, principal)
+    return shown(await _visible(queue, task_id, principal), principal)
 
 
 def get_results(request: Request) -> ResultStore:
@@ -249,7 +324,7 @@ async def cancel_task(
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
     await _visible(queue, task_id, principal, include_payload=False)
-    return await queue.cancel(task_id)
+    return shown(await queue.cancel(task_id), principal)
 
 
 @router.get("/{task_id}/wait", summary="Long poll: the task once finished, or after timeout_s")
@@ -260,7 +335,7 @@ async def wait_task(
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
     await _visible(queue, task_id, principal, include_payload=False)
-    return await queue.wait(task_id, timeout_s)
+    return shown(await queue.wait(task_id, timeout_s), principal)
 
 
 @router.get(
@@ -287,7 +362,7 @@ async def task_events(
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
-                data = json.dumps(event.to_json())
+                data = json.dumps(shown_event(event.to_json(), principal))
                 yield f"id: {event.id}\nevent: {event.status}\ndata: {data}\n\n".encode()
         finally:
             await events.aclose()

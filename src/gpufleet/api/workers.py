@@ -1,14 +1,23 @@
-"""``/api/v1/workers``: the fleet as the registry sees it, and draining a worker by hand."""
+"""``/api/v1/workers``: the fleet as the registry sees it, and draining a worker by hand.
+
+Admin keys see every field. User keys see a worker's pool, state, slots, models and
+times, but never where it lives or what it costs: ``base_url``, ``instance_id``,
+``last_error`` (which may quote the URL), ``price_per_hour`` and ``cost_usd`` are left
+out, and ``id`` is an opaque alias (a Novita worker's id *is* its instance id).
+Draining is admin only.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import get_events, get_registry
-from gpufleet.domain import Worker, WorkerState
+from gpufleet.domain import Worker, WorkerState, public_worker_id
 from gpufleet.errors import Conflict, NotFound
 from gpufleet.store.events import EventLog
 from gpufleet.store.workers import WorkerRegistry
@@ -16,13 +25,19 @@ from gpufleet.store.workers import WorkerRegistry
 router = APIRouter(prefix="/api/v1/workers", tags=["workers"])
 
 
+# Fields of ``WorkerOut`` only admin keys get.
+ADMIN_ONLY_FIELDS = frozenset(
+    {"instance_id", "base_url", "last_error", "price_per_hour", "cost_usd"}
+)
+
+
 class WorkerOut(BaseModel):
     id: str
     pool: str
     provider: str
     state: WorkerState
-    instance_id: str
-    base_url: str
+    instance_id: str | None = None
+    base_url: str | None = None
     slots: int
     busy_slots: int
     free_slots: int
@@ -34,9 +49,17 @@ class WorkerOut(BaseModel):
     last_busy_at: float | None
     uptime_s: float | None
     health_failures: int
-    price_per_hour: float
-    cost_usd: float
-    last_error: str
+    price_per_hour: float | None = None
+    cost_usd: float | None = None
+    last_error: str | None = None
+
+    def shown_to(self, principal: Principal) -> dict[str, Any]:
+        """The fields ``principal`` may see (admin: all; users: no location, no cost)."""
+        if principal.is_admin:
+            return self.model_dump(mode="json")
+        data = self.model_dump(mode="json", exclude=set(ADMIN_ONLY_FIELDS))
+        data["id"] = public_worker_id(self.id)
+        return data
 
     @classmethod
     def of(cls, w: Worker, now: float) -> WorkerOut:
@@ -83,13 +106,16 @@ async def list_workers(
     pool: str | None = None,
     state: WorkerState | None = None,
     registry: WorkerRegistry = Depends(get_registry),
-) -> list[WorkerOut]:
+    principal: Principal = Depends(authenticate),
+) -> Any:
     now = registry.clock()
-    return [
-        WorkerOut.of(w, now)
-        for w in await registry.list_workers(pool)
-        if state is None or w.state is state
-    ]
+    return JSONResponse(
+        [
+            WorkerOut.of(w, now).shown_to(principal)
+            for w in await registry.list_workers(pool)
+            if state is None or w.state is state
+        ]
+    )
 
 
 @router.get("/metrics", summary="Worker counts by state", response_model=WorkerMetrics)
@@ -117,17 +143,28 @@ async def worker_metrics(registry: WorkerRegistry = Depends(get_registry)) -> Wo
 
 
 @router.get("/{worker_id}", summary="One worker", response_model=WorkerOut)
-async def get_worker(worker_id: str, registry: WorkerRegistry = Depends(get_registry)) -> WorkerOut:
-    worker = await registry.find(worker_id)
+async def get_worker(
+    worker_id: str,
+    registry: WorkerRegistry = Depends(get_registry),
+    principal: Principal = Depends(authenticate),
+) -> Any:
+    if principal.is_admin:
+        worker = await registry.find(worker_id)
+    else:  # users know workers by their alias only
+        worker = next(
+            (w for w in await registry.list_workers() if public_worker_id(w.id) == worker_id),
+            None,
+        )
     if worker is None:
         raise NotFound(f"worker {worker_id!r} not found")
-    return WorkerOut.of(worker, registry.clock())
+    return JSONResponse(WorkerOut.of(worker, registry.clock()).shown_to(principal))
 
 
 @router.post(
     "/{worker_id}/drain",
-    summary="Finish current tasks, take no new ones",
+    summary="Finish current tasks, take no new ones (admin)",
     response_model=WorkerOut,
+    dependencies=[Depends(require_admin)],
 )
 async def drain_worker(
     worker_id: str,

@@ -39,6 +39,7 @@ import httpx
 
 from gpufleet.errors import EngineRejected, EngineUnavailable
 from gpufleet.results import ResultStore
+from gpufleet.worker_auth import WorkerAuth
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +157,12 @@ class EngineClient(ABC):
         return None
 
     # -- helpers shared by the implementations ---------------------------------------------
+
+    def worker_headers(self, url: str) -> dict[str, str]:
+        """The worker's secret for a connection httpx does not make (a websocket); httpx
+        requests get it from the client's ``WorkerAuth``."""
+        auth = getattr(self.http, "auth", None)
+        return auth.tokens.headers_for(url) if isinstance(auth, WorkerAuth) else {}
 
     async def request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         """One HTTP call with transport failures mapped to ``EngineUnavailable``."""

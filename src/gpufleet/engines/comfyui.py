@@ -60,6 +60,10 @@ from gpufleet.results import ResultStore, guess_content_type, sanitize_name
 
 logger = logging.getLogger(__name__)
 
+# The websockets library logs handshake headers at DEBUG, the worker's secret among them:
+# its client logs go here, never below INFO, whatever the root level.
+_WS_LOGGER = logging.getLogger("gpufleet.engines.comfyui.websocket")
+_WS_LOGGER.setLevel(logging.INFO)
 _PROMPT_NS = uuid.UUID("6c1f3a52-8f0e-4b7e-9d7a-0b6f2f0c1a11")
 _OOM_MARKERS = ("outofmemory", "out of memory", "allocation on device", "cuda error: out")
 
@@ -161,7 +165,9 @@ class ComfyUIEngine(EngineClient):
         url = base_url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         try:
             return await connect(f"{url}/ws?clientId={client_id}", proxy=None, max_size=None,
-                                 open_timeout=self.request_timeout_s)
+                                 open_timeout=self.request_timeout_s,
+                                 additional_headers=self.worker_headers(base_url) or None,
+                                 logger=_WS_LOGGER)
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             logger.info("comfyui %s: no websocket (%s); will poll", base_url, exc)
             return None

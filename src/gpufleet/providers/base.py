@@ -95,6 +95,8 @@ class Instance:
     price_per_hour: float | None = None
     created_at: float | None = None
     last_error: str = ""
+    # The secret its worker gate wants (Novita: from the instance's envs); never shown.
+    worker_token: str = field(default="", repr=False, compare=False)
 
     def __repr__(self) -> str:
         return f"<Instance {self.provider}/{self.id} {self.name} {self.state}>"

@@ -28,6 +28,7 @@ from gpufleet.providers.base import (
     retrying,
 )
 from gpufleet.settings import NovitaSettings, PoolSpec
+from gpufleet.worker_auth import new_token
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,10 @@ class NovitaProvider(Provider):
         the lost call made), then posts once. Only transient errors are retried.
         """
         full = self.full_name(name)
-        body = wire.create_body(pool, full)
+        # Every instance gets its own secret (a pool's fixed token, if set, instead): the
+        # worker gate in the image refuses calls without it (gpufleet.worker_auth).
+        token = pool.token.get_secret_value() if pool.token else new_token()
+        body = wire.create_body(pool, full, token)
 
         async def attempt() -> Instance:
             existing = await self.find_by_name(full)
@@ -218,6 +222,7 @@ class NovitaProvider(Provider):
                 provider=self.name,
                 provider_status="toCreate",
                 price_per_hour=pool.price_per_hour,
+                worker_token=token,
             )
 
         return await retrying(self.retry, attempt)

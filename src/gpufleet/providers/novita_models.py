@@ -15,6 +15,7 @@ import httpx
 from gpufleet import errors
 from gpufleet.providers.base import Instance, InstanceState, Product
 from gpufleet.settings import PoolSpec
+from gpufleet.worker_auth import TOKEN_ENV
 
 PROVIDER = "novita"
 # Prices on the wire are in 1/100000 USD per GPU-hour: 67000 -> $0.67/h.
@@ -76,8 +77,12 @@ def classify(status: int, reason: str, message: str) -> type[errors.ProviderErro
     return None
 
 
-def create_body(pool: PoolSpec, name: str) -> dict[str, Any]:
-    """The ``POST /gpu/instance/create`` body for one worker of ``pool``."""
+def create_body(pool: PoolSpec, name: str, token: str = "") -> dict[str, Any]:
+    """The ``POST /gpu/instance/create`` body for one worker of ``pool``; ``token`` goes
+    into the container's env as ``GPUFLEET_WORKER_TOKEN`` (its worker gate reads it)."""
+    envs = {k: v for k, v in pool.envs.items() if k != TOKEN_ENV}
+    if token:
+        envs[TOKEN_ENV] = token
     body: dict[str, Any] = {
         "name": name,
         "productId": pool.product_id,
@@ -85,7 +90,7 @@ def create_body(pool: PoolSpec, name: str) -> dict[str, Any]:
         "rootfsSize": pool.rootfs_gb,
         "imageUrl": pool.image,
         "ports": f"{pool.engine_port}/http",
-        "envs": [{"key": k, "value": v} for k, v in pool.envs.items()],
+        "envs": [{"key": k, "value": v} for k, v in envs.items()],
         "kind": "gpu",
         "billingMode": "onDemand",
         "month": 0,
@@ -167,7 +172,17 @@ def parse_instance(
         price_per_hour=price_per_hour,
         created_at=_float(data.get("createdAt")),
         last_error=last_error,
+        worker_token=env_value(data, TOKEN_ENV),
     )
+
+
+def env_value(data: dict[str, Any], key: str) -> str:
+    """One variable of an instance's ``envs`` (``[{"key", "value"}]``), or ""."""
+    envs = data.get("envs")
+    for item in envs if isinstance(envs, list) else []:
+        if isinstance(item, dict) and item.get("key") == key:
+            return str(item.get("value") or "")
+    return ""
 
 
 def parse_product(data: dict[str, Any]) -> Product:

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from gpufleet.domain import WorkerState
 from gpufleet.proxy.streaming import (
     Authenticator,
+    BodyTimeout,
     ClientGone,
     ForwardEndpoint,
     ProxyService,
@@ -32,6 +33,7 @@ from gpufleet.proxy.streaming import (
     read_body,
 )
 from gpufleet.routing import normalize_model, pick_worker, pools_serving
+from gpufleet.worker_auth import TOKEN_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,18 @@ async def tags(request: Request) -> JSONResponse:
     return JSONResponse({"models": [_tag(name) for name in sorted(models)]})
 
 
+def _is_admin(request: Request) -> bool:
+    """The caller's role, from the principal ``authenticate`` left on the request (no auth
+    dependency, as in a bare proxy app: everyone is admin)."""
+    principal = getattr(request.state, "principal", None)
+    return principal is None or bool(getattr(principal, "is_admin", False))
+
+
 async def ps(request: Request) -> JSONResponse:
+    """Loaded models; admin keys also get the ids of the workers holding each (user keys
+    get only ``worker_count``: which machines run what is not theirs to see)."""
     service = get_service(request.app)
+    admin = _is_admin(request)
     loaded = []
     for name, entry in sorted((await inventory(service)).items()):
         if not entry["loaded"]:
@@ -124,7 +136,8 @@ async def ps(request: Request) -> JSONResponse:
                 **_tag(name),
                 "expires_at": datetime.fromtimestamp(expires, UTC).isoformat(),
                 "size_vram": 0,
-                "workers": sorted(w.id for w in entry["loaded"]),
+                "worker_count": len(entry["loaded"]),
+                **({"workers": sorted(w.id for w in entry["loaded"])} if admin else {}),
             }
         )
     return JSONResponse({"models": loaded})
@@ -149,9 +162,17 @@ SHOW_OPENAPI: dict[str, Any] = {
 async def show(request: Request) -> Response:
     service = get_service(request.app)
     try:
-        raw = await read_body(request.receive, service.max_body_bytes)
+        raw = await read_body(
+            request.receive,
+            service.max_body_bytes,
+            timeout_s=service.body_timeout_s,
+            declared=request.headers.get("content-length"),
+        )
     except ClientGone:
         return Response(status_code=499)
+    except BodyTimeout as exc:
+        return JSONResponse({"error": str(exc)}, status_code=408,
+                            headers={"Connection": "close"})
     if raw is None:
         return JSONResponse({"error": "request body too large"}, status_code=413)
     try:
@@ -167,7 +188,9 @@ async def show(request: Request) -> Response:
     for worker in pick_worker(model, await service.broker.workers(), service.pools)[:2]:
         try:  # metadata only: no slot; the worker answers from its manifest
             upstream = await service.http.post(
-                worker.base_url.rstrip("/") + "/api/show", json=payload
+                worker.base_url.rstrip("/") + "/api/show",
+                json=payload,
+                headers={TOKEN_HEADER: worker.token} if worker.token else None,
             )
         except httpx.TransportError as exc:
             logger.warning("proxy /api/show %s: worker %s failed (%s)", model, worker.id, exc)

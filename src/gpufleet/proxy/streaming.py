@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
+from gpufleet.domain import public_worker_id
 from gpufleet.metrics import (
     PROXY_DURATION,
     PROXY_REQUESTS,
@@ -52,7 +53,7 @@ from gpufleet.metrics import (
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
-from gpufleet.routing import normalize_model
+from gpufleet.routing import normalize_model, pick_worker
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.workers import WorkerRegistry
 
@@ -101,8 +102,12 @@ def parse_keep_alive(value: Any) -> float | None:
     unreadable. Negative means "forever"."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        return float(value)
+    if isinstance(value, int):  # a 400-digit integer is "very long", not an error
+        if abs(value) < 10**300:
+            return float(value)
+        return math.inf if value > 0 else -math.inf
+    if isinstance(value, float):
+        return value
     if isinstance(value, str):
         text = value.strip()
         with contextlib.suppress(ValueError):
@@ -187,6 +192,7 @@ class Call:
     owner: str
     priority: int = 0
     set_keep_alive: bool = False
+    admin: bool = True  # a user-role key sees workers by their alias only
 
 
 def error_payload(flavor: Flavor, message: str, status: int = 500) -> dict[str, Any]:
@@ -261,6 +267,7 @@ class ProxyService:
         self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
         self.max_body_bytes = settings.server.max_proxy_body_bytes
+        self.body_timeout_s = settings.server.body_timeout_s
         self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
 
     def __repr__(self) -> str:
@@ -328,6 +335,11 @@ class ProxyService:
         request_id = uuid.uuid4().hex
         exclude: set[str] = set()
         for attempt in range(self.config.retries + 1):
+            if exclude and not await self._others_ready(call.model, exclude):
+                # Nobody else could take it now: try the failed worker again rather than
+                # wait up to max_wait_s for another one, so the client hears the worker's
+                # error promptly once the retries are spent.
+                exclude.clear()
             try:
                 lease = await self.broker.acquire(
                     call.model,
@@ -364,7 +376,9 @@ class ProxyService:
                 )
                 exclude.add(lease.worker.id)
                 if last:
-                    await send_error(send, call.flavor, 502, f"worker failed: {exc}")
+                    # The worker's address is in the error: for admins only.
+                    detail = str(exc) if call.admin else "it could not be reached or broke off"
+                    await send_error(send, call.flavor, 502, f"worker failed: {detail}")
                     return "worker_failed"
                 continue
             finally:
@@ -380,6 +394,11 @@ class ProxyService:
             await self.usage.maybe_flush()
             return "ok" if state.get("clean", True) else "worker_failed_mid_stream"
         return "worker_failed"  # not reached: the last attempt returns above
+
+    async def _others_ready(self, model: str, exclude: set[str]) -> bool:
+        """True if a ready worker not in ``exclude`` serves ``model`` (busy or not)."""
+        workers = await self.broker.workers()
+        return any(w.id not in exclude for w in pick_worker(model, workers, self.pools))
 
     def _upstream_body(self, call: Call, lease: Lease) -> bytes:
         if not call.set_keep_alive:
@@ -423,7 +442,7 @@ class ProxyService:
         first_by = loop.time() + self.config.load_timeout_s
         try:
             async with asyncio.timeout_at(first_by):
-                response = await self.upstream.post(url, body)
+                response = await self.upstream.post(url, body, extra_head=_token_head(lease))
         except (UpstreamError, TimeoutError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
         try:
@@ -431,7 +450,7 @@ class ProxyService:
                 raise _Retryable(f"HTTP {response.status_code}")
             headers = [(k, v) for k, v in response.headers if k.lower() in _PASS_HEADERS]
             content_type = response.header(b"content-type") or b""
-            headers += _our_headers(lease)
+            headers += _our_headers(lease, admin=call.admin)
             gap = self.config.idle_gap_timeout_s
             while True:
                 # Before the first byte the model may be loading (load timeout); after it,
@@ -508,8 +527,17 @@ def _start(status: int, headers: list[tuple[bytes, bytes]]) -> Message:
     return {"type": "http.response.start", "status": status, "headers": headers}
 
 
-def _our_headers(lease: Lease) -> list[tuple[bytes, bytes]]:
-    headers = [(b"x-gpufleet-worker", lease.worker.id.encode())]
+def _token_head(lease: Lease) -> bytes:
+    """The worker's secret as a header line for its gate (``gpufleet.worker_auth``)."""
+    token = lease.worker.token
+    if not token or any(c in token for c in "\r\n"):
+        return b""
+    return b"x-gpufleet-worker-token: " + token.encode("latin-1") + b"\r\n"
+
+
+def _our_headers(lease: Lease, *, admin: bool = True) -> list[tuple[bytes, bytes]]:
+    worker = lease.worker.id if admin else public_worker_id(lease.worker.id)
+    headers = [(b"x-gpufleet-worker", worker.encode())]
     if lease.waited_s > 0:
         headers.append((b"x-gpufleet-queue-wait", f"{lease.waited_s:.3f}".encode()))
         if lease.cold_start:
@@ -545,21 +573,50 @@ def get_service(app: Any) -> ProxyService:
     return service
 
 
-async def read_body(receive: Receive, limit: int) -> bytes | None:
-    """The whole request body, or None if it is larger than ``limit`` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
+class BodyTimeout(Exception):
+    """The client did not send its whole body within ``[server] body_timeout_s`` (408)."""
+
+
+async def read_body(
+    receive: Receive,
+    limit: int,
+    *,
+    timeout_s: float | None = None,
+    declared: str | None = None,
+) -> bytes | None:
+    """The whole request body, or None if it is larger than ``limit`` bytes.
+
+    ``declared`` (the ``Content-Length`` header) over the limit answers None before a
+    byte is read. ``timeout_s`` bounds the whole read (``BodyTimeout``): a client that
+    sends slowly, or stops one byte short, cannot hold a buffer open. The body grows in
+    one buffer that is dropped as soon as the read fails.
+    """
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    buf = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                buf += message.get("body", b"")
+                if len(buf) > limit:
+                    return None
+                if not message.get("more_body", False):
+                    return bytes(buf)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not complete within {timeout_s:g} s") from None
+    finally:
+        del buf
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """One request header's value (latin-1), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 def _priority(scope: Scope) -> int:
@@ -591,18 +648,32 @@ class ForwardEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = get_service(scope["app"])
+        owner = "anonymous"
+        principal: Any = None
+        if self.auth is not None:  # the key first: an anonymous body is never read
+            principal = await self.auth(Request(scope, receive))
+            owner = getattr(principal, "owner", None) or owner
+        priority = _priority(scope)
+        max_priority = getattr(getattr(principal, "key", None), "max_priority", None)
+        if max_priority is not None and priority > max_priority:  # as the REST API: refused
+            message = f"priority {priority} is above this key's limit {max_priority}"
+            await send_error(send, self.flavor, 403, message)
+            return
         try:
-            body = await read_body(receive, service.max_body_bytes)
+            body = await read_body(
+                receive,
+                service.max_body_bytes,
+                timeout_s=service.body_timeout_s,
+                declared=header(scope, b"content-length"),
+            )
         except ClientGone:
+            return
+        except BodyTimeout as exc:
+            await send_error(send, self.flavor, 408, str(exc), {"Connection": "close"})
             return
         if body is None:
             await send_error(send, self.flavor, 413, "request body too large")
             return
-        owner = "anonymous"
-        principal: Any = None
-        if self.auth is not None:
-            principal = await self.auth(Request(scope, receive))
-            owner = getattr(principal, "owner", None) or owner
         if not body.strip():
             await send_error(send, self.flavor, 400, "missing request body")
             return
@@ -622,8 +693,9 @@ class ForwardEndpoint:
             payload=payload,
             body=body,
             owner=owner,
-            priority=_priority(scope),
+            priority=priority,
             set_keep_alive=self.set_keep_alive,
+            admin=bool(getattr(principal, "is_admin", True)),
         )
         # The key's max_concurrent, exact across replicas: a place in a Redis ZSET (Lua),
         # held for the whole request; a replica that dies frees it after the TTL.

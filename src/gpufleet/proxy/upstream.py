@@ -222,9 +222,16 @@ class UpstreamClient:
         return f"<UpstreamClient idle={sum(len(v) for v in self._idle.values())}>"
 
     async def post(
-        self, url: str, body: bytes, content_type: bytes = b"application/json"
+        self,
+        url: str,
+        body: bytes,
+        content_type: bytes = b"application/json",
+        *,
+        extra_head: bytes = b"",
     ) -> UpstreamResponse:
-        """Send ``body``; return once the worker's status line and headers arrived."""
+        """Send ``body``; return once the worker's status line and headers arrived.
+
+        ``extra_head``: more header lines, each ending in CRLF (the worker's secret)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UpstreamError(f"cannot POST to {url!r}")
@@ -239,7 +246,9 @@ class UpstreamClient:
         conn = await self._connection(origin)
         conn._reset()
         assert conn.transport is not None
-        conn.transport.write(b"".join((head, content_type, b"\r\n\r\n", body)))
+        conn.transport.write(
+            b"".join((head, content_type, b"\r\n", extra_head, b"\r\n", body))
+        )
         try:
             while not conn.head_done:
                 await conn.wait()

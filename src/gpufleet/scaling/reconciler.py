@@ -65,6 +65,7 @@ from gpufleet.metrics import (
     WORKERS,
 )
 from gpufleet.providers.base import Capability, Instance, InstanceState, Provider
+from gpufleet.routing import pool_serves
 from gpufleet.scaling import policy
 from gpufleet.scaling.actions import (
     Action,
@@ -89,6 +90,7 @@ from gpufleet.scaling.snapshot import (
 )
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.events import EventLog
+from gpufleet.store.keys import NO_MODEL
 from gpufleet.store.leader import LeaderLock
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
@@ -460,6 +462,8 @@ class Reconciler:
             base_url=base_url,
             engine=spec.engine.value,
             price_per_hour=spec.price_per_hour or inst.price_per_hour or 0.0,
+            # The instance's own gate secret (Novita envs); none: the pool's, if any.
+            **({"worker_token": inst.worker_token} if inst.worker_token else {}),
         )
 
     async def _sync(self, seen: _Observed, now: float) -> None:
@@ -1011,20 +1015,29 @@ def _demand(
     specs: Mapping[str, PoolSpec], stats: QueueStats | None, waiting: Mapping[str, int], now: float
 ) -> tuple[Demand, ...]:
     """Demand groups from queue counters: tasks naming a pool, tasks naming only an engine
-    (any pool of that engine may serve them), and the proxy's waiting requests (counted with
-    the pool the proxy picked for them)."""
+    (any pool of that engine that serves the task's model may serve them), and the proxy's
+    waiting requests (counted with the pool the proxy picked for them).
+
+    A task counts only for pools that could serve it: a task naming a model its pool does
+    not serve (left from before a config change) counts for nobody, and a task naming only
+    an engine and a model counts for the pools that serve that model, in a group of its own
+    (``{engine}/{model}``) when that is not all of them. Work no pool could serve never
+    scales a pool; it fails at its maximum queue age (``[queue] max_queue_age_s``)."""
     out: list[Demand] = []
-    for name in specs:
+    for name, spec in specs.items():
         queued = stats.queued_by_pool.get(name, 0) if stats else 0
+        if stats is not None:
+            by_model = stats.runnable_by_pool_model.get(name, {})
+            queued -= sum(n for m, n in by_model.items() if not _serves(spec, m))
         running = stats.running_by_pool.get(name, 0) if stats else 0
         wait = waiting.get(name, 0)
-        if queued or running or wait:
+        if queued > 0 or running or wait:
             oldest = stats.oldest_by_pool.get(name) if stats else None
             out.append(
                 Demand(
                     key=f"pool/{name}",
                     pools=(name,),
-                    queued=queued,
+                    queued=max(0, queued),
                     waiting=wait,
                     in_flight=running,
                     oldest_wait_s=max(0.0, now - oldest) if oldest else 0.0,
@@ -1037,18 +1050,38 @@ def _demand(
             queued = stats.queued_unpooled.get(engine, 0)
             pooled_running = sum(stats.running_by_pool.get(n, 0) for n in pools)
             running = max(0, stats.running_by_engine.get(engine, 0) - pooled_running)
-            if queued or running:
-                oldest = stats.oldest_unpooled.get(engine)
+            oldest = stats.oldest_unpooled.get(engine)
+            oldest_wait_s = max(0.0, now - oldest) if oldest else 0.0
+            for model, n in sorted(stats.runnable_unpooled_by_model.get(engine, {}).items()):
+                serving = tuple(p for p in pools if _serves(specs[p], model))
+                if serving == pools:
+                    continue  # any pool of the engine: stays in the engine's group
+                queued -= n
+                if serving:
+                    out.append(
+                        Demand(
+                            key=f"{engine}/{model}",
+                            pools=serving,
+                            queued=n,
+                            oldest_wait_s=oldest_wait_s,
+                        )
+                    )
+            if queued > 0 or running:
                 out.append(
                     Demand(
                         key=f"{engine}/*",
                         pools=pools,
-                        queued=queued,
+                        queued=max(0, queued),
                         in_flight=running,
-                        oldest_wait_s=max(0.0, now - oldest) if oldest else 0.0,
+                        oldest_wait_s=oldest_wait_s,
                     )
                 )
     return tuple(out)
+
+
+def _serves(spec: PoolSpec, model: str) -> bool:
+    """True if the pool could serve a task naming ``model`` (``*``: a task naming none)."""
+    return model == NO_MODEL or pool_serves(spec, model)
 
 
 def _clear_fleet_gauges() -> None:

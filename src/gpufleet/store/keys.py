@@ -20,6 +20,8 @@ Shapes and lifetimes (``P`` is the prefix):
 - ``P:tasks`` and ``P:tasks:{status}`` ZSETs of task ids by ``seq`` for listing; finished
   entries leave with the task (``P:expiry``).
 - ``P:expiry`` ZSET of finished task ids by the time their records may be deleted.
+- ``P:deadlines`` ZSET of unfinished task ids by ``expires_at`` (submission + maximum queue
+  age): housekeeping fails the ones still waiting then; a task leaves it when it finishes.
 - ``P:depth`` / ``P:inflight`` HASH of counters (``all``, ``kind:K``, ``pool:P``,
   ``nopool:K``, ``model:M``) of queued (incl. delayed) and running tasks; zero fields are
   deleted, so both keys vanish when idle.
@@ -76,6 +78,9 @@ class Keys:
 
     def expiry(self) -> str:
         return f"{self.prefix}:expiry"
+
+    def deadlines(self) -> str:
+        return f"{self.prefix}:deadlines"
 
     def depth(self) -> str:
         return f"{self.prefix}:depth"

@@ -91,6 +91,7 @@ SUMMARY_FIELDS = [
     "started_at",
     "finished_at",
     "next_attempt_at",
+    "expires_at",
     "worker",
     "lease_deadline",
     "result",
@@ -133,6 +134,7 @@ class RequeueReport:
     dead: int  # expired leases that had no attempts left (now failed)
     promoted: int  # retries whose backoff passed, back in their queue
     reaped: int  # finished tasks deleted after their retention
+    expired: int = 0  # waiting tasks failed at their maximum queue age
 
 
 class TaskQueue:
@@ -194,7 +196,9 @@ class TaskQueue:
         idem = self.keys.idempotency(owner, idempotency_key) if idempotency_key else ""
         fingerprint = ""
         if idem:
-            canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+            # A field left at None stays out, so fingerprints stored before it existed match.
+            unset = {"max_queue_age_s"} if spec.max_queue_age_s is None else None
+            canonical = json.dumps(spec.model_dump(mode="json", exclude=unset), sort_keys=True)
             fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
         fields: list[str] = [
             "payload",
@@ -205,6 +209,10 @@ class TaskQueue:
         for name, value in (("timeout_s", spec.timeout_s), ("workflow_id", spec.workflow_id)):
             if value is not None:
                 fields += [name, str(value)]
+        max_age = self.max_queue_age_s(spec)
+        expires_at = float(f"{now + max_age:.6f}") if max_age is not None else None
+        if expires_at is not None:
+            fields += ["expires_at", f"{expires_at:.6f}"]
         verdict, stored_id = await self._run(
             "enqueue",
             task_id,
@@ -249,7 +257,13 @@ class TaskQueue:
             timeout_s=spec.timeout_s,
             created_at=stamp,
             queued_at=stamp,
+            expires_at=expires_at,
         )
+
+    def max_queue_age_s(self, spec: TaskSubmit) -> float | None:
+        """The task's own maximum queue age, capped by ``[queue] max_queue_age_s``."""
+        ages = [a for a in (spec.max_queue_age_s, self.settings.max_queue_age_s) if a]
+        return min(ages) if ages else None
 
     async def cancel(self, task_id: str, *, reason: str = "cancelled by request") -> Task:
         """Cancel a queued or running task; a finished one raises ``TaskConflict`` (409)."""
@@ -406,6 +420,11 @@ class TaskQueue:
         """Housekeeping for a periodic loop: expired leases, due retries, old results."""
         answer = await self._run("requeue_expired", str(limit), str(self.settings.result_ttl_s))
         report = RequeueReport(*(int(x) for x in answer))
+        if report.expired:
+            logger.warning(
+                "failed %d waiting task(s) at their maximum queue age (no worker ran them)",
+                report.expired,
+            )
         if report.requeued or report.dead:
             logger.warning(
                 "requeued %d task(s) whose lease expired; %d out of attempts failed",
@@ -483,13 +502,18 @@ class TaskQueue:
 
     async def stats(self) -> QueueStats:
         """Depths and in-flight counts (O(1) counters) and oldest waiting (queue heads)."""
-        depth_flat, inflight_flat, delayed, oldest_flat = await self._run("stats")
+        depth_flat, inflight_flat, delayed, oldest_flat, by_model = await self._run("stats")
         depth = {k: int(v) for k, v in _pairs(depth_flat).items()}
         inflight = {k: int(v) for k, v in _pairs(inflight_flat).items()}
         oldest = {k: float(v) for k, v in _pairs(oldest_flat).items()}
 
         def group(source: Mapping[str, float], prefix: str) -> dict[str, Any]:
             return {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
+
+        runnable: dict[str, dict[str, dict[str, int]]] = {"pool": {}, "kind": {}}
+        for i in range(0, len(by_model) - 3, 4):
+            kind, name, model = _s(by_model[i]), _s(by_model[i + 1]), _s(by_model[i + 2])
+            runnable[kind].setdefault(name, {})[model] = int(by_model[i + 3])
 
         return QueueStats(
             queued=depth.get("all", 0),
@@ -506,6 +530,8 @@ class TaskQueue:
             running_by_owner=group(inflight, "owner:"),
             oldest_by_pool=group(oldest, "pool:"),
             oldest_unpooled=group(oldest, "nopool:"),
+            runnable_by_pool_model=runnable["pool"],
+            runnable_unpooled_by_model=runnable["kind"],
         )
 
     async def wait(self, task_id: str, timeout_s: float) -> Task:

@@ -20,13 +20,14 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from gpufleet.domain import WORKER_TRANSITIONS, Worker, WorkerState
+from gpufleet.worker_auth import WorkerTokens
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,9 @@ def allowed_sources(new: WorkerState) -> list[str]:
     return [old.value for old, targets in WORKER_TRANSITIONS.items() if new in targets]
 
 
-def _to_worker(data: dict[str, str], busy: int) -> Worker:
+def _to_worker(
+    data: dict[str, str], busy: int, pool_tokens: Mapping[str, str] | None = None
+) -> Worker:
     def num(name: str, default: float = 0.0) -> float:
         raw = data.get(name)
         return float(raw) if raw not in (None, "") else default
@@ -129,6 +132,7 @@ def _to_worker(data: dict[str, str], busy: int) -> Worker:
         price_per_hour=num("price_per_hour"),
         cost_usd=num("cost_usd"),
         last_error=data.get("last_error", ""),
+        token=data.get("worker_token") or (pool_tokens or {}).get(data["pool"], ""),
     )
 
 
@@ -142,11 +146,17 @@ class WorkerRegistry:
         prefix: str = "gpufleet",
         slot_ttl_s: float = 15.0,
         clock: Callable[[], float] = time.time,
+        pool_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.slot_ttl_s = slot_ttl_s
         self.clock = clock
+        # Pool name -> the fixed worker secret config gives (static/SURF ``token``); a
+        # worker's own ``worker_token`` field wins. ``tokens`` maps each loaded worker's
+        # base_url to its secret, for ``gpufleet.worker_auth.WorkerAuth``.
+        self.pool_tokens = dict(pool_tokens or {})
+        self.tokens = WorkerTokens()
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._transition = redis.register_script(_TRANSITION)
@@ -189,7 +199,13 @@ class WorkerRegistry:
         data = cast(dict[str, str], await self.redis.hgetall(keys.worker(self.prefix, worker_id)))
         if not data:
             raise KeyError(worker_id)
-        return _to_worker(data, await self.busy(worker_id))
+        return self._noted(_to_worker(data, await self.busy(worker_id), self.pool_tokens))
+
+    def _noted(self, worker: Worker) -> Worker:
+        """Remember which secret the worker's URL needs (see ``gpufleet.worker_auth``)."""
+        if worker.base_url:
+            self.tokens.set(worker.base_url, worker.token)
+        return worker
 
     async def find(self, worker_id: str) -> Worker | None:
         try:
@@ -216,7 +232,7 @@ class WorkerRegistry:
             if not data:
                 continue
             try:
-                workers.append(_to_worker(data, int(busy)))
+                workers.append(self._noted(_to_worker(data, int(busy), self.pool_tokens)))
             except (KeyError, ValueError) as exc:
                 logger.warning("worker %s: skipping unreadable record (%s)", worker_id, exc)
         return workers

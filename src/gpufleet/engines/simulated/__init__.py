@@ -46,6 +46,7 @@ class Recorder:
     max_concurrent: int = 0
     total: int = 0
     disconnects: int = 0
+    refused: int = 0  # calls without the configured worker token (answered 401/403)
     requests: list[tuple[str, str]] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
 

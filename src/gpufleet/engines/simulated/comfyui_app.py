@@ -31,6 +31,8 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from gpufleet.engines.simulated import Recorder, tiny_png
+from gpufleet.worker_auth import token_ok
+from gpufleet.worker_gate import refuse
 
 INT = "INT"
 _BIG = 0xFFFFFFFFFFFFFFFF
@@ -71,6 +73,7 @@ NODES: dict[str, tuple[dict[str, list[Any]], list[str], bool]] = {
 class ComfyUIConfig:
     """Knobs. Delays default to 0; set a failure knob at any time, it applies at once."""
 
+    token: str | None = None  # set: every call needs it (the worker gate's check), else 401
     version: str = "0.3.64"
     step_time_s: float = 0.0  # render time per sampler step
     default_steps: int = 1  # steps of a graph without a KSampler
@@ -137,6 +140,13 @@ class SimulatedComfyUI:
         return f"<SimulatedComfyUI running={self.running is not None} pending={len(self.pending)}>"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.config.token
+        if token and scope["type"] in ("http", "websocket") and not token_ok(
+            scope.get("headers", []), token
+        ):
+            self.recorder.refused += 1
+            await refuse(scope, receive, send)
+            return
         if scope["type"] == "http":
             self.recorder.request(scope["method"], scope["path"])
             if self.dead or self.config.fail_status or self.config.hang:

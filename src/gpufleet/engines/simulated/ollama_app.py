@@ -31,6 +31,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from gpufleet.engines.simulated import Recorder
+from gpufleet.worker_auth import token_ok
+from gpufleet.worker_gate import refuse
 
 _DROP = b"\x00drop"  # a chunk that means: close the connection here, mid-answer
 
@@ -39,6 +41,7 @@ _DROP = b"\x00drop"  # a chunk that means: close the connection here, mid-answer
 class OllamaConfig:
     """Knobs. Delays default to 0; a failure knob set at any time applies at once."""
 
+    token: str | None = None  # set: every call needs it (the worker gate's check), else 401
     version: str = "0.12.3"
     models: tuple[str, ...] = ("llama3.2:latest", "nomic-embed-text:latest")
     pullable: tuple[str, ...] | None = None  # names /api/pull can fetch; None: any name
@@ -104,6 +107,13 @@ class SimulatedOllama:
         return f"<SimulatedOllama models={len(self.present)} in_flight={self.recorder.current}>"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = self.config.token
+        if token and scope["type"] in ("http", "websocket") and not token_ok(
+            scope.get("headers", []), token
+        ):
+            self.recorder.refused += 1
+            await refuse(scope, receive, send)
+            return
         if scope["type"] == "http":
             self.recorder.request(scope["method"], scope["path"])
             if self.config.hang:

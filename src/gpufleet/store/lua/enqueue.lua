@@ -34,6 +34,8 @@ for i = 12, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i + 1]
 end
 redis.call('HSET', k_task(id), unpack(fields))
+local expires_at = tonumber(redis.call('HGET', k_task(id), 'expires_at') or '')
+if expires_at ~= nil then redis.call('ZADD', k_deadlines, ts(expires_at), id) end
 place(id, t, nil)
 redis.call('ZADD', k_tasks, seq, id)
 redis.call('ZADD', k_status('queued'), seq, id)

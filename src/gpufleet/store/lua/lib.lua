@@ -15,6 +15,7 @@ local k_leases = P .. ':leases'
 local k_tasks = P .. ':tasks'
 local function k_status(status) return P .. ':tasks:' .. status end
 local k_expiry = P .. ':expiry'
+local k_deadlines = P .. ':deadlines'
 local k_depth = P .. ':depth'
 local k_inflight = P .. ':inflight'
 local k_seq = P .. ':seq'
@@ -113,6 +114,7 @@ end
 local function finish(id, t, old, status, ttl, detail)
   set_status(id, old, status, t.seq)
   redis.call('HSET', k_task(id), 'finished_at', ts(NOW), 'token', '', 'lease_deadline', '')
+  redis.call('ZREM', k_deadlines, id)
   local ttl_i = math.floor(ttl)
   redis.call('ZADD', k_expiry, ts(NOW + ttl), id)
   emit(id, status, detail)
@@ -200,4 +202,33 @@ local function reap(limit)
     redis.call('ZREM', k_expiry, id)
   end
   return #ids
+end
+
+-- How long a running task past its queue deadline waits before it is looked at again.
+local DEADLINE_RECHECK_S = 60
+
+-- Waiting tasks (queued, or delayed for a retry) past their `expires_at` (submission +
+-- max queue age) fail with code 'expired'. A running attempt is never cut short: the
+-- task is looked at again later, and fails then if it is waiting again.
+local function expire_queued(limit, ttl)
+  local ids = redis.call('ZRANGEBYSCORE', k_deadlines, '-inf', ts(NOW), 'LIMIT', 0, limit)
+  local expired = 0
+  for _, id in ipairs(ids) do
+    local t = load(id, RUN_FIELDS)
+    if t.status == 'queued' then
+      unqueue(id, t)
+      local age = NOW - tonumber(redis.call('HGET', k_task(id), 'created_at') or NOW)
+      local msg = cjson.encode({code = 'expired', message = string.format(
+        'waited %.0f s in the queue without a worker to run it (the task\'s maximum queue ' ..
+        'age); no worker of a pool that serves it became free in time', age)})
+      add_error(id, t, msg, t.attempts)
+      finish(id, t, 'queued', 'failed', ttl, 'expired: maximum queue age reached')
+      expired = expired + 1
+    elseif t.status == 'running' then
+      redis.call('ZADD', k_deadlines, ts(NOW + DEADLINE_RECHECK_S), id)
+    else
+      redis.call('ZREM', k_deadlines, id)
+    end
+  end
+  return expired
 end

@@ -1,7 +1,9 @@
 -- Numbers for the scaler, touching no task but the heads of non-empty queues.
 -- ARGV: prefix, now.
--- Returns {depth hash, inflight hash, delayed count, oldest} where oldest is a flat list of
--- 'pool:P' / 'nopool:K' and queued_at of the oldest runnable waiting task of that group.
+-- Returns {depth hash, inflight hash, delayed count, oldest, by_model} where oldest is a flat
+-- list of 'pool:P' / 'nopool:K' and queued_at of the oldest runnable waiting task of that
+-- group, and by_model a flat list of ('pool' | 'kind', P or K, model or '*', runnable
+-- waiting tasks) per non-empty queue (what the scaler needs to know who can serve them).
 local depth = redis.call('HGETALL', k_depth)
 
 -- Within a priority band ids are FIFO, so a queue's oldest task is one of its ten band heads.
@@ -31,4 +33,27 @@ for j = 1, #depth, 2 do
   end
   if at then oldest[#oldest + 1] = field; oldest[#oldest + 1] = ts(at) end
 end
-return {depth, redis.call('HGETALL', k_inflight), redis.call('ZCARD', k_delayed), oldest}
+local by_model = {}
+local function count_queues(group, name, set_key, base)
+  for _, q in ipairs(redis.call('SMEMBERS', set_key)) do
+    local n = redis.call('ZCARD', q)
+    if n > 0 then
+      by_model[#by_model + 1] = group
+      by_model[#by_model + 1] = name
+      by_model[#by_model + 1] = string.sub(q, #base + 1)
+      by_model[#by_model + 1] = n
+    end
+  end
+end
+for j = 1, #depth, 2 do
+  local field = depth[j]
+  if string.sub(field, 1, 5) == 'pool:' then
+    local pool = string.sub(field, 6)
+    count_queues('pool', pool, k_pool_queues(pool), P .. ':q:pool:' .. pool .. ':')
+  elseif string.sub(field, 1, 7) == 'nopool:' then
+    local kind = string.sub(field, 8)
+    count_queues('kind', kind, k_kind_queues(kind), P .. ':q:kind:' .. kind .. ':')
+  end
+end
+return {depth, redis.call('HGETALL', k_inflight), redis.call('ZCARD', k_delayed), oldest,
+        by_model}
