@@ -566,6 +566,7 @@ class TaskQueue:
             raise TaskNotFound(f"no task {task_id}")
         stream = self.keys.task_events(task_id)
         last = after or "0-0"
+        seen_finished = False
         async with self._notifier.watch(task_id) as inbox:
             while True:
                 entries: Any = await self.redis.xrange(stream, min=f"({last}", count=100)
@@ -585,8 +586,15 @@ class TaskQueue:
                 if entries:
                     continue
                 status = await self.redis.hget(self.keys.task(task_id), "status")
-                if status is None or _s(status) in TERMINAL_TASK_STATUSES:
-                    return  # finished before `after`, or expired
+                if status is None:
+                    return  # expired
+                if _s(status) in TERMINAL_TASK_STATUSES:
+                    if seen_finished:
+                        return  # finished before `after`
+                    # It may have finished between the read above and this one: read the
+                    # stream once more, so its last event is never lost.
+                    seen_finished = True
+                    continue
                 if not await inbox.next(keepalive_s):
                     yield None
 
