@@ -20,7 +20,8 @@ handler so bytes pass through untouched:
   releases the slot at once.
 
 It must not: parse or rebuild the upstream body (only its last bytes are read for
-token counts), or make Redis calls per request beyond the slot acquire/release.
+token counts), or make Redis calls per request beyond the slot acquire/release (usage and
+pool history are counted in memory and written by periodic flushes).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamRespo
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
 from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -248,6 +250,7 @@ class ProxyService:
         *,
         proxy_settings: ProxySettings | None = None,
         clock: Callable[[], float] = time.time,
+        history: HistoryStore | None = None,
     ) -> None:
         self.settings = settings
         self.config = proxy_settings or getattr(settings, "proxy", None) or ProxySettings()
@@ -258,7 +261,11 @@ class ProxyService:
         self.upstream = UpstreamClient(connect_timeout_s=self.config.connect_timeout_s)
         self.clock = clock
         self.pools = {p.name: p for p in settings.pools}
-        self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
+        # Pool history (arrivals, service times): buffered in memory, written by its own loop.
+        self.history = history
+        self.broker = SlotBroker(
+            registry, redis, settings.pools, self.config, clock=clock, history=history
+        )
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
         self.max_body_bytes = settings.server.max_proxy_body_bytes
         self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
@@ -369,6 +376,9 @@ class ProxyService:
                 continue
             finally:
                 await self.broker.release(lease)
+            if self.history is not None and state.get("clean", True):
+                held_s = max(0.0, self.clock() - lease.held_since)
+                self.history.note_service(lease.worker.pool, held_s, call.model)
             tokens_in, tokens_out = _tokens(tail)
             elapsed = asyncio.get_running_loop().time() - started
             self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)

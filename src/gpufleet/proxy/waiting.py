@@ -44,6 +44,7 @@ from gpufleet.domain import LIVE_WORKER_STATES, Worker, WorkerState
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.routing import pick_worker, pools_serving
 from gpufleet.settings import PoolSpec
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.workers import SlotBatcher, WorkerRegistry
 from gpufleet.store.workers import keys as worker_keys
 
@@ -93,6 +94,7 @@ class Lease:
     token: str
     waited_s: float = 0.0
     cold_start: bool = False
+    held_since: float = 0.0  # when the slot was taken (epoch s): service time for history
 
     def __repr__(self) -> str:
         return f"<Lease {self.worker.id} waited={self.waited_s:.3f}s cold={self.cold_start}>"
@@ -130,8 +132,11 @@ class SlotBroker:
         settings: ProxySettings,
         *,
         clock: Callable[[], float] = time.time,
+        history: HistoryStore | None = None,
     ) -> None:
         self.registry = registry
+        # Arrivals per pool, buffered in memory (flushed by the history loop): no round trip.
+        self.history = history
         self.slots = SlotBatcher(registry)
         self.redis = redis
         self.pools = {p.name: p for p in pools}
@@ -198,8 +203,16 @@ class SlotBroker:
         if not any(w.pools & names for w in self._waiters):
             lease = await self._try(model, await self.workers(), skip, fast=True)
             if lease is not None:
+                self._arrived(lease.worker.pool, skip)
                 return lease
         return await self._wait(model, serving, key, priority, skip, request_id)
+
+    def _arrived(self, pool: str, exclude: frozenset[str]) -> None:
+        """Count a request's arrival once: for the pool that served it at once, or the one
+        whose demand it waits as. A retry (``exclude`` names the failed workers) is not a
+        new arrival."""
+        if self.history is not None and not exclude:
+            self.history.note_arrival(pool)
 
     async def _try(
         self,
@@ -222,7 +235,7 @@ class SlotBroker:
                 self._hold(token, worker.id)
                 if free is not None:
                     free[worker.id] -= 1
-                return Lease(worker, token)
+                return Lease(worker, token, held_since=self.clock())
             if free is not None:
                 free[worker.id] = 0
         return None
@@ -265,6 +278,7 @@ class SlotBroker:
         if not any(w.pools & names for w in self._waiters):
             lease = await self._try(model, workers, exclude, fast=False, free=_free(workers))
         if lease is not None:
+            self._arrived(lease.worker.pool, exclude)
             return lease
         pool = self._demand_pool(serving, workers)
         self._check_bounds(pool, key)
@@ -285,6 +299,7 @@ class SlotBroker:
             future=asyncio.get_running_loop().create_future(),
         )
         self._waiters.append(waiter)
+        self._arrived(pool.name, exclude)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(waiting_key(self.prefix, pool.name), {waiter.id: waiter.deadline})

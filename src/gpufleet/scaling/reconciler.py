@@ -79,6 +79,7 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
+from gpufleet.scaling.history import PoolHistory
 from gpufleet.scaling.snapshot import (
     Demand,
     GlobalBudget,
@@ -89,6 +90,7 @@ from gpufleet.scaling.snapshot import (
 )
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.events import EventLog
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.leader import LeaderLock
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
@@ -172,6 +174,7 @@ class Reconciler:
         providers: Mapping[str, Provider],
         queue: TaskQueue | None = None,
         pool_state: PoolStateStore | None = None,
+        history: HistoryStore | None = None,
         lock: LeaderLock | None = None,
         clock: Callable[[], float] = time.time,
         replica_id: str | None = None,
@@ -186,6 +189,9 @@ class Reconciler:
         self.clock = clock
         self.prefix = settings.redis.key_prefix
         self.pool_state = pool_state or PoolStateStore(redis, prefix=self.prefix, clock=clock)
+        self.history = history or HistoryStore(
+            redis, prefix=self.prefix, clock=clock, pools=settings.pools
+        )
         self.interval_s = settings.scaling.interval_s
         self.lock = lock or LeaderLock(
             redis,
@@ -202,6 +208,7 @@ class Reconciler:
         self._provider_down: dict[str, tuple[int, float]] = {}
         self._quiet: dict[tuple[str, str, str], str] = {}
         self._booting: dict[str, float] = {}  # worker id -> boot start, from the last tick
+        self._boot_source: dict[str, str] = {}  # worker id -> "create" | "revive" (history)
         self._cost_per_task: dict[str, float] = {}  # pool -> spend / succeeded tasks
         self._last_tick_at: float | None = None
         self._was_leader = False
@@ -272,6 +279,7 @@ class Reconciler:
             _worker_view(w, seen) for w in seen.workers.values() if w.state is not WS.deleted
         )
         self._note_ready(views, pools, now)
+        history = await self._history(pools, demand)
         inst_views = tuple(
             _instance_view(inst, self._pool_of(inst, specs)) for inst in instances.values()
         )
@@ -283,8 +291,24 @@ class Reconciler:
             instances=inst_views,
             listed_providers=frozenset(listed),
             budget=self._budget(pools),
+            history=history,
         )
         return snapshot, seen
+
+    async def _history(
+        self, pools: tuple[PoolView, ...], demand: tuple[Demand, ...]
+    ) -> dict[str, PoolHistory]:
+        """Record this tick's demand levels (and the boots ``_note_ready`` noted), then read
+        every pool's history summary. A Redis error leaves the pools without history this
+        tick (the policy then uses its defaults) instead of failing the tick."""
+        levels = demand_by_pool(pools, demand)
+        await self.history.demands({p.name: (levels.get(p.name, 0), p.slots) for p in pools})
+        await self.history.flush()
+        try:
+            return await self.history.summary(p.name for p in pools)
+        except Exception as exc:
+            logger.warning("reconciler: pool history not read (%s); deciding without it", exc)
+            return {}
 
     async def _list_instances(
         self, now: float
@@ -404,13 +428,21 @@ class Reconciler:
         revived ones whose start/resume this leader asked for (seeded by ``apply``); a ready
         worker that went back to booting after failed probes is not a boot."""
         booting: dict[str, float] = {}
+        sources: dict[str, str] = {}
         for w in views:
             if w.boot_started_at is not None and w.state in policy.BOOTING_STATES:
                 if w.ready_since is None or w.id in self._booting:
                     booting[w.id] = w.boot_started_at
+                    # never ready before: a fresh instance; else a start / resume
+                    sources[w.id] = "create" if w.ready_since is None else "revive"
             elif w.state is WS.ready and w.id in self._booting and w.ready_since is not None:
-                BOOT_SECONDS.labels(w.pool).observe(max(0.0, w.ready_since - self._booting[w.id]))
+                seconds = max(0.0, w.ready_since - self._booting[w.id])
+                BOOT_SECONDS.labels(w.pool).observe(seconds)
+                source = self._boot_source.get(w.id)
+                if source is not None:
+                    self.history.note_boot(w.pool, source, seconds)
         self._booting = booting
+        self._boot_source = sources
 
     # -- registry <-> provider ------------------------------------------------------------------
 
@@ -551,6 +583,9 @@ class Reconciler:
             outcomes.append(result)
             if result.outcome == "ok" and isinstance(action, Create | Start | Resume):
                 self._booting[result.worker_id] = self.clock()  # ready before the next tick
+                self._boot_source[result.worker_id] = (
+                    "create" if isinstance(action, Create) else "revive"
+                )
             await self._record(result)
         return outcomes
 
@@ -1049,6 +1084,21 @@ def _demand(
                     )
                 )
     return tuple(out)
+
+
+def demand_by_pool(pools: tuple[PoolView, ...], demand: tuple[Demand, ...]) -> dict[str, int]:
+    """Each pool's demand for its idle-gap history: the groups naming only it, plus every
+    group several pools may serve (tasks naming only an engine) counted for the cheapest of
+    them per slot-hour, the pool ``policy`` starts first for it (``_by_price``'s order)."""
+    views = {p.name: p for p in pools}
+    out: dict[str, int] = defaultdict(int)
+    for d in demand:
+        candidates = [views[n] for n in d.pools if n in views]
+        if not candidates:
+            continue
+        home = min(candidates, key=lambda p: (p.price_per_slot_hour, p.name))
+        out[home.name] += d.total
+    return dict(out)
 
 
 def _clear_fleet_gauges() -> None:
