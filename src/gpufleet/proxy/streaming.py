@@ -376,9 +376,6 @@ class ProxyService:
                 continue
             finally:
                 await self.broker.release(lease)
-            if self.history is not None and state.get("clean", True):
-                held_s = max(0.0, self.clock() - lease.held_since)
-                self.history.note_service(lease.worker.pool, held_s, call.model)
             tokens_in, tokens_out = _tokens(tail)
             elapsed = asyncio.get_running_loop().time() - started
             self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
@@ -454,12 +451,12 @@ class ProxyService:
                 if not sent:
                     PROXY_TTFB.labels(self._model_label(call.model)).observe(loop.time() - started)
                     await send(_start(response.status_code, headers))
-                    sent = True
+                    sent = lease.answered = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 prev, tail = tail, chunk
             if not sent:
                 await send(_start(response.status_code, headers))
-                sent = True
+                sent = lease.answered = True
             # The worker is done: its slot is free before the client sees the end, so a
             # client's next request finds it (the caller's release is then a no-op).
             await self.broker.release(lease)

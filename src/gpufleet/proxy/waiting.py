@@ -24,6 +24,11 @@ Held slots are renewed in one pipeline every third of the registry's slot TTL by
 a keeper task, so a long stream keeps its slot and a crashed replica's slots free
 themselves.
 
+Pool history (``store.history``), counted in memory, written by the history flush loop: one
+arrival per request, for the pool that served it at once or the one it waits for (a retry
+on another worker is not a new arrival), and, once a worker answered, the time the slot was
+held as a service sample when it is released.
+
 Consumers: ``gpufleet.proxy.streaming`` (``acquire``/``release`` around each upstream call).
 """
 
@@ -95,6 +100,11 @@ class Lease:
     waited_s: float = 0.0
     cold_start: bool = False
     held_since: float = 0.0  # when the slot was taken (epoch s): service time for history
+    model: str = ""
+    # The worker answered (bytes went to the client): the slot's hold time is a service
+    # sample, recorded when the slot is released, whatever ends the request (the end of the
+    # answer, a mid-stream failure, the client leaving).
+    answered: bool = False
 
     def __repr__(self) -> str:
         return f"<Lease {self.worker.id} waited={self.waited_s:.3f}s cold={self.cold_start}>"
@@ -235,7 +245,7 @@ class SlotBroker:
                 self._hold(token, worker.id)
                 if free is not None:
                     free[worker.id] -= 1
-                return Lease(worker, token, held_since=self.clock())
+                return Lease(worker, token, held_since=self.clock(), model=model)
             if free is not None:
                 free[worker.id] = 0
         return None
@@ -244,6 +254,9 @@ class SlotBroker:
         """Give the slot back (idempotent) and let a waiter on this replica have it."""
         if self._held.pop(lease.token, None) is None:
             return
+        if lease.answered and self.history is not None:  # buffered: no I/O here
+            held_s = max(0.0, self.clock() - lease.held_since)
+            self.history.note_service(lease.worker.pool, held_s, lease.model or None)
         if self._waiters:
             self._wake.set()
         try:
