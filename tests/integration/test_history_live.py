@@ -9,6 +9,7 @@ demand levels become idle gaps. Recording never fails the request it rides on.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -266,3 +267,32 @@ async def test_recording_on_an_unreachable_redis_never_raises_into_enqueue(
     finally:
         await queue.aclose()
         await dead.aclose()
+
+
+async def test_get_pool_shows_what_its_history_says(api: Any) -> None:
+    history: HistoryStore = api.components.extras["history"]
+    for seconds in (2.0, 2.0, 2.0, 40.0):
+        history.note_service("llm", seconds, model="llama3.2")
+    history.note_boot("llm", "revive", 30.0)
+    history.note_arrival("llm", 4)
+    await history.flush()
+    clock = Clock(time.time())
+    history.clock, real = clock, history.clock
+    try:
+        for demand in (1, 0, 1):  # level 1 idles 20 s: one gap
+            await history.demands({"llm": (demand, 1)})
+            clock.now += 20
+    finally:
+        history.clock = real
+
+    body = (await api.get("/api/v1/pools/llm")).json()
+    seen = body["history"]
+    assert seen["arrivals"] == 4
+    assert seen["service"]["samples"] == 4
+    assert 1.5 < seen["service"]["mean_s"] < 15 < seen["service"]["p95_s"]
+    assert seen["service_by_model"]["llama3.2:latest"]["samples"] == 4
+    assert list(seen["boot"]) == ["revive"]
+    assert 25 < seen["boot"]["revive"]["mean_s"] < 35
+    assert [g["level"] for g in seen["idle_gaps"]] == [1]
+    assert 15 < seen["idle_gaps"][0]["mean_s"] < 25
+    assert (await api.get("/api/v1/pools/comfy")).json()["history"]["service"]["samples"] == 0

@@ -8,11 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gpufleet.api.auth import require_admin
+from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import Components, get_components
 from gpufleet.domain import WorkerState
 from gpufleet.errors import Conflict, NotFound
+from gpufleet.scaling.history import Histogram, PoolHistory
 from gpufleet.settings import PoolSpec
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.pools import PoolStateStore
 
 router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
@@ -110,12 +112,41 @@ async def list_pools(
     return [await describe(components, store, spec) for spec in components.settings.pools]
 
 
-@router.get("/{name}", summary="One pool")
+@router.get("/{name}", summary="One pool (for admins with what its history says)")
 async def get_pool(
-    name: str, request: Request, store: PoolStateStore = Depends(get_pool_state)
+    name: str,
+    request: Request,
+    store: PoolStateStore = Depends(get_pool_state),
+    principal: Principal = Depends(authenticate),
 ) -> dict[str, Any]:
     components = get_components(request)
-    return await describe(components, store, _spec(components, name))
+    spec = _spec(components, name)
+    out = await describe(components, store, spec)
+    history = components.extras.get("history")
+    if principal.is_admin and isinstance(history, HistoryStore):
+        summary = (await history.summary([spec.name]))[spec.name]
+        out["history"] = history_view(summary, await history.model_service(spec.name))
+    return out
+
+
+def _stats(h: Histogram) -> dict[str, float]:
+    return {"samples": round(h.total, 3), "mean_s": round(h.mean(), 3),
+            "p95_s": round(h.quantile(0.95), 3)}
+
+
+def history_view(summary: PoolHistory, per_model: dict[str, PoolHistory]) -> dict[str, Any]:
+    """What the scaler learned from the pool's past (``store.history``), in numbers: sample
+    counts are decayed weights over the window (today 1, yesterday 0.5, ...)."""
+    return {
+        "arrivals": round(summary.arrivals, 3),
+        "arrivals_per_min": round(summary.arrivals_per_s * 60, 3),
+        "service": _stats(summary.service_s),
+        "service_by_model": {m: _stats(h.service_s) for m, h in per_model.items()},
+        "boot": {src: _stats(h) for src, h in sorted(summary.boot_s.items())},
+        "idle_gaps": [
+            {"level": level, **_stats(h)} for level, h in enumerate(summary.idle_gaps_s, 1)
+        ],
+    }
 
 
 @router.patch(
