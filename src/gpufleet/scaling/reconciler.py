@@ -9,9 +9,10 @@ One tick (``reconcile_once``):
 2. **Observe.** One ``list()`` per provider (already filtered by gpufleet's name prefix; a
    provider whose list fails is backed off and left out of ``listed_providers``, so nothing
    of it reads as vanished or orphaned), the registry, ``TaskQueue.stats()`` (counters, never
-   the tasks), the proxy's waiting-request ZSETs, and each pool's run-time state
-   (``PoolStateStore``: overrides, floors, spend, backoff). The registry is first brought in
-   line with what the provider reports (a created instance that now runs gets its
+   the tasks), the proxy's waiting-request ZSETs, each pool's run-time state
+   (``PoolStateStore``: overrides, floors, spend, backoff) and each pool's history summary
+   (``HistoryStore``: this tick's demand levels and boots are recorded first; it becomes
+   ``Snapshot.history``). The registry is first brought in line with what the provider reports (a created instance that now runs gets its
    ``base_url`` and moves to ``booting``; a stopping one that stopped moves to ``stopped``…).
 3. **Decide.** ``policy.plan(snapshot)``: pure.
 4. **Apply** each action in order, each safe to repeat: ``Stop``/``Pause``/``Delete`` re-check
