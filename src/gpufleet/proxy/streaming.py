@@ -546,6 +546,7 @@ def get_service(app: Any) -> ProxyService:
             components.registry,
             components.redis,
             components.extras.get("proxy_http"),
+            history=components.extras.get("history"),
         )
         components.extras["proxy"] = service
     assert isinstance(service, ProxyService)

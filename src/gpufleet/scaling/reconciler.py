@@ -12,8 +12,9 @@ One tick (``reconcile_once``):
    the tasks), the proxy's waiting-request ZSETs, each pool's run-time state
    (``PoolStateStore``: overrides, floors, spend, backoff) and each pool's history summary
    (``HistoryStore``: this tick's demand levels and boots are recorded first; it becomes
-   ``Snapshot.history``). The registry is first brought in line with what the provider reports (a created instance that now runs gets its
-   ``base_url`` and moves to ``booting``; a stopping one that stopped moves to ``stopped``…).
+   ``Snapshot.history``). The registry is first brought in line with what the provider
+   reports (a created instance that now runs gets its ``base_url`` and moves to ``booting``;
+   a stopping one that stopped moves to ``stopped``…).
 3. **Decide.** ``policy.plan(snapshot)``: pure.
 4. **Apply** each action in order, each safe to repeat: ``Stop``/``Pause``/``Delete`` re-check
    the worker's busy slots right before the provider call; a delete of a gone instance is

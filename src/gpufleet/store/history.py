@@ -187,8 +187,9 @@ class HistoryStore:
         t = self.clock()
         self._add(pool, t, "service", seconds)
         if model:
-            name = normalize_model(model)
-            if name in self._models.get(pool, frozenset()):
+            allowed = self._models.get(pool, frozenset())
+            name = model if model in allowed else normalize_model(model)
+            if name in allowed:
                 self._add(pool, t, f"service@{name}", seconds)
 
     def note_boot(self, pool: str, source: str, seconds: float) -> None:
