@@ -18,6 +18,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from gpufleet.engines.simulated import OllamaConfig, SimulatedOllama
 from gpufleet.results import DirectoryResultStore
 from gpufleet.settings import load_settings
 from gpufleet.store.history import HistoryStore, keys
@@ -120,9 +121,7 @@ async def test_the_dispatcher_records_service_and_the_queue_arrivals(
         fleet.dispatcher.history = history
         async with fleet.stack:
             try:
-                sim = dispatch_harness.SimulatedOllama(
-                    dispatch_harness.OllamaConfig(models=("llama3.2",), first_token_s=0.01)
-                )
+                sim = SimulatedOllama(OllamaConfig(models=("llama3.2",), first_token_s=0.01))
                 await fleet.add("o0", "llm", sim, slots=4, models=("llama3.2:latest",))
                 # no pool named: an engine-wide task counts for the ollama pool "llm"
                 tasks = [
