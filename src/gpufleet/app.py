@@ -39,6 +39,7 @@ from gpufleet.settings import Settings
 from gpufleet.store.apikeys import ApiKeyStore
 from gpufleet.store.connection import EmbeddedRedis, connect, default_data_dir
 from gpufleet.store.events import EventLog
+from gpufleet.store.history import FLUSH_INTERVAL_S, HistoryStore
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
@@ -94,6 +95,11 @@ def start_background_loops(components: Components) -> None:
         spawn_loop("dispatch", dispatcher.dispatch_once, settings.workers.dispatch_interval_s,
                    components.stop, wake=dispatcher.wake)
     )
+    history: HistoryStore | None = components.extras.get("history")
+    if history is not None:  # buffered arrivals / service / boot samples, one pipeline a flush
+        components.loops.append(
+            spawn_loop("history-flush", history.flush, FLUSH_INTERVAL_S, components.stop)
+        )
     reconciler: Reconciler | None = components.extras.get("reconciler")
     if reconciler is not None:  # every [scaling] interval_s, and at once on {prefix}:wake
         components.loops.append(reconciler.spawn(components.stop))
@@ -118,7 +124,12 @@ def create_app(settings: Settings) -> FastAPI:
                 registry=registry,
                 events=EventLog(redis, prefix=prefix),
             )
-            queue = TaskQueue(redis, settings.queue, key_prefix=prefix)
+            # One recorder of pool history for the queue, proxy, dispatcher and reconciler;
+            # closed after them (the stack is LIFO), so its last flush sees their samples.
+            history = HistoryStore(redis, prefix=prefix, pools=settings.pools)
+            stack.push_async_callback(history.aclose)
+            components.extras["history"] = history
+            queue = TaskQueue(redis, settings.queue, key_prefix=prefix, history=history)
             stack.push_async_callback(queue.aclose)
             components.extras["queue"] = queue
             components.extras["results"] = DirectoryResultStore(results_dir(settings))
@@ -127,7 +138,7 @@ def create_app(settings: Settings) -> FastAPI:
                 stack.push_async_callback(provider.aclose)
             proxy_http = make_http_client(settings.proxy)
             stack.push_async_callback(proxy_http.aclose)
-            proxy = ProxyService(settings, registry, redis, proxy_http)
+            proxy = ProxyService(settings, registry, redis, proxy_http, history=history)
             stack.push_async_callback(proxy.aclose)
             components.extras["proxy_http"] = proxy_http
             components.extras["proxy"] = proxy
@@ -141,7 +152,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
             stack.push_async_callback(engine_http.aclose)
             dispatcher = Dispatcher(settings, registry, queue, engine_http,
-                                    results=components.extras["results"])
+                                    results=components.extras["results"], history=history)
             # Runs before the HTTP client, the queue and Redis close (the stack is LIFO), and
             # after the loops stop (pushed later): leases of unfinished tasks are handed back.
             stack.push_async_callback(dispatcher.aclose)
@@ -161,6 +172,7 @@ def create_app(settings: Settings) -> FastAPI:
                 providers=components.providers,
                 queue=queue,
                 pool_state=PoolStateStore(redis, prefix=prefix),
+                history=history,
             )
             components.extras["pool_state"] = reconciler.pool_state
             components.extras["reconciler"] = reconciler

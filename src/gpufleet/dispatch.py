@@ -67,6 +67,7 @@ from gpufleet.metrics import (
 from gpufleet.results import ResultStore
 from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
@@ -132,9 +133,11 @@ class Dispatcher:
         *,
         results: ResultStore | None = None,
         engines: Mapping[str, EngineClient] | None = None,
+        history: HistoryStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.history = history  # service durations of acked tasks (buffered, no round trip)
         self.registry = registry
         self.queue = queue
         self.http = http
@@ -346,6 +349,10 @@ class Dispatcher:
         )
         if outcome is LeaseOutcome.ok:
             TASKS_FINISHED.labels(kind, "succeeded").inc()
+            if self.history is not None:  # lease to ack: how long the task held its slot
+                self.history.note_service(
+                    run.worker.pool, max(0.0, self.clock() - run.started), run.lease.task.model
+                )
             with contextlib.suppress(RedisError):  # only feeds cost per succeeded task
                 await self.pool_state.count_succeeded(run.worker.pool)
             logger.info("task %s succeeded on %s", run.task_id, run.worker.id)

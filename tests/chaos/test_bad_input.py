@@ -47,7 +47,9 @@ EXAMPLES = 60
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # Written by background loops on their own clock, and worker fields the health checker sets.
-BACKGROUND_KEYS = (f"{PREFIX}:events", f"{PREFIX}:leader", f"{PREFIX}:scaling:")
+# (Pool history: samples of earlier forwarded requests land with the next flush, <= 1 s later.)
+BACKGROUND_KEYS = (f"{PREFIX}:events", f"{PREFIX}:leader", f"{PREFIX}:scaling:",
+                   f"{PREFIX}:history:")
 BACKGROUND_FIELDS = ("health", "models", "version", "cost", "checked", "state_since")
 
 

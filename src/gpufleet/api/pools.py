@@ -17,7 +17,9 @@ from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import Components, get_components
 from gpufleet.domain import WorkerState
 from gpufleet.errors import Conflict, NotFound
+from gpufleet.scaling.history import Histogram, PoolHistory
 from gpufleet.settings import PoolSpec
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.pools import PoolStateStore
 
 router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
@@ -141,7 +143,7 @@ async def list_pools(
     ]
 
 
-@router.get("/{name}", summary="One pool")
+@router.get("/{name}", summary="One pool (for admins with what its history says)")
 async def get_pool(
     name: str,
     request: Request,
@@ -149,7 +151,33 @@ async def get_pool(
     principal: Principal = Depends(authenticate),
 ) -> dict[str, Any]:
     components = get_components(request)
-    return shown_to(await describe(components, store, _spec(components, name)), principal)
+    spec = _spec(components, name)
+    out = shown_to(await describe(components, store, spec), principal)
+    history = components.extras.get("history")
+    if principal.is_admin and isinstance(history, HistoryStore):
+        summary = (await history.summary([spec.name]))[spec.name]
+        out["history"] = history_view(summary, await history.model_service(spec.name))
+    return out
+
+
+def _stats(h: Histogram) -> dict[str, float]:
+    return {"samples": round(h.total, 3), "mean_s": round(h.mean(), 3),
+            "p95_s": round(h.quantile(0.95), 3)}
+
+
+def history_view(summary: PoolHistory, per_model: dict[str, PoolHistory]) -> dict[str, Any]:
+    """What the scaler learned from the pool's past (``store.history``), in numbers: sample
+    counts are decayed weights over the window (today 1, yesterday 0.5, ...)."""
+    return {
+        "arrivals": round(summary.arrivals, 3),
+        "arrivals_per_min": round(summary.arrivals_per_s * 60, 3),
+        "service": _stats(summary.service_s),
+        "service_by_model": {m: _stats(h.service_s) for m, h in per_model.items()},
+        "boot": {src: _stats(h) for src, h in sorted(summary.boot_s.items())},
+        "idle_gaps": [
+            {"level": level, **_stats(h)} for level, h in enumerate(summary.idle_gaps_s, 1)
+        ],
+    }
 
 
 @router.patch(

@@ -20,7 +20,8 @@ handler so bytes pass through untouched:
   releases the slot at once.
 
 It must not: parse or rebuild the upstream body (only its last bytes are read for
-token counts), or make Redis calls per request beyond the slot acquire/release.
+token counts), or make Redis calls per request beyond the slot acquire/release (usage and
+pool history are counted in memory and written by periodic flushes).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamRespo
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
 from gpufleet.routing import normalize_model, pick_worker
 from gpufleet.settings import PoolSpec, Settings
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -254,6 +256,7 @@ class ProxyService:
         *,
         proxy_settings: ProxySettings | None = None,
         clock: Callable[[], float] = time.time,
+        history: HistoryStore | None = None,
     ) -> None:
         self.settings = settings
         self.config = proxy_settings or getattr(settings, "proxy", None) or ProxySettings()
@@ -264,7 +267,11 @@ class ProxyService:
         self.upstream = UpstreamClient(connect_timeout_s=self.config.connect_timeout_s)
         self.clock = clock
         self.pools = {p.name: p for p in settings.pools}
-        self.broker = SlotBroker(registry, redis, settings.pools, self.config, clock=clock)
+        # Pool history (arrivals, service times): buffered in memory, written by its own loop.
+        self.history = history
+        self.broker = SlotBroker(
+            registry, redis, settings.pools, self.config, clock=clock, history=history
+        )
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
         self.max_body_bytes = settings.server.max_proxy_body_bytes
         self.body_timeout_s = settings.server.body_timeout_s
@@ -463,12 +470,12 @@ class ProxyService:
                 if not sent:
                     PROXY_TTFB.labels(self._model_label(call.model)).observe(loop.time() - started)
                     await send(_start(response.status_code, headers))
-                    sent = True
+                    sent = lease.answered = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 prev, tail = tail, chunk
             if not sent:
                 await send(_start(response.status_code, headers))
-                sent = True
+                sent = lease.answered = True
             # The worker is done: its slot is free before the client sees the end, so a
             # client's next request finds it (the caller's release is then a no-op).
             await self.broker.release(lease)
@@ -567,6 +574,7 @@ def get_service(app: Any) -> ProxyService:
             components.registry,
             components.redis,
             components.extras.get("proxy_http"),
+            history=components.extras.get("history"),
         )
         components.extras["proxy"] = service
     assert isinstance(service, ProxyService)

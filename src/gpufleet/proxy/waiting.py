@@ -24,6 +24,11 @@ Held slots are renewed in one pipeline every third of the registry's slot TTL by
 a keeper task, so a long stream keeps its slot and a crashed replica's slots free
 themselves.
 
+Pool history (``store.history``), counted in memory, written by the history flush loop: one
+arrival per request, for the pool that served it at once or the one it waits for (a retry
+on another worker is not a new arrival), and, once a worker answered, the time the slot was
+held as a service sample when it is released.
+
 Consumers: ``gpufleet.proxy.streaming`` (``acquire``/``release`` around each upstream call).
 """
 
@@ -44,6 +49,7 @@ from gpufleet.domain import LIVE_WORKER_STATES, Worker, WorkerState
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.routing import pick_worker, pools_serving
 from gpufleet.settings import PoolSpec
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.workers import SlotBatcher, WorkerRegistry
 from gpufleet.store.workers import keys as worker_keys
 
@@ -93,6 +99,12 @@ class Lease:
     token: str
     waited_s: float = 0.0
     cold_start: bool = False
+    held_since: float = 0.0  # when the slot was taken (epoch s): service time for history
+    model: str = ""
+    # The worker answered (bytes went to the client): the slot's hold time is a service
+    # sample, recorded when the slot is released, whatever ends the request (the end of the
+    # answer, a mid-stream failure, the client leaving).
+    answered: bool = False
 
     def __repr__(self) -> str:
         return f"<Lease {self.worker.id} waited={self.waited_s:.3f}s cold={self.cold_start}>"
@@ -130,8 +142,11 @@ class SlotBroker:
         settings: ProxySettings,
         *,
         clock: Callable[[], float] = time.time,
+        history: HistoryStore | None = None,
     ) -> None:
         self.registry = registry
+        # Arrivals per pool, buffered in memory (flushed by the history loop): no round trip.
+        self.history = history
         self.slots = SlotBatcher(registry)
         self.redis = redis
         self.pools = {p.name: p for p in pools}
@@ -198,8 +213,16 @@ class SlotBroker:
         if not any(w.pools & names for w in self._waiters):
             lease = await self._try(model, await self.workers(), skip, fast=True)
             if lease is not None:
+                self._arrived(lease.worker.pool, skip)
                 return lease
         return await self._wait(model, serving, key, priority, skip, request_id)
+
+    def _arrived(self, pool: str, exclude: frozenset[str]) -> None:
+        """Count a request's arrival once: for the pool that served it at once, or the one
+        whose demand it waits as. A retry (``exclude`` names the failed workers) is not a
+        new arrival."""
+        if self.history is not None and not exclude:
+            self.history.note_arrival(pool)
 
     async def _try(
         self,
@@ -222,7 +245,7 @@ class SlotBroker:
                 self._hold(token, worker.id)
                 if free is not None:
                     free[worker.id] -= 1
-                return Lease(worker, token)
+                return Lease(worker, token, held_since=self.clock(), model=model)
             if free is not None:
                 free[worker.id] = 0
         return None
@@ -231,6 +254,9 @@ class SlotBroker:
         """Give the slot back (idempotent) and let a waiter on this replica have it."""
         if self._held.pop(lease.token, None) is None:
             return
+        if lease.answered and self.history is not None:  # buffered: no I/O here
+            held_s = max(0.0, self.clock() - lease.held_since)
+            self.history.note_service(lease.worker.pool, held_s, lease.model or None)
         if self._waiters:
             self._wake.set()
         try:
@@ -265,6 +291,7 @@ class SlotBroker:
         if not any(w.pools & names for w in self._waiters):
             lease = await self._try(model, workers, exclude, fast=False, free=_free(workers))
         if lease is not None:
+            self._arrived(lease.worker.pool, exclude)
             return lease
         pool = self._demand_pool(serving, workers)
         self._check_bounds(pool, key)
@@ -285,6 +312,7 @@ class SlotBroker:
             future=asyncio.get_running_loop().create_future(),
         )
         self._waiters.append(waiter)
+        self._arrived(pool.name, exclude)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(waiting_key(self.prefix, pool.name), {waiter.id: waiter.deadline})

@@ -9,10 +9,12 @@ One tick (``reconcile_once``):
 2. **Observe.** One ``list()`` per provider (already filtered by gpufleet's name prefix; a
    provider whose list fails is backed off and left out of ``listed_providers``, so nothing
    of it reads as vanished or orphaned), the registry, ``TaskQueue.stats()`` (counters, never
-   the tasks), the proxy's waiting-request ZSETs, and each pool's run-time state
-   (``PoolStateStore``: overrides, floors, spend, backoff). The registry is first brought in
-   line with what the provider reports (a created instance that now runs gets its
-   ``base_url`` and moves to ``booting``; a stopping one that stopped moves to ``stopped``…).
+   the tasks), the proxy's waiting-request ZSETs, each pool's run-time state
+   (``PoolStateStore``: overrides, floors, spend, backoff) and each pool's history summary
+   (``HistoryStore``: this tick's demand levels and boots are recorded first; it becomes
+   ``Snapshot.history``). The registry is first brought in line with what the provider
+   reports (a created instance that now runs gets its ``base_url`` and moves to ``booting``;
+   a stopping one that stopped moves to ``stopped``…).
 3. **Decide.** ``policy.plan(snapshot)``: pure.
 4. **Apply** each action in order, each safe to repeat: ``Stop``/``Pause``/``Delete`` re-check
    the worker's busy slots right before the provider call; a delete of a gone instance is
@@ -80,6 +82,7 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
+from gpufleet.scaling.history import PoolHistory
 from gpufleet.scaling.snapshot import (
     Demand,
     GlobalBudget,
@@ -90,6 +93,7 @@ from gpufleet.scaling.snapshot import (
 )
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.events import EventLog
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.keys import NO_MODEL
 from gpufleet.store.leader import LeaderLock
 from gpufleet.store.pools import PoolStateStore
@@ -174,6 +178,7 @@ class Reconciler:
         providers: Mapping[str, Provider],
         queue: TaskQueue | None = None,
         pool_state: PoolStateStore | None = None,
+        history: HistoryStore | None = None,
         lock: LeaderLock | None = None,
         clock: Callable[[], float] = time.time,
         replica_id: str | None = None,
@@ -188,6 +193,9 @@ class Reconciler:
         self.clock = clock
         self.prefix = settings.redis.key_prefix
         self.pool_state = pool_state or PoolStateStore(redis, prefix=self.prefix, clock=clock)
+        self.history = history or HistoryStore(
+            redis, prefix=self.prefix, clock=clock, pools=settings.pools
+        )
         self.interval_s = settings.scaling.interval_s
         self.lock = lock or LeaderLock(
             redis,
@@ -204,6 +212,7 @@ class Reconciler:
         self._provider_down: dict[str, tuple[int, float]] = {}
         self._quiet: dict[tuple[str, str, str], str] = {}
         self._booting: dict[str, float] = {}  # worker id -> boot start, from the last tick
+        self._boot_source: dict[str, str] = {}  # worker id -> "create" | "revive" (history)
         self._cost_per_task: dict[str, float] = {}  # pool -> spend / succeeded tasks
         self._last_tick_at: float | None = None
         self._was_leader = False
@@ -274,6 +283,7 @@ class Reconciler:
             _worker_view(w, seen) for w in seen.workers.values() if w.state is not WS.deleted
         )
         self._note_ready(views, pools, now)
+        history = await self._history(pools, demand)
         inst_views = tuple(
             _instance_view(inst, self._pool_of(inst, specs)) for inst in instances.values()
         )
@@ -285,8 +295,24 @@ class Reconciler:
             instances=inst_views,
             listed_providers=frozenset(listed),
             budget=self._budget(pools),
+            history=history,
         )
         return snapshot, seen
+
+    async def _history(
+        self, pools: tuple[PoolView, ...], demand: tuple[Demand, ...]
+    ) -> dict[str, PoolHistory]:
+        """Record this tick's demand levels (and the boots ``_note_ready`` noted), then read
+        every pool's history summary. A Redis error leaves the pools without history this
+        tick (the policy then uses its defaults) instead of failing the tick."""
+        levels = demand_by_pool(pools, demand)
+        await self.history.demands({p.name: (levels.get(p.name, 0), p.slots) for p in pools})
+        await self.history.flush()
+        try:
+            return await self.history.summary(p.name for p in pools)
+        except Exception as exc:
+            logger.warning("reconciler: pool history not read (%s); deciding without it", exc)
+            return {}
 
     async def _list_instances(
         self, now: float
@@ -406,13 +432,21 @@ class Reconciler:
         revived ones whose start/resume this leader asked for (seeded by ``apply``); a ready
         worker that went back to booting after failed probes is not a boot."""
         booting: dict[str, float] = {}
+        sources: dict[str, str] = {}
         for w in views:
             if w.boot_started_at is not None and w.state in policy.BOOTING_STATES:
                 if w.ready_since is None or w.id in self._booting:
                     booting[w.id] = w.boot_started_at
+                    # never ready before: a fresh instance; else a start / resume
+                    sources[w.id] = "create" if w.ready_since is None else "revive"
             elif w.state is WS.ready and w.id in self._booting and w.ready_since is not None:
-                BOOT_SECONDS.labels(w.pool).observe(max(0.0, w.ready_since - self._booting[w.id]))
+                seconds = max(0.0, w.ready_since - self._booting[w.id])
+                BOOT_SECONDS.labels(w.pool).observe(seconds)
+                source = self._boot_source.get(w.id)
+                if source is not None:
+                    self.history.note_boot(w.pool, source, seconds)
         self._booting = booting
+        self._boot_source = sources
 
     # -- registry <-> provider ------------------------------------------------------------------
 
@@ -555,6 +589,9 @@ class Reconciler:
             outcomes.append(result)
             if result.outcome == "ok" and isinstance(action, Create | Start | Resume):
                 self._booting[result.worker_id] = self.clock()  # ready before the next tick
+                self._boot_source[result.worker_id] = (
+                    "create" if isinstance(action, Create) else "revive"
+                )
             await self._record(result)
         return outcomes
 
@@ -1082,6 +1119,21 @@ def _demand(
 def _serves(spec: PoolSpec, model: str) -> bool:
     """True if the pool could serve a task naming ``model`` (``*``: a task naming none)."""
     return model == NO_MODEL or pool_serves(spec, model)
+
+
+def demand_by_pool(pools: tuple[PoolView, ...], demand: tuple[Demand, ...]) -> dict[str, int]:
+    """Each pool's demand for its idle-gap history: the groups naming only it, plus every
+    group several pools may serve (tasks naming only an engine) counted for the cheapest of
+    them per slot-hour, the pool ``policy`` starts first for it (``_by_price``'s order)."""
+    views = {p.name: p for p in pools}
+    out: dict[str, int] = defaultdict(int)
+    for d in demand:
+        candidates = [views[n] for n in d.pools if n in views]
+        if not candidates:
+            continue
+        home = min(candidates, key=lambda p: (p.price_per_slot_hour, p.name))
+        out[home.name] += d.total
+    return dict(out)
 
 
 def _clear_fleet_gauges() -> None:

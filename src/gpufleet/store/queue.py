@@ -47,6 +47,7 @@ from gpufleet.errors import (
 )
 from gpufleet.metrics import TASKS_SUBMITTED
 from gpufleet.settings import QueueSettings
+from gpufleet.store.history import HistoryStore
 from gpufleet.store.keys import Keys
 from gpufleet.tasks import (
     Lease,
@@ -148,9 +149,12 @@ class TaskQueue:
         clock: Callable[[], float] = time.time,
         *,
         jitter: Callable[[], float] = random.random,
+        history: HistoryStore | None = None,
     ) -> None:
         self.redis = redis
         self.settings = settings
+        # Counts an arrival per accepted task (buffered in memory: no extra round trip).
+        self.history = history
         self.keys = Keys(key_prefix)
         self.clock = clock
         self.jitter = jitter
@@ -242,6 +246,8 @@ class TaskQueue:
             )
         logger.debug("task %s queued (%s, priority %s)", task_id, spec.kind, spec.priority)
         TASKS_SUBMITTED.labels(spec.kind.value).inc()
+        if self.history is not None:  # a task naming no pool counts for its engine's pool
+            self.history.note_task(spec.kind.value, spec.pool)
         stamp = float(f"{now:.6f}")
         return Task(
             id=task_id,

@@ -1,0 +1,416 @@
+"""Each pool's history in Redis: the live recorder of ``scaling.history`` (shared, bounded).
+
+The scaler learns from what a pool's past says (``scaling/history.py``: service times, boot
+times per source, idle gaps per demand level, the recent arrival rate). The simulator keeps
+those windows in memory (``HistoryBook``); the live service keeps the very same windows here,
+with the same rules (``bucket_of``, ``day_of``, ``level_of``, ``step_levels``, ``summarize``),
+so a fleet decides alike in the simulator and live. ``tests/unit/test_history_store.py`` feeds
+both the same events and checks the summaries are equal.
+
+What is recorded, and by whom (every replica records; the reconciler leader reads):
+
+- **arrivals**: a task accepted by ``TaskQueue.enqueue`` (a task naming only an engine counts
+  for that engine's cheapest pool per slot-hour, the pool ``policy`` would start first: see
+  ``pool_for_engine``); a proxied request once it holds a slot (``ProxyService``);
+- **service**: a queued task acked by the dispatcher (lease to ack), a proxied request (slot
+  taken to slot released); pool-level, and per model for the pool's configured models;
+- **boot**: ``create`` for a worker's first boot, ``revive`` for a start / resume, measured by
+  the reconciler when the worker turns ready;
+- **demand levels** (leader only, once a tick): per-level open gap starts and the previous
+  level, closed gaps recorded as ``gap:<level>`` samples.
+
+Redis layout (``P`` = prefix; pool names hold no ``:``):
+
+- ``P:history:{pool}:day:{YYYY-MM-DD}`` HASH, one UTC day's histograms: field
+  ``"{metric}|{bucket}"`` -> weight (HINCRBYFLOAT), metrics ``arrivals`` (bucket = hour of
+  the day, a count), ``days`` (bucket 0 set to 1 on a day with arrivals),
+  ``service``, ``service@{model}``, ``boot:create``, ``boot:revive``, ``gap:1`` ..
+  ``gap:16``. EXPIRE ``WINDOW_DAYS + 1`` days, renewed by every write.
+- ``P:history:{pool}:arrivals:{minute}`` STRING counter of arrivals in that minute (epoch
+  minute, INCRBY); EXPIRE ``RATE_WINDOW_S + 120`` s.
+- ``P:history:{pool}:levels`` HASH ``level`` -> the last demand level, ``open:{k}`` -> when
+  level k's gap opened (epoch s). No TTL: at most ``LEVELS + 1`` fields.
+
+Bounded: per pool at most ``WINDOW_DAYS + 1`` day hashes of (3 + models + ``LEVELS``) metrics x
+at most ~100 buckets (durations cluster: in practice a few dozen fields per metric), about 12
+arrival counters and one levels hash of <= 17 fields. Pools are the configured ones (samples
+for other names are dropped), models the pool's configured ones.
+
+Cost on hot paths: the ``note_*`` methods only add to an in-memory buffer (no Redis call, no
+await); ``flush`` writes the buffer in one pipelined round trip (HINCRBYFLOAT / INCRBY are
+atomic, so replicas never lose each other's samples). Every replica runs ``flush`` in a
+background loop (``FLUSH_INTERVAL_S``) and once at shutdown. Recording never raises into the
+caller: a failed flush is logged and its samples dropped (a lost sample is fine; a failed
+request is not).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from gpufleet.routing import normalize_model
+from gpufleet.scaling.history import (
+    DAY_S,
+    LEVELS,
+    RATE_BUCKET_S,
+    RATE_WINDOW_S,
+    WINDOW_DAYS,
+    PoolHistory,
+    bucket_of,
+    day_of,
+    hour_of_day,
+    level_of,
+    recent_rate,
+    step_levels,
+    summarize,
+)
+from gpufleet.settings import PoolSpec
+
+logger = logging.getLogger(__name__)
+
+# How often every replica writes its buffered samples (one pipeline, only when there are any).
+FLUSH_INTERVAL_S = 1.0
+DAY_TTL_S = int((WINDOW_DAYS + 1) * DAY_S)
+MINUTE_TTL_S = int(RATE_WINDOW_S + 120)
+# The field that marks a day as seen (``history.summarize``'s "days" metric): pre-warming
+# averages hourly arrivals over the days that had any.
+DAY_SEEN = "days|0"
+BOOT_SOURCES = frozenset({"create", "revive"})
+# A pool's arrival counters a summary reads: the minutes of the last RATE_WINDOW_S.
+RATE_MINUTES = int(RATE_WINDOW_S // RATE_BUCKET_S)
+
+
+class keys:
+    """Key names (``P`` = prefix). Shapes and lifetimes: the module docstring."""
+
+    @staticmethod
+    def day(prefix: str, pool: str, day: int) -> str:
+        """HASH of one UTC day's histograms (``day`` = ``history.day_of(t)``)."""
+        return f"{prefix}:history:{pool}:day:{_iso(day)}"
+
+    @staticmethod
+    def arrivals(prefix: str, pool: str, minute: int) -> str:
+        """STRING counter of one epoch minute's arrivals."""
+        return f"{prefix}:history:{pool}:arrivals:{minute}"
+
+    @staticmethod
+    def levels(prefix: str, pool: str) -> str:
+        """HASH: ``level`` and ``open:{k}`` of the pool's idle-gap clocks (leader only)."""
+        return f"{prefix}:history:{pool}:levels"
+
+
+def _iso(day: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY_S))
+
+
+def pool_for_engine(pools: Iterable[Any], engine: str) -> str | None:
+    """The pool whose history a task naming only ``engine`` counts for: the cheapest per
+    slot-hour among the pools of that engine, ties by name (``policy._by_price``'s order, so
+    the pool the scaler would start first for it). None if no pool runs the engine."""
+    ranked = sorted(
+        (
+            ((p.price_per_hour or 0.0) / max(1, p.slots), p.name)
+            for p in pools
+            if _engine(p) == engine
+        ),
+    )
+    return ranked[0][1] if ranked else None
+
+
+def _engine(pool: Any) -> str:
+    engine = pool.engine
+    return str(getattr(engine, "value", engine))
+
+
+class HistoryStore:
+    """Records pool history into Redis and reads the summary ``policy.plan`` gets."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        prefix: str = "gpufleet",
+        clock: Callable[[], float] = time.time,
+        pools: Sequence[PoolSpec] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.clock = clock
+        self.pools: dict[str, PoolSpec] | None = (
+            {p.name: p for p in pools} if pools is not None else None
+        )
+        self._models: dict[str, frozenset[str]] = {
+            p.name: frozenset(normalize_model(m) for m in p.models) for p in pools or ()
+        }
+        # (pool, day) -> field -> weight; (pool, minute) -> arrivals
+        self._days: dict[tuple[str, int], dict[str, float]] = {}
+        self._minutes: dict[tuple[str, int], int] = {}
+        self._failing = False
+
+    def __repr__(self) -> str:
+        return f"<HistoryStore {self.prefix} pending={self.pending}>"
+
+    @property
+    def pending(self) -> int:
+        """Buffered fields not yet written."""
+        return sum(len(f) for f in self._days.values()) + len(self._minutes)
+
+    # -- recording: buffer now, write on flush ---------------------------------------------------
+
+    def _known(self, pool: str) -> bool:
+        return bool(pool) and (self.pools is None or pool in self.pools)
+
+    def _add(self, pool: str, t: float, metric: str, value_s: float, weight: float = 1.0) -> None:
+        fields = self._days.setdefault((pool, day_of(t)), {})
+        name = f"{metric}|{bucket_of(value_s)}"
+        fields[name] = fields.get(name, 0.0) + weight
+
+    def note_arrival(self, pool: str, n: int = 1) -> None:
+        """``n`` arrivals for ``pool`` now (buffered)."""
+        if n <= 0 or not self._known(pool):
+            return
+        t = self.clock()
+        fields = self._days.setdefault((pool, day_of(t)), {})
+        name = f"arrivals|{hour_of_day(t)}"  # a count per hour of the day (pre-warming)
+        fields[name] = fields.get(name, 0.0) + n
+        fields[DAY_SEEN] = 1.0  # this day saw traffic: set, not added (see _queue_writes)
+        minute = (pool, int(t // RATE_BUCKET_S))
+        self._minutes[minute] = self._minutes.get(minute, 0) + n
+
+    def note_task(self, kind: str, pool: str | None) -> None:
+        """A task was accepted: an arrival for its pool, or for its engine's pool."""
+        if pool is None and self.pools is not None:
+            pool = pool_for_engine(self.pools.values(), kind)
+        if pool:
+            self.note_arrival(pool)
+
+    def note_service(self, pool: str, seconds: float, model: str | None = None) -> None:
+        """One unit of work held a slot of ``pool`` for ``seconds`` (buffered)."""
+        if not self._known(pool) or not seconds >= 0:
+            return
+        t = self.clock()
+        self._add(pool, t, "service", seconds)
+        if model:
+            allowed = self._models.get(pool, frozenset())
+            name = model if model in allowed else normalize_model(model)
+            if name in allowed:
+                self._add(pool, t, f"service@{name}", seconds)
+
+    def note_boot(self, pool: str, source: str, seconds: float) -> None:
+        """A worker of ``pool`` booted in ``seconds``; ``source`` is create or revive."""
+        if source not in BOOT_SOURCES or not self._known(pool) or not seconds >= 0:
+            return
+        self._add(pool, self.clock(), f"boot:{source}", seconds)
+
+    async def flush(self) -> int:
+        """Write every buffered sample in one pipelined round trip; returns fields written.
+
+        Never raises: on a Redis error the samples are dropped and the error logged (a
+        warning once per outage, then debug lines).
+        """
+        days, self._days = self._days, {}
+        minutes, self._minutes = self._minutes, {}
+        if not days and not minutes:
+            return 0
+        written = sum(len(f) for f in days.values()) + len(minutes)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                _queue_writes(pipe, self.prefix, days, minutes)
+                await pipe.execute()
+        except Exception as exc:
+            log = logger.debug if self._failing else logger.warning
+            log("history: %d sample field(s) not recorded (%s)", written, exc)
+            self._failing = True
+            return 0
+        if self._failing:
+            logger.info("history: recording again")
+            self._failing = False
+        return written
+
+    async def arrival(self, pool: str, n: int = 1) -> None:
+        """Record ``n`` arrivals now (one round trip; never raises)."""
+        self.note_arrival(pool, n)
+        await self.flush()
+
+    async def service(self, pool: str, seconds: float, model: str | None = None) -> None:
+        """Record a service duration now (one round trip; never raises)."""
+        self.note_service(pool, seconds, model)
+        await self.flush()
+
+    async def boot(self, pool: str, source: str, seconds: float) -> None:
+        """Record a boot duration now (one round trip; never raises)."""
+        self.note_boot(pool, source, seconds)
+        await self.flush()
+
+    async def aclose(self) -> None:
+        """Write what is still buffered (the lifespan calls this on shutdown)."""
+        await self.flush()
+
+    # -- demand levels (the reconciler leader, once a tick) ----------------------------------------
+
+    async def demand(self, pool: str, demand: int, slots: int) -> None:
+        """The pool's demand now (queued + waiting + in flight): advances its idle-gap clocks."""
+        await self.demands({pool: (demand, slots)})
+
+    async def demands(self, levels: Mapping[str, tuple[int, int]]) -> int:
+        """``demand`` for many pools: one read and (when a level moved) one write. Returns the
+        number of gaps closed. Never raises.
+
+        Leader only: the read-modify-write of a pool's levels hash assumes one writer (the
+        reconciler lock); the gap samples themselves are atomic increments.
+        """
+        names = [p for p in levels if self._known(p)]
+        if not names:
+            return 0
+        now = self.clock()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for pool in names:
+                    pipe.hgetall(keys.levels(self.prefix, pool))
+                states = cast(list[dict[str, str]], await pipe.execute())
+        except Exception as exc:
+            logger.warning("history: demand levels not read (%s)", exc)
+            return 0
+        days: dict[tuple[str, int], dict[str, float]] = {}
+        updates: dict[str, dict[str, str]] = {}
+        dropped: dict[str, list[str]] = {}
+        closed_n = 0
+        for pool, state in zip(names, states, strict=True):
+            demand, slots = levels[pool]
+            prev, opened = _parse_levels(state)
+            level = level_of(demand, slots)
+            if level == prev:
+                continue
+            new_open, closed = step_levels(opened, prev, level, now)
+            for k, gap in closed:
+                fields = days.setdefault((pool, day_of(now)), {})
+                name = f"gap:{k}|{bucket_of(gap)}"
+                fields[name] = fields.get(name, 0.0) + 1.0
+            closed_n += len(closed)
+            updates[pool] = {"level": str(level)} | {
+                f"open:{k}": repr(since) for k, since in new_open.items()
+            }
+            dropped[pool] = [f"open:{k}" for k in opened if k not in new_open]
+        if not updates:
+            return 0
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for pool, mapping in updates.items():
+                    key = keys.levels(self.prefix, pool)
+                    if dropped[pool]:
+                        pipe.hdel(key, *dropped[pool])
+                    pipe.hset(key, mapping=cast(Any, mapping))
+                _queue_writes(pipe, self.prefix, days, {})
+                await pipe.execute()
+        except Exception as exc:
+            logger.warning("history: demand levels not recorded (%s)", exc)
+            return 0
+        return closed_n
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    async def summary(self, pools: Iterable[str]) -> dict[str, PoolHistory]:
+        """Each pool's ``PoolHistory`` now: one pipelined round trip for all pools.
+
+        Raises on a Redis error (the reconciler's tick handles it like any observe failure).
+        """
+        names = list(dict.fromkeys(pools))
+        if not names:
+            return {}
+        now = self.clock()
+        today = day_of(now)
+        days = [today - age for age in range(WINDOW_DAYS)]
+        last = int(now // RATE_BUCKET_S)
+        first = int((now - RATE_WINDOW_S) // RATE_BUCKET_S) + 1
+        minutes = list(range(first, last + 1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pool in names:
+                for day in days:
+                    pipe.hgetall(keys.day(self.prefix, pool, day))
+                pipe.mget([keys.arrivals(self.prefix, pool, m) for m in minutes])
+            answers = await pipe.execute()
+        out: dict[str, PoolHistory] = {}
+        per_pool = len(days) + 1
+        for i, pool in enumerate(names):
+            chunk = answers[i * per_pool : (i + 1) * per_pool]
+            by_day = {
+                day: _parse_day(cast(dict[str, str], raw))
+                for day, raw in zip(days, chunk[:-1], strict=True)
+                if raw
+            }
+            counts = {m: float(n) for m, n in zip(minutes, chunk[-1], strict=True) if n}
+            out[pool] = summarize(by_day, now, recent_rate(counts, now) * RATE_WINDOW_S)
+        return out
+
+    async def model_service(self, pool: str) -> dict[str, PoolHistory]:
+        """Per-model service histograms of ``pool`` over the window (for GET /pools)."""
+        now = self.clock()
+        today = day_of(now)
+        days = [today - age for age in range(WINDOW_DAYS)]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(keys.day(self.prefix, pool, day))
+            answers = await pipe.execute()
+        per_model: dict[str, dict[int, dict[str, dict[int, float]]]] = {}
+        for day, raw in zip(days, answers, strict=True):
+            for metric, counts in _parse_day(cast(dict[str, str], raw)).items():
+                if metric.startswith("service@"):
+                    model = metric.removeprefix("service@")
+                    per_model.setdefault(model, {})[day] = {"service": counts}
+        return {m: summarize(d, now) for m, d in sorted(per_model.items())}
+
+
+def _queue_writes(
+    pipe: Any,
+    prefix: str,
+    days: Mapping[tuple[str, int], Mapping[str, float]],
+    minutes: Mapping[tuple[str, int], int],
+) -> None:
+    for (pool, day), fields in days.items():
+        key = keys.day(prefix, pool, day)
+        for name, weight in fields.items():
+            if name == DAY_SEEN:
+                pipe.hset(key, name, 1)
+            else:
+                pipe.hincrbyfloat(key, name, weight)
+        pipe.expire(key, DAY_TTL_S)
+    for (pool, minute), n in minutes.items():
+        key = keys.arrivals(prefix, pool, minute)
+        pipe.incrby(key, n)
+        pipe.expire(key, MINUTE_TTL_S)
+
+
+def _parse_day(raw: Mapping[str, str]) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {}
+    for name, value in raw.items():
+        metric, _, bucket = name.rpartition("|")
+        try:
+            out.setdefault(metric, {})[int(bucket)] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _parse_levels(raw: Mapping[str, str]) -> tuple[int, dict[int, float]]:
+    try:
+        prev = int(raw.get("level", "0"))
+    except ValueError:
+        prev = 0
+    opened: dict[int, float] = {}
+    for name, value in raw.items():
+        if name.startswith("open:"):
+            try:
+                k = int(name.removeprefix("open:"))
+                if 1 <= k <= LEVELS:
+                    opened[k] = float(value)
+            except ValueError:
+                continue
+    return prev, opened
+
+
+__all__ = ["FLUSH_INTERVAL_S", "HistoryStore", "keys", "pool_for_engine"]
