@@ -99,7 +99,9 @@ class DemoTimings:
     comfyui_step_s: float = 0.1  # the example graph has 20 steps: 2 s per image
     ollama_first_token_s: float = 0.3
     ollama_tokens_per_s: float | None = 20.0
-    idle_timeout_s: float = 30.0
+    # "auto" (the shipped default): learned from each pool's idle gaps; `gpufleet events`
+    # names the timeout and the numbers behind each park. A number fixes it (tests, --fast).
+    idle_timeout_s: float | str = "auto"
     scaling_interval_s: float = 2.0
     health_interval_s: float = 1.0
 
@@ -542,8 +544,13 @@ def cheat_sheet(demo: Demo) -> str:
         f"  simulated SURF    {demo.surf_server.url}  pool '{SURF_POOL}': Ollama "
         f"{OLLAMA_MODEL} on A10 at ${SURF_PRICE_PER_HOUR:.2f}/h, "
         f"{len(SURF_WORKSPACES)} paused workspaces",
-        f"  idle workers are stopped/paused after {t.idle_timeout_s:g} s; "
-        f"data in {demo.options.resolved_data_dir}",
+        (
+            "  idle workers are stopped/paused after a timeout learned from each pool's idle "
+            "gaps (gpufleet events says which and why); "
+            if t.idle_timeout_s == "auto"
+            else f"  idle workers are stopped/paused after {t.idle_timeout_s:g} s; "
+        )
+        + f"data in {demo.options.resolved_data_dir}",
         "",
     ]
     settings = demo.settings

@@ -178,3 +178,14 @@ def test_hourly_arrivals_are_averaged_over_the_days_seen():
     assert s.arrivals_by_hour[9] == pytest.approx(30.0)
     assert s.arrivals_by_hour[8] == 0.0
     assert s.hourly_rate_per_s(9 * 3600.0 + 5.0) == pytest.approx(30.0 / 3600.0)
+
+
+def test_a_boot_source_not_seen_yet_keeps_its_ratio_to_the_one_seen():
+    from gpufleet.scaling.policy import expected_boot_s
+
+    fast_creates = PoolHistory(boot_s={"create": Histogram.from_samples([6.0] * 5)})
+    assert expected_boot_s(AUTO, fast_creates, "create") == pytest.approx(6.0, rel=0.1)
+    # revive guessed at 60 s against a 200 s create guess: creates seen at 6 s make it ~1.8 s
+    assert expected_boot_s(AUTO, fast_creates, "revive") == pytest.approx(1.8, rel=0.1)
+    assert park_timeout_s(AUTO, fast_creates) > 0  # parking still saves the faster revive
+    assert expected_boot_s(AUTO, None, "revive") == 60.0

@@ -144,11 +144,18 @@ def _wait_cost(pool: PoolView) -> float:
 
 
 def expected_boot_s(pool: PoolView, history: PoolHistory | None, source: str) -> float:
-    """Mean observed boot of ``source`` ("create" or "revive"), else the pool's guess."""
-    seen = history.boot_s.get(source) if history is not None else None
+    """Mean observed boot of ``source`` ("create" or "revive"), else the pool's guess —
+    scaled by what the other source showed, if it did (creates seen at 6 s where 180 s was
+    guessed make a 60 s revive guess 2 s: the two guesses keep their ratio)."""
+    guess = {"create": pool.create_boot_s, "revive": pool.revive_boot_s}
+    other = "revive" if source == "create" else "create"
+    boots = history.boot_s if history is not None else {}
+    seen, seen_other = boots.get(source), boots.get(other)
     if seen is not None and seen.total >= MIN_BOOT_SAMPLES:
         return seen.mean()
-    return pool.create_boot_s if source == "create" else pool.revive_boot_s
+    if seen_other is not None and seen_other.total >= MIN_BOOT_SAMPLES and guess[other] > 0:
+        return guess[source] * seen_other.mean() / guess[other]
+    return guess[source]
 
 
 def revive_s(pool: PoolView, history: PoolHistory | None) -> float:
@@ -244,7 +251,8 @@ def _learned_keep_alive(
     if gaps.total < MIN_GAP_SAMPLES:
         t = min(ceiling, boot * (price + wait_cost) / price)
         why = (
-            f"auto: break-even {t:.0f}s = revive {boot:.0f}s x (price+wait)/price "
+            f"auto: break-even {t:.0f}s = revive {boot:.0f}s x (${price:.2f} + "
+            f"${wait_cost:.2f} of waiting)/${price:.2f} per hour "
             f"({gaps.total:.0f} idle gaps seen, need {MIN_GAP_SAMPLES:.0f})"
         )
         return KeepAlive(t, why, t)
