@@ -80,6 +80,12 @@ async def test_patch_persists_over_config_and_needs_admin(client: Any, redis_url
     assert (await client.patch("/api/v1/pools/comfy", json={})).status_code == 422
     assert (await client.patch("/api/v1/pools/comfy", json={"max_workers": -1})).status_code == 422
     assert (await client.patch("/api/v1/pools/comfy", json={"slots": 3})).status_code == 422
+    for wrong in ("soon", -5, 10**9):
+        refused = await client.patch("/api/v1/pools/comfy", json={"idle_timeout_s": wrong})
+        assert refused.status_code == 422, wrong
+    auto = await client.patch("/api/v1/pools/comfy", json={"idle_timeout_s": "auto"})
+    assert auto.json()["idle_timeout_s"] == "auto"
+    assert (await client.patch("/api/v1/pools/comfy", json={"idle_timeout_s": 60})).is_success
     # Another replica (a second app on the same Redis) sees the override.
     other = create_app(load_settings(env_file=None, redis={"url": redis_url}, pools=POOLS))
     async with other.router.lifespan_context(other):

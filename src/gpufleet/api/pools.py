@@ -8,10 +8,10 @@ actions are for admin keys only.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import Components, get_components
@@ -20,7 +20,7 @@ from gpufleet.errors import Conflict, NotFound
 from gpufleet.scaling.history import Histogram, PoolHistory
 from gpufleet.settings import PoolSpec
 from gpufleet.store.history import HistoryStore
-from gpufleet.store.pools import PoolStateStore
+from gpufleet.store.pools import AUTO_OVERRIDE, PoolStateStore
 
 router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
 
@@ -51,7 +51,17 @@ class PoolPatch(BaseModel):
 
     min_workers: int | None = Field(None, ge=0, le=10_000)
     max_workers: int | None = Field(None, ge=0, le=10_000)
-    idle_timeout_s: float | None = Field(None, ge=0, le=7 * 86400)
+    idle_timeout_s: float | Literal["auto"] | None = Field(
+        None,
+        description='Seconds (0 to 7 days), or "auto": learned from the pool\'s idle gaps.',
+    )
+
+    @field_validator("idle_timeout_s")
+    @classmethod
+    def _idle_range(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, int | float) and not 0 <= value <= 7 * 86400:
+            raise ValueError('must be "auto" or between 0 and 604800 seconds')
+        return value
 
     @model_validator(mode="after")
     def _something(self) -> PoolPatch:
@@ -198,7 +208,10 @@ async def patch_pool(
     high = body.max_workers if body.max_workers is not None else effective.max_workers
     if low > high:
         raise Conflict(f"min_workers ({low}) would exceed max_workers ({high})")
-    await store.set_overrides(name, **body.model_dump(exclude_unset=True))
+    values = body.model_dump(exclude_unset=True)
+    if values.get("idle_timeout_s") == "auto":
+        values["idle_timeout_s"] = AUTO_OVERRIDE  # stored as a number, read back as "auto"
+    await store.set_overrides(name, **values)
     if components.events:
         await components.events.emit(
             "pool", pool=name, action="patch", reason=str(body.model_dump(exclude_unset=True))

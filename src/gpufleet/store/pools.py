@@ -21,6 +21,8 @@ import redis.asyncio as aioredis
 from gpufleet.settings import PoolSpec
 
 OVERRIDABLE = ("min_workers", "max_workers", "idle_timeout_s")
+# An idle_timeout_s override of "auto" is stored as this number (overrides are numbers).
+AUTO_OVERRIDE = -1.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class PoolStateStore:
         """The pool's config with overrides and an active floor applied."""
         runtime = await self.runtime(spec.name)
         update: dict[str, Any] = {
-            k: (int(v) if k != "idle_timeout_s" else v) for k, v in runtime.overrides.items()
+            k: (int(v) if k != "idle_timeout_s" else ("auto" if v == AUTO_OVERRIDE else v))
+            for k, v in runtime.overrides.items()
         }
         merged = spec.model_copy(update=update)
         min_workers = max(merged.min_workers, min(runtime.floor, merged.max_workers))
