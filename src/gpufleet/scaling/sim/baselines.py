@@ -17,7 +17,7 @@ from gpufleet.domain import WorkerState
 from gpufleet.scaling import policy
 from gpufleet.scaling.actions import Action, Create, Delete, Start, Stop
 from gpufleet.scaling.sim.engine import LIVE, Job, SimConfig, SimResult
-from gpufleet.scaling.snapshot import Snapshot, WorkerView
+from gpufleet.scaling.snapshot import PoolView, Snapshot, WorkerView
 
 
 def _live(s: Snapshot) -> list[WorkerView]:
@@ -38,13 +38,18 @@ class Gpufleet:
 
     def __init__(self, name: str = "gpufleet", idle_timeout_s: float | None = None) -> None:
         self.name, self.idle_timeout_s = name, idle_timeout_s
+        self._fixed: tuple[tuple[PoolView, ...], tuple[PoolView, ...]] | None = None
 
     def _pool(self, s: Snapshot) -> Snapshot:
         if self.idle_timeout_s is None:
             return s
-        fixed = self.idle_timeout_s
-        pools = tuple(replace(p, idle_timeout_s=fixed, idle_timeout_auto=False) for p in s.pools)
-        return replace(s, pools=pools)
+        if self._fixed is None or self._fixed[0] != s.pools:  # the engine reuses pool views
+            fixed = self.idle_timeout_s
+            pools = tuple(
+                replace(p, idle_timeout_s=fixed, idle_timeout_auto=False) for p in s.pools
+            )
+            self._fixed = (s.pools, pools)
+        return replace(s, pools=self._fixed[1])
 
     def plan(self, snapshot: Snapshot) -> list[Action]:
         return policy.plan(self._pool(snapshot))

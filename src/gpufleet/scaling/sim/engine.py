@@ -13,7 +13,7 @@ import heapq
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -30,10 +30,11 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
-from gpufleet.scaling.history import HistoryBook
+from gpufleet.scaling.history import HistoryBook, PoolHistory
 from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
 
 LIVE = frozenset({WorkerState.booting, WorkerState.ready, WorkerState.draining})
+PARKED = frozenset({WorkerState.stopped, WorkerState.paused})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,8 @@ class SimWorker:
     boot_gen: int = 0
     revived: bool = False
     models: set[str] = field(default_factory=set)
+    # The WorkerView last built for this worker; None once any field plan() sees changed.
+    view: WorkerView | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,10 @@ class SimConfig:
     revive_boot_s: tuple[float, float] = (45.0, 75.0)  # start of a stopped instance / resume
     load_latency_s: tuple[float, ...] = ()  # model load on a worker's first job of a model
     seed: int = 0
+    # Workers the pool has before the first arrival: a SURF pool's paused workspaces (it can
+    # resume them, never create one), a static pool's always-on URLs.
+    initial_paused: int = 0
+    initial_ready: int = 0
 
 
 @dataclass
@@ -116,6 +123,18 @@ class Simulator:
         # service and boot times, idle gaps per demand level; plan() reads its summary.
         self.history = HistoryBook()
         self._due_retried: float | None = None
+        self._pool_view: tuple[float, PoolView] | None = None  # (spend it was built for, view)
+        self._views: tuple[WorkerView, ...] | None = None  # every worker's view, until a change
+        for state, count in (
+            (WorkerState.paused, config.initial_paused),
+            (WorkerState.ready, config.initial_ready),
+        ):
+            for _ in range(count):
+                # ready_since set: a paused workspace is revived, not created (plan() tells
+                # them apart by it); a static worker counts idle from the start.
+                w = SimWorker(f"w{self.seq}-{len(self.workers)}", state, 0.0, ready_since=0.0)
+                self.seq += 1
+                self.workers[w.id] = w
 
     def run(self) -> SimResult:
         nxt = 0
@@ -145,7 +164,9 @@ class Simulator:
             self._apply(self.policy.plan(snap))
             self._dispatch()
             self._record()
-            next_plan = self._next_plan(self._snapshot())
+            # Nothing was recorded in the history since the first snapshot of this step, and
+            # dispatching does not change the demand level: reuse its history and pool.
+            next_plan = self._next_plan(self._snapshot(snap))
         return self.result
 
     def _next_plan(self, snap: Snapshot) -> float:
@@ -171,11 +192,13 @@ class Simulator:
     def _advance(self, t: float) -> None:
         dt_h = (t - self.now) / 3600.0
         pool = self.cfg.pool
-        live = sum(1 for w in self.workers.values() if w.state in LIVE)
-        idle = sum(1 for w in self.workers.values() if w.state is WorkerState.ready and w.busy == 0)
-        parked = sum(
-            1 for w in self.workers.values() if w.state in (WorkerState.stopped, WorkerState.paused)
-        )
+        live = idle = parked = 0
+        for w in self.workers.values():
+            if w.state in LIVE:
+                live += 1
+                idle += w.state is WorkerState.ready and w.busy == 0
+            elif w.state in PARKED:
+                parked += 1
         cost = dt_h * (live * pool.price_per_hour + parked * pool.parked_cost_per_hour)
         self.result.cost_usd += cost
         self.result.gpu_hours += dt_h * live
@@ -187,8 +210,11 @@ class Simulator:
         self._record()
 
     def _record(self) -> None:
-        live = sum(1 for w in self.workers.values() if w.state in LIVE)
-        demand = len(self.queue) + sum(w.busy for w in self.workers.values())
+        live = busy = 0
+        for w in self.workers.values():
+            live += w.state in LIVE
+            busy += w.busy
+        demand = len(self.queue) + busy
         if not self.result.series or self.result.series[-1][1:] != (demand, live):
             self.result.series.append((self.now, demand, live))
 
@@ -204,6 +230,7 @@ class Simulator:
             source = "revive" if w.revived else "create"
             self.history.boot(self.cfg.pool.name, self.now, source, booted)
         elif kind == "done":
+            self._touch(w)
             w.busy -= 1
             w.last_busy_at = self.now
             held_s = float(ref.split("#")[1])
@@ -223,37 +250,62 @@ class Simulator:
                 load = self.rng.choice(self.cfg.load_latency_s)
                 w.models.add(job.model)
                 self.result.load_gpu_hours += load / 3600.0
+            self._touch(w)
             w.busy += 1
             self.result.waits_s.append(self.now - job.arrival_s)
             self.result.finished += 1
             self.result.succeeded += job.succeeded
             self._push(self.now + load + job.service_s, "done", f"{w.id}#{load + job.service_s!r}")
 
-    def _snapshot(self) -> Snapshot:
-        pool = replace(self.cfg.pool, spend_today_usd=self.spend_today_usd)
-        workers = tuple(
-            WorkerView(
-                w.id,
-                pool.name,
-                w.state,
-                pool.slots,
-                w.busy,
-                f"i-{w.id}",
-                w.state_since,
-                w.boot_started_at,
-                w.ready_since,
-                w.last_busy_at,
-            )
-            for w in self.workers.values()
-        )
-        in_flight = sum(w.busy for w in self.workers.values())
+    def _snapshot(self, same_step: Snapshot | None = None) -> Snapshot:
+        """What plan() sees now. ``same_step``: an earlier snapshot of this very step, whose
+        pool and history still hold (the demand level was recorded by it)."""
+        in_flight = 0
+        for w in self.workers.values():
+            in_flight += w.busy
+        if same_step is not None:
+            pool, history = same_step.pools[0], same_step.history
+        else:
+            pool = self._pool()
+            self.history.demand(pool.name, self.now, len(self.queue) + in_flight, pool.slots)
+            history = _LazyHistory(self.history, pool.name, self.now)
         oldest = self.now - self.jobs[self.queue[0]].arrival_s if self.queue else 0.0
         demand = Demand(pool.name, (pool.name,), len(self.queue), 0, in_flight, oldest)
-        self.history.demand(pool.name, self.now, len(self.queue) + in_flight, pool.slots)
-        history = {pool.name: self.history.summary(pool.name, self.now)}
-        return Snapshot(self.now, (pool,), workers, (demand,), history=history)
+        return Snapshot(self.now, (pool,), self._worker_views(pool), (demand,), history=history)
+
+    def _pool(self) -> PoolView:
+        spend = self.spend_today_usd
+        if self._pool_view is None or self._pool_view[0] != spend:
+            self._pool_view = (spend, replace(self.cfg.pool, spend_today_usd=spend))
+        return self._pool_view[1]
+
+    def _worker_views(self, pool: PoolView) -> tuple[WorkerView, ...]:
+        if self._views is None:
+            views = []
+            for w in self.workers.values():
+                if w.view is None:
+                    w.view = WorkerView(
+                        w.id,
+                        pool.name,
+                        w.state,
+                        pool.slots,
+                        w.busy,
+                        f"i-{w.id}",
+                        w.state_since,
+                        w.boot_started_at,
+                        w.ready_since,
+                        w.last_busy_at,
+                    )
+                views.append(w.view)
+            self._views = tuple(views)
+        return self._views
+
+    def _touch(self, w: SimWorker) -> None:
+        """``w`` is about to change: its view, and the tuple of views, are rebuilt."""
+        w.view, self._views = None, None
 
     def _set(self, w: SimWorker, state: WorkerState) -> None:
+        self._touch(w)
         w.state, w.state_since = state, self.now
 
     def _boot(self, w: SimWorker, delay: tuple[float, float], revived: bool = False) -> None:
@@ -277,6 +329,7 @@ class Simulator:
                 w = SimWorker(f"w{self.seq}-{len(self.workers)}", WorkerState.booting, self.now)
                 self.seq += 1
                 self.workers[w.id] = w
+                self._views = None
                 self._boot(w, self.cfg.create_boot_s)
                 continue
             found = self.workers.get(getattr(a, "worker_id", ""))
@@ -293,8 +346,31 @@ class Simulator:
             w.models.clear()
         elif isinstance(a, Delete) and w.busy == 0:
             del self.workers[w.id]
+            self._views = None
         elif isinstance(a, MarkFailed):
             self._set(w, WorkerState.failed)
+
+
+class _LazyHistory(Mapping[str, PoolHistory]):
+    """``Snapshot.history`` for the one simulated pool: the summary is built on first use
+    (the baselines never read it) and kept for the step."""
+
+    def __init__(self, book: HistoryBook, pool: str, now: float) -> None:
+        self._book, self._pool, self._now = book, pool, now
+        self._summary: PoolHistory | None = None
+
+    def __getitem__(self, key: str) -> PoolHistory:
+        if key != self._pool:
+            raise KeyError(key)
+        if self._summary is None:
+            self._summary = self._book.summary(self._pool, self._now)
+        return self._summary
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self._pool,))
+
+    def __len__(self) -> int:
+        return 1
 
 
 def simulate(
