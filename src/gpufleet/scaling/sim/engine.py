@@ -31,7 +31,7 @@ from gpufleet.scaling.actions import (
     Stop,
 )
 from gpufleet.scaling.history import HistoryBook, PoolHistory
-from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
+from gpufleet.scaling.snapshot import Demand, GlobalBudget, PoolView, Snapshot, WorkerView
 
 LIVE = frozenset({WorkerState.booting, WorkerState.ready, WorkerState.draining})
 PARKED = frozenset({WorkerState.stopped, WorkerState.paused})
@@ -81,6 +81,11 @@ class SimConfig:
     # resume them, never create one), a static pool's always-on URLs.
     initial_paused: int = 0
     initial_ready: int = 0
+    # The replay's clock starts here (the first arrival of a user's trace, so nothing bills
+    # before it); the shipped traces start at 0.
+    start_s: float = 0.0
+    # The [scaling] caps; the spend it counts is this replay's (one pool per replay).
+    budget: GlobalBudget = GlobalBudget()
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Simulator:
         self.queue: deque[int] = deque()
         self.events: list[tuple[float, int, str, str]] = []
         self.seq = 0
-        self.now = 0.0
+        self.now = config.start_s
         self.result = SimResult(sim_policy.name)
         self.spend_today_usd = 0.0
         self.horizon_s = math.inf
@@ -132,13 +137,18 @@ class Simulator:
             for _ in range(count):
                 # ready_since set: a paused workspace is revived, not created (plan() tells
                 # them apart by it); a static worker counts idle from the start.
-                w = SimWorker(f"w{self.seq}-{len(self.workers)}", state, 0.0, ready_since=0.0)
+                w = SimWorker(
+                    f"w{self.seq}-{len(self.workers)}",
+                    state,
+                    config.start_s,
+                    ready_since=config.start_s,
+                )
                 self.seq += 1
                 self.workers[w.id] = w
 
     def run(self) -> SimResult:
         nxt = 0
-        next_plan = 0.0
+        next_plan = self.now
         while True:
             times = [next_plan]
             if nxt < len(self.jobs):
@@ -271,7 +281,11 @@ class Simulator:
             history = _LazyHistory(self.history, pool.name, self.now)
         oldest = self.now - self.jobs[self.queue[0]].arrival_s if self.queue else 0.0
         demand = Demand(pool.name, (pool.name,), len(self.queue), 0, in_flight, oldest)
-        return Snapshot(self.now, (pool,), self._worker_views(pool), (demand,), history=history)
+        budget = self.cfg.budget
+        if budget.max_spend_per_day is not None or budget.max_spend_per_hour is not None:
+            budget = replace(budget, spend_today_usd=pool.spend_today_usd)
+        workers = self._worker_views(pool)
+        return Snapshot(self.now, (pool,), workers, (demand,), budget=budget, history=history)
 
     def _pool(self) -> PoolView:
         spend = self.spend_today_usd

@@ -7,10 +7,14 @@ must not touch Redis or a provider.
 from __future__ import annotations
 
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from gpufleet.scaling import policy
 from gpufleet.scaling.sim.baselines import (
@@ -158,11 +162,46 @@ def _pareto(results: list[SimResult], p95_limit: float = math.inf) -> set[str]:
     return front
 
 
-def report_table(scenario: Scenario, results: list[SimResult]) -> str:
+def table_rows(scenario: Scenario, results: list[SimResult]) -> list[dict[str, Any]]:
+    """The table's rows with every column, as numbers (``--json``; ``report_table`` prints
+    them). ``x_clairvoyant`` is None without a clairvoyant row (a static pool has none)."""
     pool = scenario.config.pool
-    bound = next(r for r in results if r.policy.startswith("e:"))
+    bound = next((r for r in results if r.policy.startswith("e:")), None)
     limit = p95_target_s(scenario.config)
     front = _pareto([r for r in results if not r.policy.startswith("e:")], limit)
+    rows = []
+    for r in results:
+        if r.policy.startswith("e:"):
+            mark = "-"
+        elif r.wait_pct(95) > limit:
+            mark = "p95 missed"
+        else:
+            mark = "yes" if r.policy in front else "no"
+        rows.append(
+            {
+                "policy": r.policy,
+                "score_usd": score(r, pool),
+                "cost_usd": r.cost_usd,
+                "x_clairvoyant": r.cost_usd / bound.cost_usd if bound and bound.cost_usd else None,
+                "gpu_hours": r.gpu_hours,
+                "idle_gpu_hours": r.idle_gpu_hours,
+                "p50_s": r.wait_pct(50),
+                "p95_s": r.wait_pct(95),
+                "p99_s": r.wait_pct(99),
+                "boots": r.boots,
+                "usd_per_succeeded": r.cost_usd / r.succeeded if r.succeeded else 0.0,
+                "actions": r.actions,
+                "pareto": mark,
+                "jobs": r.finished,
+            }
+        )
+    return rows
+
+
+def report_table(scenario: Scenario, results: list[SimResult]) -> str:
+    pool = scenario.config.pool
+    bound = next((r for r in results if r.policy.startswith("e:")), None)
+    limit = p95_target_s(scenario.config)
     lines = [
         f"### {scenario.name}: {len(scenario.jobs)} jobs over "
         f"{scenario.jobs[-1].arrival_s / 3600:.1f} h; pool {pool.engine}, {pool.slots} slot(s), "
@@ -174,22 +213,17 @@ def report_table(scenario: Scenario, results: list[SimResult]) -> str:
         "| boots | $/succeeded | actions | Pareto (p95 met) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        per = r.cost_usd / r.succeeded if r.succeeded else 0.0
-        if r.policy.startswith("e:"):
-            mark = "-"
-        elif r.wait_pct(95) > limit:
-            mark = "p95 missed"
-        else:
-            mark = "yes" if r.policy in front else "no"
+    for row in table_rows(scenario, results):
+        ratio = "-" if row["x_clairvoyant"] is None else f"{row['x_clairvoyant']:.2f}"
         lines.append(
-            f"| {r.policy} | {score(r, pool):.2f} | {r.cost_usd:.2f} | "
-            f"{r.cost_usd / bound.cost_usd:.2f} | "
-            f"{r.gpu_hours:.1f} | {r.idle_gpu_hours:.1f} | {r.wait_pct(50):.0f} | "
-            f"{r.wait_pct(95):.0f} | {r.wait_pct(99):.0f} | {r.boots} | {per:.4f} | {r.actions} | "
-            f"{mark} |"
+            f"| {row['policy']} | {row['score_usd']:.2f} | {row['cost_usd']:.2f} | {ratio} | "
+            f"{row['gpu_hours']:.1f} | {row['idle_gpu_hours']:.1f} | {row['p50_s']:.0f} | "
+            f"{row['p95_s']:.0f} | {row['p99_s']:.0f} | {row['boots']} | "
+            f"{row['usd_per_succeeded']:.4f} | {row['actions']} | {row['pareto']} |"
         )
-    lines += ["", _targets(scenario, results, bound), ""]
+    if bound is not None and any(r.policy.startswith("c:") for r in results):
+        lines += ["", _targets(scenario, results, bound)]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -215,6 +249,69 @@ def _targets(scenario: Scenario, results: list[SimResult], bound: SimResult) -> 
             f"Pareto front vs (a)-(d) among p95-meeting: {'yes' if pareto else 'no'}"
         )
     return "\n".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """One replay to run: the index of its job list, the config, the policy."""
+
+    jobs: int
+    config: SimConfig
+    policy: SimPolicy
+
+
+_JOB_SETS: list[Sequence[Job]] = []  # a worker process's copy, sent once by the initializer
+
+
+def _init_worker(job_sets: list[Sequence[Job]]) -> None:
+    _JOB_SETS[:] = job_sets
+
+
+def _replay(task: Replay) -> SimResult:
+    return simulate(_JOB_SETS[task.jobs], task.config, task.policy)
+
+
+def replay_all(
+    job_sets: Sequence[Sequence[Job]],
+    tasks: Sequence[Replay],
+    label: str = "replaying",
+    workers: int | None = None,
+) -> list[SimResult]:
+    """Run ``tasks`` (in parallel processes, ``workers`` = ``os.cpu_count()`` by default) and
+    return their results in the order given. Each replay is deterministic (its own seeded
+    RNG, its own fresh policy), so the results do not depend on how they were spread."""
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    results: list[SimResult | None] = [None] * len(tasks)
+    with _progress(label, len(tasks)) as advance:
+        if workers <= 1:
+            _init_worker(list(job_sets))
+            for i, task in enumerate(tasks):
+                results[i] = _replay(task)
+                advance()
+        else:
+            with ProcessPoolExecutor(
+                workers, initializer=_init_worker, initargs=(list(job_sets),)
+            ) as pool:
+                futures = {pool.submit(_replay, task): i for i, task in enumerate(tasks)}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    advance()
+    return [r for r in results if r is not None]
+
+
+@contextmanager
+def _progress(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr when stderr is a terminal; nothing in a pipe."""
+    if not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = (f"{label}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
 def _chart(path: Path, runs: list[tuple[Scenario, list[SimResult]]]) -> None:
@@ -268,19 +365,18 @@ def run_report(
     which: Sequence[str] = ("gentd26", "azure", "bursty"),
     chart: bool = True,
 ) -> str:
-    """Run every policy on every scenario; return the markdown report (and write it + PNG)."""
-    import time as wallclock  # progress only; the replay itself runs on the virtual clock
+    """Run every policy on every scenario; return the markdown report (and write it + PNG).
 
+    The replays run in parallel processes (``replay_all``); a progress bar shows on stderr
+    when it is a terminal."""
+    chosen = scenarios(traces_dir(directory) if directory else None, which)
+    tasks = [
+        Replay(i, s.config, pol) for i, s in enumerate(chosen) for pol in policies(s.config.pool)
+    ]
+    done = replay_all([s.jobs for s in chosen], tasks, label="replaying")
     runs: list[tuple[Scenario, list[SimResult]]] = []
-    for scenario in scenarios(traces_dir(directory) if directory else None, which):
-        results: list[SimResult] = []
-        for pol in policies(scenario.config.pool):
-            started = wallclock.perf_counter()
-            results.append(simulate(scenario.jobs, scenario.config, pol))
-            print(
-                f"  {scenario.name}: {pol.name} in {wallclock.perf_counter() - started:.1f}s",
-                flush=True,
-            )
+    for i, scenario in enumerate(chosen):
+        results = [r for task, r in zip(tasks, done, strict=True) if task.jobs == i]
         results.append(clairvoyant(scenario.jobs, scenario.config))
         runs.append((scenario, results))
     text = "\n".join(report_table(s, r) for s, r in runs)

@@ -8,10 +8,12 @@ files; must not touch Redis or a provider.
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import random
-from dataclasses import replace
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from gpufleet.scaling.sim.engine import Job
@@ -119,3 +121,173 @@ def bursty(
         t += rng.expovariate(bursts_per_day / 86400.0)
     jobs.sort(key=lambda j: j.arrival_s)
     return jobs
+
+
+# --- a user's own trace ----------------------------------------------------------------------
+
+TRACE_COLUMNS = ("arrival", "service_s", "model", "pool", "kind")
+REQUIRED_COLUMNS = ("arrival", "service_s")
+MAX_ERRORS_SHOWN = 20
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRow:
+    """One row of a user's trace: ``line`` is where it is in the file (1-based; a CSV's
+    header is line 1), ``arrival_s`` epoch seconds."""
+
+    line: int
+    arrival_s: float
+    service_s: float
+    model: str = ""
+    pool: str = ""
+    kind: str = ""
+
+
+class TraceError(ValueError):
+    """A trace that cannot be replayed as written: one ``line N: problem`` per bad row."""
+
+    def __init__(self, path: Path | str, problems: list[str]) -> None:
+        self.path, self.problems = path, problems
+        shown = problems[:MAX_ERRORS_SHOWN]
+        more = len(problems) - len(shown)
+        tail = [f"  ... and {more} more"] if more > 0 else []
+        super().__init__(
+            "\n".join([f"{path}: {len(problems)} problem(s):", *(f"  {p}" for p in shown), *tail])
+        )
+
+
+def parse_arrival(value: object) -> float:
+    """Epoch seconds (a number, or a string of one), or an ISO 8601 time (a time without a
+    zone is UTC). Raises ValueError otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"arrival {value!r} is not a time")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        if not text:
+            raise ValueError("arrival is empty")
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                when = datetime.fromisoformat(text)
+            except ValueError:
+                raise ValueError(
+                    f"arrival {text!r} is neither epoch seconds nor an ISO 8601 time"
+                ) from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp()
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"arrival {value!r} is not a time (epoch seconds must be >= 0)")
+    return seconds
+
+
+def parse_service(value: object) -> float:
+    """Seconds of work, a finite number >= 0 (a number, or a string of one)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"service_s {value!r} is not a number")
+    try:
+        seconds = float(value) if isinstance(value, int | float) else float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"service_s {value!r} is not a number") from None
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"service_s {value!r} is not a finite number")
+    if seconds < 0:
+        raise ValueError(f"service_s {value!r} is negative")
+    return seconds
+
+
+def _row(line: int, fields: dict[str, object]) -> TraceRow:
+    text = {}
+    for name in ("model", "pool", "kind"):
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} {value!r} is not a string")
+        text[name] = (value or "").strip()
+    return TraceRow(
+        line, parse_arrival(fields.get("arrival")), parse_service(fields.get("service_s")), **text
+    )
+
+
+def _read_csv(path: Path) -> tuple[list[TraceRow], list[str]]:
+    rows: list[TraceRow] = []
+    problems: list[str] = []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            found = ", ".join(header) or "nothing"
+            return [], [f"line 1: header lacks column(s) {', '.join(missing)} (found: {found})"]
+        reader.fieldnames = header
+        for raw in reader:
+            line = reader.line_num
+            if None in raw:
+                problems.append(f"line {line}: more fields than the header's {len(header)}")
+                continue
+            if any(v is None for v in raw.values()):
+                problems.append(f"line {line}: fewer fields than the header's {len(header)}")
+                continue
+            try:
+                rows.append(_row(line, dict(raw)))
+            except ValueError as exc:
+                problems.append(f"line {line}: {exc}")
+    return rows, problems
+
+
+def _read_jsonl(path: Path) -> tuple[list[TraceRow], list[str]]:
+    rows: list[TraceRow] = []
+    problems: list[str] = []
+    with path.open(encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                problems.append(f"line {line}: not JSON ({exc.msg})")
+                continue
+            if not isinstance(data, dict):
+                problems.append(f"line {line}: not a JSON object")
+                continue
+            missing = [c for c in REQUIRED_COLUMNS if c not in data]
+            if missing:
+                problems.append(f"line {line}: lacks field(s) {', '.join(missing)}")
+                continue
+            try:
+                rows.append(_row(line, data))
+            except ValueError as exc:
+                problems.append(f"line {line}: {exc}")
+    return rows, problems
+
+
+def is_jsonl(path: Path) -> bool:
+    """JSON lines by the name (.jsonl, .ndjson, .json), else by a first character of ``{``."""
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
+        return True
+    if path.suffix.lower() in (".csv", ".tsv", ".txt"):
+        return False
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for text in f:
+            if text.strip():
+                return text.lstrip().startswith("{")
+    return False
+
+
+def read_trace(path: Path | str) -> list[TraceRow]:
+    """A user's trace (format: docs/scaling.md), sorted by arrival; raises ``TraceError``
+    listing every bad row by line number, and for a trace with no rows. Nothing is guessed:
+    a row is replayed as written or the whole trace is refused."""
+    path = Path(path)
+    try:
+        rows, problems = _read_jsonl(path) if is_jsonl(path) else _read_csv(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TraceError(path, [f"cannot be read: {exc}"]) from exc
+    if problems:
+        raise TraceError(path, problems)
+    if not rows:
+        raise TraceError(path, ["no rows: a trace needs at least one arrival"])
+    rows.sort(key=lambda r: (r.arrival_s, r.line))
+    return rows
