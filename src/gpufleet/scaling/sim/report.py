@@ -198,7 +198,9 @@ def table_rows(scenario: Scenario, results: list[SimResult]) -> list[dict[str, A
     return rows
 
 
-def report_table(scenario: Scenario, results: list[SimResult]) -> str:
+def report_table(scenario: Scenario, results: list[SimResult], targets: bool = True) -> str:
+    """The markdown table; ``targets``: followed by the issue-15 targets for each gpufleet row
+    (the shipped traces' scoreboard)."""
     pool = scenario.config.pool
     bound = next((r for r in results if r.policy.startswith("e:")), None)
     limit = p95_target_s(scenario.config)
@@ -221,7 +223,7 @@ def report_table(scenario: Scenario, results: list[SimResult]) -> str:
             f"{row['p95_s']:.0f} | {row['p99_s']:.0f} | {row['boots']} | "
             f"{row['usd_per_succeeded']:.4f} | {row['actions']} | {row['pareto']} |"
         )
-    if bound is not None and any(r.policy.startswith("c:") for r in results):
+    if targets and bound is not None and any(r.policy.startswith("c:") for r in results):
         lines += ["", _targets(scenario, results, bound)]
     lines.append("")
     return "\n".join(lines)
@@ -391,18 +393,45 @@ def run_report(
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="gpufleet simulate", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="gpufleet simulate",
+        description="Replay demand through the scaling policy and other scalers. Without "
+        "--trace: the shipped traces (GenTD26, Azure conv, bursty) on assumed pools. With "
+        "--trace FILE: your trace on your config's pools, and the settings that would have "
+        "scored best (format: docs/scaling.md).",
+    )
     parser.add_argument("--traces", type=Path, help="trace directory (default: ../shared/traces)")
-    parser.add_argument("--out", type=Path, help="write report.md and demand_vs_workers.png here")
+    parser.add_argument("--out", type=Path, help="write report.md (and the chart) here")
     parser.add_argument("--only", nargs="*", default=["gentd26", "azure", "bursty"])
     parser.add_argument("--no-chart", action="store_true")
+    parser.add_argument("--trace", type=Path, help="your trace: CSV or JSON lines")
+    parser.add_argument("--config", type=Path, help="config.toml whose pools replay --trace")
+    parser.add_argument("--pool", help="pool for --trace rows that name none")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument(
+        "--history", type=Path, help="recorded history (JSON dump): boot times per pool"
+    )
+    parser.add_argument(
+        "--grid",
+        choices=("auto", "full", "axes"),
+        default="auto",
+        help="settings search for --trace: every grid point, or axis by axis",
+    )
     args = parser.parse_args(argv)
-    try:
-        print(run_report(args.traces, args.out, args.only, chart=not args.no_chart))
-    except TracesNotFound as exc:
-        print(f"gpufleet simulate: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    if args.trace is None:
+        given = [f for f in ("config", "pool", "history") if getattr(args, f) is not None]
+        if given or args.json:
+            flags = ", ".join(f"--{f}" for f in [*given, *(["json"] if args.json else [])])
+            parser.error(f"{flags} go with --trace FILE")
+        try:
+            print(run_report(args.traces, args.out, args.only, chart=not args.no_chart))
+        except TracesNotFound as exc:
+            print(f"gpufleet simulate: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    from gpufleet.scaling.sim.replay import run_trace  # replay builds on this module
+
+    return run_trace(args)
 
 
 if __name__ == "__main__":
