@@ -400,3 +400,14 @@ def test_trace_only_flags_need_a_trace():
     result = simulate("--json", "--only", "bursty")
     assert result.exit_code == 2
     assert "go with --trace FILE" in result.stderr
+
+
+def test_rows_for_a_pool_that_can_never_run_them_are_an_error(tmp_path, fixed_boots):
+    config = write(
+        tmp_path,
+        "config.toml",
+        NOVITA_POOL.format(idle=60).replace("max_workers = 1", "max_workers = 0"),
+    )
+    trace = write(tmp_path, "trace.csv", "arrival,service_s\n0,10\n5,10\n")
+    err = bad(simulate("--trace", str(trace), "--config", str(config)))
+    assert "pool img has max_workers = 0: its rows (lines 2, 3) would never run" in err

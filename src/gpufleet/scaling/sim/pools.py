@@ -247,12 +247,32 @@ def route(
                 continue
             chosen = fits[0]
         routed.append((chosen, row))
+    problems += _never_run(routed)
     if problems:
         raise ReplayError(problems)
     for pool, row in routed:
         pool.jobs.append(Job(row.arrival_s - t0, row.service_s, row.model))
     for pool in pools.values():
         pool.config = replace(pool.config, start_s=first - t0)
+
+
+def _never_run(routed: list[tuple[PoolReplay, TraceRow]]) -> list[str]:
+    """Rows routed to a pool that can never run them (a rented pool with max_workers = 0)."""
+    problems = []
+    for pool in {id(p): p for p, _ in routed}.values():
+        if pool.spec.provider is not ProviderKind.static and pool.spec.max_workers < 1:
+            lines = [r.line for p, r in routed if p is pool]
+            problems.append(
+                f"pool {pool.spec.name} has max_workers = 0: its rows (lines "
+                f"{_lines(lines)}) would never run"
+            )
+    return problems
+
+
+def _lines(lines: list[int]) -> str:
+    return ", ".join(map(str, lines[:10])) + (
+        f" and {len(lines) - 10} more" if len(lines) > 10 else ""
+    )
 
 
 def _names(pools: Mapping[str, Any]) -> str:

@@ -125,7 +125,11 @@ def run_trace(args: Any) -> int:
     except (ConfigError, ReplayError) as exc:
         print(f"gpufleet simulate: {args.trace}:\n{exc}", file=sys.stderr)
         return 2
-    doc = replay_pools(pools, args.grid)
+    try:
+        doc = replay_pools(pools, args.grid)
+    except RuntimeError as exc:  # work still queued a week after the last arrival
+        print(f"gpufleet simulate: {args.trace}: the replay cannot finish: {exc}", file=sys.stderr)
+        return 2
     text = render(doc, str(args.trace))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
