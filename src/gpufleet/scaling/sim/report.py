@@ -204,9 +204,10 @@ def report_table(scenario: Scenario, results: list[SimResult], targets: bool = T
     pool = scenario.config.pool
     bound = next((r for r in results if r.policy.startswith("e:")), None)
     limit = p95_target_s(scenario.config)
+    span_h = (scenario.jobs[-1].arrival_s - scenario.config.start_s) / 3600
     lines = [
         f"### {scenario.name}: {len(scenario.jobs)} jobs over "
-        f"{scenario.jobs[-1].arrival_s / 3600:.1f} h; pool {pool.engine}, {pool.slots} slot(s), "
+        f"{span_h:.1f} h; pool {pool.engine}, {pool.slots} slot(s), "
         f"max_workers={pool.max_workers}, ${pool.price_per_hour:.2f}/h running, "
         f"${pool.parked_cost_per_hour:.3f}/h parked, waiting valued at "
         f"${wait_cost_per_hour(pool):.2f}/h, p95 target {limit:.0f}s",
