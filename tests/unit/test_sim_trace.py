@@ -134,6 +134,26 @@ def test_json_output_parses_and_carries_the_suggestion(tmp_path, fixed_boots):
     assert [r["policy"][:2] for r in rows[3:]] == ["a:", "b:", "c:", "d:", "e:"]
 
 
+def test_progress_is_quiet_when_stderr_is_not_a_terminal(tmp_path, fixed_boots):
+    config = write(tmp_path, "config.toml", NOVITA_POOL.format(idle=60))
+    trace = write(tmp_path, "trace.csv", "arrival,service_s\n0,100\n20,50\n")
+    result = simulate("--trace", str(trace), "--config", str(config), "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert result.stdout.startswith("# gpufleet simulate --trace")
+    assert (tmp_path / "report.md").read_text().strip() == result.stdout.strip()
+    assert json.loads((tmp_path / "report.json").read_text())["pools"][0]["name"] == "img"
+
+
+def test_the_old_module_path_still_answers():
+    from gpufleet.scaling import sim
+    from gpufleet.scaling import simulate as old
+
+    assert old.policies is sim.policies
+    assert old.clairvoyant is sim.clairvoyant
+    assert old.main is sim.main
+
+
 @pytest.mark.parametrize("search", ["full", "axes"])
 def test_the_suggestion_keeps_a_worker_warm_when_that_clearly_wins(tmp_path, fixed_boots, search):
     # A job of 10 s every 90 s for 3 hours. Configured to stop after 30 s idle, every job
