@@ -32,6 +32,7 @@ from gpufleet.scaling.sim.engine import (
     SimWorker,
     simulate,
 )
+from gpufleet.scaling.sim.pools import BOOT_DEFAULTS, BootTimes, boot_times_from_history
 from gpufleet.scaling.sim.report import (
     Scenario,
     main,
@@ -41,6 +42,7 @@ from gpufleet.scaling.sim.report import (
     run_report,
     scenarios,
     score,
+    table_rows,
     wait_cost_per_hour,
 )
 from gpufleet.scaling.sim.traces import (
@@ -48,16 +50,26 @@ from gpufleet.scaling.sim.traces import (
     DEFAULT_TRACE_DIR,
     GENTD26,
     LOAD_LATENCY,
+    TraceError,
+    TraceRow,
     TracesNotFound,
     bursty,
     read_azure,
     read_gentd26,
     read_load_latency_s,
+    read_trace,
     traces_dir,
 )
 
 __all__ = [
     "AZURE",
+    "BOOT_DEFAULTS",
+    "BootTimes",
+    "TraceError",
+    "TraceRow",
+    "boot_times_from_history",
+    "read_trace",
+    "table_rows",
     "DEFAULT_TRACE_DIR",
     "GENTD26",
     "LIVE",
