@@ -207,8 +207,8 @@ def demo(
 )
 def simulate(ctx: typer.Context) -> None:
     """Replay demand traces through the scaling policy and compare it with other scalers
-    (report + chart). Options are python -m gpufleet.scaling.simulate's; see --help."""
-    from gpufleet.scaling.simulate import main as run_simulation
+    (report + chart). Options are python -m gpufleet.scaling.sim's; see --help."""
+    from gpufleet.scaling.sim import main as run_simulation
 
     raise typer.Exit(run_simulation(list(ctx.args)) or 0)
 

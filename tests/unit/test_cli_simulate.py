@@ -1,4 +1,4 @@
-"""``gpufleet simulate`` passes its options through to ``gpufleet.scaling.simulate``."""
+"""``gpufleet simulate`` passes its options through to ``gpufleet.scaling.sim``."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.domain import Engine, ProviderKind
-from gpufleet.scaling import simulate as sim
+from gpufleet.scaling import sim
 from gpufleet.scaling.snapshot import PoolView
 
 POOL = PoolView(
