@@ -57,13 +57,25 @@ def bucket_of(value_s: float) -> int:
     return max(0, min(MAX_BUCKET, i))
 
 
+_VALUES = tuple(
+    float(BUCKET_FLOOR_S * 2.0 ** ((i + 0.5) / BUCKETS_PER_DOUBLING)) for i in range(MAX_BUCKET + 1)
+)
+_UPPERS = tuple(
+    float(BUCKET_FLOOR_S * 2.0 ** ((i + 1) / BUCKETS_PER_DOUBLING)) for i in range(MAX_BUCKET + 1)
+)
+
+
 def bucket_value(i: int) -> float:
     """The representative (geometric middle) of bucket ``i``, in seconds."""
+    if 0 <= i <= MAX_BUCKET:
+        return _VALUES[i]
     return float(BUCKET_FLOOR_S * 2.0 ** ((i + 0.5) / BUCKETS_PER_DOUBLING))
 
 
 def bucket_upper(i: int) -> float:
     """The upper edge of bucket ``i``: every value in buckets <= i is below it."""
+    if 0 <= i <= MAX_BUCKET:
+        return _UPPERS[i]
     return float(BUCKET_FLOOR_S * 2.0 ** ((i + 1) / BUCKETS_PER_DOUBLING))
 
 
@@ -117,6 +129,10 @@ class Histogram:
     def mean_residual(self) -> float:
         """E[S^2] / (2 E[S]): how long a job caught in progress still runs, on average
         (renewal theory). Half the mean for equal jobs, more when some jobs are long."""
+        return self._mean_residual
+
+    @cached_property
+    def _mean_residual(self) -> float:
         total = self.total
         if not total:
             return 0.0
