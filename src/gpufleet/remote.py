@@ -517,18 +517,41 @@ def products(
     print_tables(table)
 
 
+def history_export(
+    url: UrlOption = DEFAULT_URL,
+    key: KeyOption = "",
+    pool: Annotated[
+        str | None, typer.Option("--pool", help="One pool (default: every configured pool).")
+    ] = None,
+    since: Annotated[
+        str, typer.Option("--since", help="How far back: seconds, or 30m, 12h, 7d (at most 7d).")
+    ] = "7d",
+) -> None:
+    """The pools' recorded arrivals and service times as CSV on stdout (admin), in the
+    `gpufleet simulate --trace` format: `gpufleet history export > trace.csv`, then
+    `gpufleet simulate --trace trace.csv --config config.toml`. Reconstructed from the
+    bounded history (minute resolution, service times ~19 %), not a raw log."""
+    params = {"since": since} | ({"pool": pool} if pool is not None else {})
+    answer = Remote(url, key).request("GET", "/api/v1/history", params=params)
+    sys.stdout.write(answer.text)
+    sys.stdout.flush()
+
+
 def register(app: typer.Typer) -> None:
     """Add the remote commands to the ``gpufleet`` typer app."""
     tasks_app = typer.Typer(help="Submit and follow tasks.", no_args_is_help=True)
     endpoints_app = typer.Typer(help="Worker endpoints.", no_args_is_help=True)
+    history_app = typer.Typer(help="The pools' recorded traffic.", no_args_is_help=True)
     app.add_typer(tasks_app, name="tasks")
     app.add_typer(endpoints_app, name="endpoints")
+    app.add_typer(history_app, name="history")
     app.command()(status)
     app.command()(workers)
     app.command()(events)
     app.command()(instances)
     app.command()(products)
     endpoints_app.command("export")(endpoints_export)
+    history_app.command("export")(history_export)
     tasks_app.command("submit")(tasks_submit)
     tasks_app.command("get")(tasks_get)
     tasks_app.command("list")(tasks_list)

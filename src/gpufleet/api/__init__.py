@@ -11,7 +11,17 @@ from fastapi import APIRouter, Depends
 
 
 def build_router() -> APIRouter:
-    from gpufleet.api import events, health, keys, pools, providers, tasks, ui, workers
+    from gpufleet.api import (
+        events,
+        health,
+        history,
+        keys,
+        pools,
+        providers,
+        tasks,
+        ui,
+        workers,
+    )
     from gpufleet.api.auth import authenticate, require_admin
 
     router = APIRouter()
@@ -22,6 +32,7 @@ def build_router() -> APIRouter:
     protected.include_router(pools.router)
     protected.include_router(keys.router)
     protected.include_router(events.router)
+    protected.include_router(history.router)  # admin only (the router checks)
     protected.include_router(tasks.router)
     # Creating or deleting cloud instances by hand spends money: admins only.
     protected.include_router(providers.router, dependencies=[Depends(require_admin)])

@@ -28,13 +28,19 @@ Redis layout (``P`` = prefix; pool names hold no ``:``):
   ``gap:16``. EXPIRE ``WINDOW_DAYS + 1`` days, renewed by every write.
 - ``P:history:{pool}:arrivals:{minute}`` STRING counter of arrivals in that minute (epoch
   minute, INCRBY); EXPIRE ``RATE_WINDOW_S + 120`` s.
+- ``P:history:{pool}:minutes:{YYYY-MM-DD}`` HASH, one UTC day's arrivals per minute: field
+  minute of the day (``0`` .. ``1439``) -> count (HINCRBY), written in the same pipeline as
+  the counter above; EXPIRE ``WINDOW_DAYS + 1`` days, renewed by every write. Only
+  ``export`` reads it (``summary``, the reconciler's tick, does not).
 - ``P:history:{pool}:levels`` HASH ``level`` -> the last demand level, ``open:{k}`` -> when
   level k's gap opened (epoch s). No TTL: at most ``LEVELS + 1`` fields.
 
 Bounded: per pool at most ``WINDOW_DAYS + 1`` day hashes of (3 + models + ``LEVELS``) metrics x
-at most ~100 buckets (durations cluster: in practice a few dozen fields per metric), about 12
-arrival counters and one levels hash of <= 17 fields. Pools are the configured ones (samples
-for other names are dropped), models the pool's configured ones.
+at most ~100 buckets (durations cluster: in practice a few dozen fields per metric), as many
+minute hashes of at most 1440 fields each (one per minute of the day that had an arrival:
+~8 x 1440 = 11,520 small fields per pool at most), about 12 arrival counters and one levels
+hash of <= 17 fields. Pools are the configured ones (samples for other names are dropped),
+models the pool's configured ones.
 
 Cost on hot paths: the ``note_*`` methods only add to an in-memory buffer (no Redis call, no
 await); ``flush`` writes the buffer in one pipelined round trip (HINCRBYFLOAT / INCRBY are
@@ -42,13 +48,25 @@ atomic, so replicas never lose each other's samples). Every replica runs ``flush
 background loop (``FLUSH_INTERVAL_S``) and once at shutdown. Recording never raises into the
 caller: a failed flush is logged and its samples dropped (a lost sample is fine; a failed
 request is not).
+
+Export (``export``, ``GET /api/v1/history``, ``gpufleet history export``): the trace this
+history describes, in the format of ``gpufleet simulate --trace``. It is *reconstructed* from
+the bounded history, not a raw log: each minute's arrivals are spread evenly inside that
+minute, and their service times are the representatives of that day's service histogram
+(4 buckets per doubling: ~19 % resolution), handed out in a fixed low-discrepancy order; no
+randomness, so the same history always exports the same rows. Models are not recorded per
+arrival, so the ``model`` column is empty.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
+import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -60,8 +78,10 @@ from gpufleet.scaling.history import (
     RATE_BUCKET_S,
     RATE_WINDOW_S,
     WINDOW_DAYS,
+    Histogram,
     PoolHistory,
     bucket_of,
+    bucket_value,
     day_of,
     hour_of_day,
     level_of,
@@ -83,6 +103,16 @@ DAY_SEEN = "days|0"
 BOOT_SOURCES = frozenset({"create", "revive"})
 # A pool's arrival counters a summary reads: the minutes of the last RATE_WINDOW_S.
 RATE_MINUTES = int(RATE_WINDOW_S // RATE_BUCKET_S)
+# A day's arrivals per minute (the minute hashes): at most this many fields per pool and day.
+MINUTES_PER_DAY = int(DAY_S // RATE_BUCKET_S)
+# The longest look-back ``export`` serves: the window the scaler learns from.
+EXPORT_MAX_S = WINDOW_DAYS * DAY_S
+# The columns of ``gpufleet simulate --trace`` (``scaling.sim.traces.TRACE_COLUMNS``; a unit
+# test checks they agree: the store may not import the simulator).
+TRACE_HEADER = ("arrival", "service_s", "model", "pool", "kind")
+# The fraction of N the export steps by when it hands out service quantiles: 1/golden ratio
+# spreads consecutive arrivals over the distribution (a Weyl sequence on N points).
+_GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 
 class keys:
@@ -97,6 +127,11 @@ class keys:
     def arrivals(prefix: str, pool: str, minute: int) -> str:
         """STRING counter of one epoch minute's arrivals."""
         return f"{prefix}:history:{pool}:arrivals:{minute}"
+
+    @staticmethod
+    def minutes(prefix: str, pool: str, day: int) -> str:
+        """HASH of one UTC day's arrivals per minute of the day (``0`` .. ``1439``)."""
+        return f"{prefix}:history:{pool}:minutes:{_iso(day)}"
 
     @staticmethod
     def levels(prefix: str, pool: str) -> str:
@@ -364,6 +399,164 @@ class HistoryStore:
                     per_model.setdefault(model, {})[day] = {"service": counts}
         return {m: summarize(d, now) for m, d in sorted(per_model.items())}
 
+    # -- export: the trace this history describes ---------------------------------------------
+
+    async def export(self, pool: str | None, since_s: float) -> list[ExportRow]:
+        """The arrivals of the last ``since_s`` seconds (at most ``EXPORT_MAX_S``, the window)
+        of ``pool`` (None: every configured pool) as trace rows, sorted by arrival: the
+        format of ``gpufleet simulate --trace`` (``trace_csv``).
+
+        Reconstructed from the bounded history, not a raw log: a minute's n arrivals are
+        spread evenly inside it (``minute + (j + 0.5) * 60 / n``); each day's arrivals get
+        service times from that day's pool-level service histogram (the bucket
+        representatives, ~19 % resolution), walked in a fixed low-discrepancy order, so the
+        exported service times have the day's distribution and the same history always
+        exports the same rows. A day with no service samples takes the histogram of every
+        day read; a pool with none at all exports ``service_s`` 0. ``model`` is empty (not
+        recorded per arrival), ``kind`` the pool's engine. A minute that straddles the start
+        of the look-back is exported whole. One pipelined round trip; raises on Redis errors.
+        """
+        rows: list[ExportRow] = []
+        for chunk in await self.export_days(pool, since_s):
+            rows.extend(chunk)
+        return rows
+
+    async def export_days(self, pool: str | None, since_s: float) -> Iterator[list[ExportRow]]:
+        """``export`` one UTC day at a time (oldest first): reads Redis now, builds each
+        day's rows only when the iterator gets there (``GET /api/v1/history`` streams them)."""
+        names = [pool] if pool is not None and self._known(pool) else []
+        if pool is None:
+            names = list(self.pools or ())
+        now = self.clock()
+        since_s = min(max(0.0, since_s), EXPORT_MAX_S) if not math.isnan(since_s) else 0.0
+        first_minute = math.floor((now - since_s) / RATE_BUCKET_S)
+        today = day_of(now)
+        days = list(range(first_minute // MINUTES_PER_DAY, today + 1))
+        window = list(range(today - WINDOW_DAYS, today + 1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                for day in days:
+                    pipe.hgetall(keys.minutes(self.prefix, name, day))
+                for day in window:
+                    pipe.hgetall(keys.day(self.prefix, name, day))
+            answers = iter(await pipe.execute())
+        arrivals: dict[str, dict[int, dict[int, int]]] = {}
+        service: dict[str, dict[int, Histogram]] = {}
+        for name in names:
+            arrivals[name] = {
+                day: _parse_minutes(cast(dict[str, str], next(answers)), day, first_minute)
+                for day in days
+            }
+            service[name] = {}
+            for day in window:
+                raw = _parse_day(cast(dict[str, str], next(answers)))
+                if raw.get("service"):
+                    service[name][day] = Histogram.of(raw["service"])
+        kinds = {name: _engine(self.pools[name]) if self.pools else "" for name in names}
+        return _export_rows(days, arrivals, service, kinds)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    """One reconstructed arrival: the columns of a ``gpufleet simulate --trace`` row
+    (``scaling.sim.traces.TraceRow`` without the line number); ``arrival_s`` epoch s."""
+
+    arrival_s: float
+    service_s: float
+    model: str = ""
+    pool: str = ""
+    kind: str = ""
+
+
+def trace_csv(rows: Iterable[ExportRow], *, header: bool = True) -> str:
+    """``rows`` as CSV in the ``gpufleet simulate --trace`` format (``TRACE_HEADER``)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    if header:
+        writer.writerow(TRACE_HEADER)
+    for r in rows:
+        writer.writerow((f"{r.arrival_s:.3f}", f"{r.service_s:.3f}", r.model, r.pool, r.kind))
+    return out.getvalue()
+
+
+def quantile_order(n: int) -> list[int]:
+    """A fixed permutation of ``0 .. n-1``: the i-th arrival of a day takes the
+    ``order[i]``-th of the day's n service quantiles. Steps by the integer nearest
+    ``n / golden ratio`` that is coprime with n, so consecutive arrivals land far apart in
+    the distribution (short and long jobs interleave, as in a shuffled sample)."""
+    step = max(1, round(n * _GOLDEN))
+    while math.gcd(step, n) != 1:
+        step += 1
+    return [(i * step) % n for i in range(n)]
+
+
+def service_quantiles(hist: Histogram, n: int) -> list[float]:
+    """n service times with ``hist``'s distribution: the values at quantiles
+    ``(k + 0.5) / n`` (k = 0 .. n-1), each its bucket's representative. When n equals the
+    histogram's (integer) sample count, every bucket gets exactly its count."""
+    total = hist.total
+    if not total or n <= 0:
+        return [0.0] * max(0, n)
+    out: list[float] = []
+    counts = iter(hist.counts)
+    bucket, running = next(counts)
+    for k in range(n):
+        target = (k + 0.5) / n * total
+        while running < target:
+            following = next(counts, None)
+            if following is None:  # float rounding at the top: the last bucket
+                break
+            bucket, running = following[0], running + following[1]
+        out.append(round(bucket_value(bucket), 3))
+    return out
+
+
+def _export_rows(
+    days: Sequence[int],
+    arrivals: Mapping[str, Mapping[int, Mapping[int, int]]],
+    service: Mapping[str, Mapping[int, Histogram]],
+    kinds: Mapping[str, str],
+) -> Iterator[list[ExportRow]]:
+    fallback: dict[str, Histogram] = {}
+    for name, service_days in service.items():
+        merged = Histogram()
+        for h in service_days.values():
+            merged = merged.merge(h)
+        fallback[name] = merged
+    for day in days:
+        rows: list[ExportRow] = []
+        for name, arrival_days in arrivals.items():
+            minutes = arrival_days.get(day, {})
+            times = [
+                round(minute * RATE_BUCKET_S + (j + 0.5) * RATE_BUCKET_S / n, 3)
+                for minute, n in sorted(minutes.items())
+                for j in range(n)
+            ]
+            if not times:
+                continue
+            hist = service[name].get(day) or fallback[name]
+            values = service_quantiles(hist, len(times))
+            order = quantile_order(len(times))
+            rows.extend(
+                ExportRow(t, values[order[i]], "", name, kinds.get(name, ""))
+                for i, t in enumerate(times)
+            )
+        rows.sort(key=lambda r: (r.arrival_s, r.pool))
+        yield rows
+
+
+def _parse_minutes(raw: Mapping[str, str], day: int, first_minute: int) -> dict[int, int]:
+    """A minute hash as epoch minute -> arrivals, minutes before ``first_minute`` left out."""
+    out: dict[int, int] = {}
+    for field, value in raw.items():
+        try:
+            minute, n = day * MINUTES_PER_DAY + int(field), int(value)
+        except ValueError:
+            continue
+        if n > 0 and minute >= first_minute and 0 <= int(field) < MINUTES_PER_DAY:
+            out[minute] = n
+    return out
+
 
 def _queue_writes(
     pipe: Any,
@@ -379,10 +572,17 @@ def _queue_writes(
             else:
                 pipe.hincrbyfloat(key, name, weight)
         pipe.expire(key, DAY_TTL_S)
+    per_day: set[str] = set()
     for (pool, minute), n in minutes.items():
         key = keys.arrivals(prefix, pool, minute)
         pipe.incrby(key, n)
         pipe.expire(key, MINUTE_TTL_S)
+        day, of_day = divmod(minute, MINUTES_PER_DAY)  # the export's copy, kept for the window
+        day_key = keys.minutes(prefix, pool, day)
+        pipe.hincrby(day_key, str(of_day), n)
+        per_day.add(day_key)
+    for day_key in per_day:
+        pipe.expire(day_key, DAY_TTL_S)
 
 
 def _parse_day(raw: Mapping[str, str]) -> dict[str, dict[int, float]]:
@@ -413,4 +613,13 @@ def _parse_levels(raw: Mapping[str, str]) -> tuple[int, dict[int, float]]:
     return prev, opened
 
 
-__all__ = ["FLUSH_INTERVAL_S", "HistoryStore", "keys", "pool_for_engine"]
+__all__ = [
+    "EXPORT_MAX_S",
+    "FLUSH_INTERVAL_S",
+    "TRACE_HEADER",
+    "ExportRow",
+    "HistoryStore",
+    "keys",
+    "pool_for_engine",
+    "trace_csv",
+]
