@@ -312,15 +312,14 @@ def recent_rate(per_minute: Mapping[int, float], now: float) -> float:
 def summarize(
     days: Mapping[int, Mapping[str, Mapping[int, float]]],
     now: float,
-    recent_arrivals: float = 0.0,
+    arrivals_per_s: float = 0.0,
 ) -> PoolHistory:
     """Build the ``PoolHistory`` from per-day histogram counts (metric -> bucket -> weight).
 
     Metric names: ``service``, ``boot:create``, ``boot:revive``, ``gap:<level>`` (buckets of
     ``bucket_of``), ``arrivals`` (bucket = the hour of day, 0-23: a count per hour) and
-    ``days`` (bucket 0 set to 1 once on each day that saw an arrival). ``recent_arrivals`` is
-    the arrival rate lately (``recent_rate``) times ``RATE_WINDOW_S``. The live store and the
-    simulator both call this.
+    ``days`` (bucket 0 set to 1 once on each day that saw an arrival). ``arrivals_per_s`` is
+    the arrival rate lately (``recent_rate``). The live store and the simulator both call this.
     """
     today = day_of(now)
     merged: dict[str, dict[int, float]] = {}
@@ -333,12 +332,10 @@ def summarize(
             for b, c in counts.items():
                 into[int(b)] = into.get(int(b), 0.0) + float(c) * w
     hists = {metric: Histogram.of(counts) for metric, counts in merged.items()}
-    return assemble(hists, recent_arrivals, 0.0)
+    return assemble(hists, arrivals_per_s)
 
 
-def assemble(
-    hists: Mapping[str, Histogram], recent_arrivals: float, arrivals: float
-) -> PoolHistory:
+def assemble(hists: Mapping[str, Histogram], arrivals_per_s: float = 0.0) -> PoolHistory:
     """A ``PoolHistory`` from per-metric histograms (see ``summarize`` for the names)."""
     gaps = [hists.get(f"gap:{level}", Histogram()) for level in range(1, LEVELS + 1)]
     while gaps and not gaps[-1].total:
@@ -354,8 +351,8 @@ def assemble(
             src: hists[f"boot:{src}"] for src in ("create", "revive") if f"boot:{src}" in hists
         },
         idle_gaps_s=tuple(gaps),
-        arrivals_per_s=recent_arrivals / RATE_WINDOW_S,
-        arrivals=arrivals or sum(by_hour.values()),
+        arrivals_per_s=arrivals_per_s,
+        arrivals=sum(by_hour.values()),
     )
 
 
@@ -445,6 +442,6 @@ class HistoryBook:
             for metric, counts in self._merged[pool].items():
                 if metric not in hists:
                     hists[metric] = Histogram.of(counts)
-            built = assemble(hists, 0.0, 0.0)
+            built = assemble(hists)
             self._built[pool] = built
         return replace(built, arrivals_per_s=rate)

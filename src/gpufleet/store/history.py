@@ -379,7 +379,7 @@ class HistoryStore:
                 if raw
             }
             counts = {m: float(n) for m, n in zip(minutes, chunk[-1], strict=True) if n}
-            out[pool] = summarize(by_day, now, recent_rate(counts, now) * RATE_WINDOW_S)
+            out[pool] = summarize(by_day, now, recent_rate(counts, now))
         return out
 
     async def model_service(self, pool: str) -> dict[str, PoolHistory]:

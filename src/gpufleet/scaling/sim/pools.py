@@ -103,7 +103,7 @@ def read_history_dump(path: Path) -> dict[str, PoolHistory]:
                 metric: Histogram.of({int(b): float(w) for b, w in counts.items()})
                 for metric, counts in metrics.items()
             }
-            out[str(name)] = assemble(hists, 0.0, 0.0)
+            out[str(name)] = assemble(hists)
         return out
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ReplayError([f"--history {path}: not a history dump ({exc})"]) from exc
