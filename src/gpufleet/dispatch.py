@@ -171,7 +171,7 @@ class Dispatcher:
         self._ensure_listener()
         workers = await self.registry.list_workers()
         self._hand_back_lost({w.id: w for w in workers})
-        candidates = [w for w in workers if w.state is WorkerState.ready and w.free_slots > 0]
+        candidates = [w for w in workers if w.takes_new_work and w.free_slots > 0]
         self._warm_since = _warm_since(workers)
         if not candidates:
             return 0
@@ -305,6 +305,8 @@ class Dispatcher:
             if run.stop in (HANDBACK, SHUTDOWN):
                 await self._hand_back(run)
             else:
+                if exc.details.get("unreachable"):
+                    await self._note_unreachable(run.worker, exc)
                 await self._fail(run, exc, retryable=exc.transient)
         except Exception as exc:  # a bug here must not lose the task: retry it
             logger.exception("task %s: unexpected error on %s", task.id, worker.id)
@@ -315,6 +317,18 @@ class Dispatcher:
             else:
                 await self._flush_notes(run)
                 await self._ack(run, result)
+
+    async def _note_unreachable(self, worker: Worker, exc: EngineError) -> None:
+        """A worker that refused a connection counts one failed health probe, before the
+        task is put back: the retry then goes to another worker (``takes_new_work``)
+        instead of spending its attempts on this one before the health checker notices."""
+        try:
+            failures = await self.registry.record_health(worker.id, ok=False)
+        except RedisError as redis_exc:  # the retry still happens; only the hint is lost
+            logger.warning("worker %s: unreachable, not recorded (%s)", worker.id, redis_exc)
+            return
+        logger.warning("worker %s unreachable (%d failed contacts): %s",
+                       worker.id, failures, exc)
 
     async def _through_outage(
         self, call: Callable[[], Awaitable[LeaseOutcome]], task_id: str

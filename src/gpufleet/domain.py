@@ -107,6 +107,13 @@ class Worker:
     def free_slots(self) -> int:
         return max(0, self.slots - self.busy_slots) if self.state is WorkerState.ready else 0
 
+    @property
+    def takes_new_work(self) -> bool:
+        """Ready, and its last contact did not fail: a worker that refused a connection or
+        missed a probe gets no new task until a probe answers again (its running tasks
+        stay; ``unhealthy_after`` decides when it leaves ``ready``)."""
+        return self.state is WorkerState.ready and self.health_failures == 0
+
     def __repr__(self) -> str:
         return f"<Worker {self.id} {self.pool} {self.state} {self.busy_slots}/{self.slots}>"
 

@@ -205,6 +205,35 @@ async def test_worker_error_is_retried_on_another_worker(fleet: Fleet) -> None:
     assert done.attempts == 2
 
 
+async def test_a_worker_that_refuses_connections_gets_no_retry_until_a_probe_answers(
+    fleet: Fleet,
+) -> None:
+    # c0 is registered ready but nothing listens on its port any more (a killed worker the
+    # health checker has not probed yet). The retry must not spend its attempts there.
+    await fleet.registry.register(pool="comfy", provider="static", slots=1, worker_id="c0",
+                                  state=WorkerState.ready, base_url="http://127.0.0.1:1",
+                                  engine="comfyui")
+    task = await fleet.submit("comfyui", GRAPH, max_attempts=2)
+    await fleet.dispatcher.dispatch_once()
+    await fleet.dispatcher.wait_idle()
+    first = await fleet.queue.get(task.id)
+    assert first.errors[0]["worker"] == "c0"
+    assert first.errors[0]["unreachable"] is True
+    dead = await fleet.registry.get("c0")
+    assert dead.health_failures == 1
+    assert dead.state is WorkerState.ready  # one contact is not unhealthy_after's verdict
+    assert not dead.takes_new_work
+
+    await fleet.add("c1", "comfy", SimulatedComfyUI())
+    [done] = await fleet.run_until_finished([task.id])
+    assert done.status is TaskStatus.succeeded
+    assert done.worker == "c1"
+    assert done.attempts == 2
+
+    await fleet.registry.update("c0", health_failures=0)  # what a probe that answers does
+    assert (await fleet.registry.get("c0")).takes_new_work
+
+
 async def test_cancel_reaches_the_engine_through_the_cancel_channel(
     redis: aioredis.Redis, settings: Settings, tmp_path: Path,
 ) -> None:

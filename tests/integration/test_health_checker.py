@@ -30,7 +30,9 @@ def make_settings(redis_url: str, urls: dict[str, list[str]], **workers: Any) ->
     return load_settings(
         env_file=None,
         redis={"url": redis_url},
-        workers={"health_timeout_s": 0.3, "unhealthy_after": 2, **workers},
+        # A probe timeout long enough for a loaded machine's first answer (CI saw 0.3 s miss
+        # it); the hang tests wait it out twice.
+        workers={"health_timeout_s": 1.5, "unhealthy_after": 2, **workers},
         pools=[
             {"name": "comfy", "provider": "static", "engine": "comfyui", "slots": 1,
              "urls": urls.get("comfy") or ["http://127.0.0.1:1"]},
@@ -158,7 +160,7 @@ async def test_a_probe_still_running_is_not_started_again(setup: Setup) -> None:
     # A first-ready pull that outlasts check_once: the next pass must skip the worker.
     sim = SimulatedOllama(OllamaConfig(models=("llama3.2",), pull_steps=20, pull_step_s=0.1))
     url = await setup.serve(sim)
-    checker = await setup.checker({"llm": [url]})
+    checker = await setup.checker({"llm": [url]}, health_timeout_s=0.3)  # the pull outlasts it
 
     first = await checker.check_once()
     assert "llm-0" not in first

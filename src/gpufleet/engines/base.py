@@ -169,6 +169,12 @@ class EngineClient(ABC):
         kwargs.setdefault("timeout", self.request_timeout_s)
         try:
             return await self.http.request(method, url, **kwargs)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Nothing listens (or the host is gone): the worker, not this task, is the problem.
+            raise EngineUnavailable(
+                f"{self.name}: {method} {url} failed: {type(exc).__name__}: {exc}",
+                url=url, unreachable=True,
+            ) from exc
         except httpx.TimeoutException as exc:
             raise EngineUnavailable(f"{self.name}: {method} {url} timed out", url=url) from exc
         except httpx.HTTPError as exc:

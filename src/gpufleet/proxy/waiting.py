@@ -442,4 +442,4 @@ class SlotBroker:
 
 
 def _free(workers: Iterable[Worker]) -> dict[str, int]:
-    return {w.id: w.free_slots for w in workers}
+    return {w.id: w.free_slots if w.takes_new_work else 0 for w in workers}
