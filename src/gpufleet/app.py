@@ -38,6 +38,7 @@ from gpufleet.scaling.reconciler import Reconciler
 from gpufleet.settings import Settings
 from gpufleet.store.apikeys import ApiKeyStore
 from gpufleet.store.connection import EmbeddedRedis, connect, default_data_dir
+from gpufleet.store.demand import DemandReader
 from gpufleet.store.events import EventLog
 from gpufleet.store.history import FLUSH_INTERVAL_S, HistoryStore
 from gpufleet.store.pools import PoolStateStore
@@ -164,6 +165,8 @@ def create_app(settings: Settings) -> FastAPI:
             await register_static_workers(settings, registry, components.events)
             # The reconciler acts only while this replica holds the leader lock; its loop
             # releases the lock when it stops, so another replica takes over at once.
+            # Demand as GET /pools shows it and as the reconciler scales on: one reader.
+            demand = DemandReader(redis, prefix=prefix, queue=queue, pools=settings.pools)
             reconciler = Reconciler(
                 settings,
                 redis,
@@ -173,11 +176,12 @@ def create_app(settings: Settings) -> FastAPI:
                 queue=queue,
                 pool_state=PoolStateStore(redis, prefix=prefix),
                 history=history,
+                demand=demand,
             )
             components.extras["pool_state"] = reconciler.pool_state
             components.extras["reconciler"] = reconciler
             components.extras["wake"] = reconciler.wake
-            components.extras["demand"] = reconciler.demand_for
+            components.extras["demand"] = demand.pool_demand
             secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
             components.extras["apikeys"] = await ApiKeyStore.open(
                 redis, secret, prefix=prefix, cache_ttl_s=settings.auth.key_cache_ttl_s

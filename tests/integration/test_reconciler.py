@@ -65,7 +65,7 @@ async def test_burst_scales_from_zero_to_ceil_d_over_slots_and_no_second_wave(
         redis=fleet.redis,
         registry=fleet.registry,
         events=fleet.events,
-        extras={"demand": r.demand_for},
+        extras={"demand": r.demand.pool_demand},
     )
     pool = await describe(components, fleet.pool_state, fleet.settings.pool("comfy"))
     assert pool["workers_by_state"] == {"booting": 3}

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gpufleet.scaling.reconciler import _demand
+from gpufleet.scaling.observe import demand_groups as _demand
 from gpufleet.settings import QueueSettings, load_settings
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import TaskSubmit

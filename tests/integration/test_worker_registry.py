@@ -29,6 +29,20 @@ def registry(redis: aioredis.Redis, clock: Clock) -> WorkerRegistry:
     return WorkerRegistry(redis, slot_ttl_s=15, clock=clock)
 
 
+async def test_add_costs_adds_to_live_records_and_never_recreates_a_removed_one(
+    registry: WorkerRegistry, redis: aioredis.Redis
+) -> None:
+    await registry.register(pool="p", provider="novita", slots=1, worker_id="w1")
+    await registry.register(pool="p", provider="novita", slots=1, worker_id="w2")
+    await registry.remove("w2")
+    await registry.add_costs({"w1": 0.25, "w2": 0.5})
+    await registry.add_costs({"w1": 0.5})
+    await registry.add_costs({})
+    assert (await registry.get("w1")).cost_usd == pytest.approx(0.75)
+    assert await registry.find("w2") is None
+    assert not await redis.exists("gpufleet:worker:w2")  # the script wrote nothing for it
+
+
 async def test_register_get_list_and_update(registry: WorkerRegistry) -> None:
     w = await registry.register(pool="p", provider="static", slots=2, worker_id="w1",
                                 base_url="http://h:1", models_present=["llama3"])

@@ -21,6 +21,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -69,6 +70,11 @@ return old
 """
 
 _LIST_FIELDS = ("models_present", "models_loaded")
+
+
+def _script(name: str) -> str:
+    """A script of ``store/lua/`` (shipped in the wheel as package data)."""
+    return (resources.files("gpufleet.store") / "lua" / f"{name}.lua").read_text()
 
 
 class keys:
@@ -160,6 +166,7 @@ class WorkerRegistry:
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._transition = redis.register_script(_TRANSITION)
+        self._add_cost = redis.register_script(_script("add_cost"))
 
     def __repr__(self) -> str:
         return f"<WorkerRegistry prefix={self.prefix}>"
@@ -266,6 +273,19 @@ class WorkerRegistry:
             await self.redis.hset(key, "health_failures", 0)
             return 0
         return int(await self.redis.hincrby(key, "health_failures", 1))
+
+    async def add_costs(self, usd_by_worker: Mapping[str, float]) -> None:
+        """Add spend to each worker's ``cost_usd`` in one round trip (``lua/add_cost.lua``).
+
+        A worker whose record is gone meanwhile is skipped, not re-created."""
+        if not usd_by_worker:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id, usd in usd_by_worker.items():
+                await self._add_cost(
+                    keys=[keys.worker(self.prefix, worker_id)], args=[usd], client=pipe
+                )
+            await pipe.execute()
 
     async def remove(self, worker_id: str) -> None:
         """Forget a worker whose instance is gone (deleted)."""

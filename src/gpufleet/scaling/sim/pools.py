@@ -23,8 +23,9 @@ from gpufleet.scaling.snapshot import GlobalBudget, PoolView
 from gpufleet.settings import PoolSpec, Settings
 
 # What a stopped Novita instance bills per GB of root disk and hour: the reconciler's
-# ``NOVITA_DISK_USD_PER_GB_HOUR`` (scaling/reconciler.py), which this layer may not import
-# (scaling.sim and scaling.reconciler are siblings); a test keeps the two equal.
+# ``NOVITA_DISK_USD_PER_GB_HOUR`` (scaling/accounting.py, re-exported by scaling/reconciler.py),
+# not imported here because the accounting reaches Redis and the simulator needs none; a test
+# keeps the two equal.
 NOVITA_DISK_USD_PER_GB_HOUR = 0.0001
 
 
