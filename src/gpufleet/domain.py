@@ -47,10 +47,12 @@ class WorkerState(StrEnum):
     failed = "failed"
 
 
-# Workers that count as capacity now or soon (the scaler counts these as supply).
-LIVE_WORKER_STATES = frozenset(
-    {WorkerState.provisioning, WorkerState.booting, WorkerState.ready, WorkerState.draining}
-)
+# Workers whose instance is coming up (created, started or resumed) and not yet ready.
+BOOTING_WORKER_STATES = frozenset({WorkerState.provisioning, WorkerState.booting})
+# Workers that are (or soon will be) up: they bill, are health-probed, and count as a pool
+# being awake. The one definition: the scaler, the simulator, the health checker, the proxy
+# and the API all use it.
+LIVE_WORKER_STATES = BOOTING_WORKER_STATES | {WorkerState.ready, WorkerState.draining}
 # Workers that are parked and can be revived (start / resume) faster than a create.
 PARKED_WORKER_STATES = frozenset({WorkerState.stopped, WorkerState.paused})
 

@@ -42,7 +42,14 @@ from typing import Any
 
 import httpx
 
-from gpufleet.domain import Engine, ProviderKind, Worker, WorkerState
+from gpufleet.domain import (
+    BOOTING_WORKER_STATES,
+    LIVE_WORKER_STATES,
+    Engine,
+    ProviderKind,
+    Worker,
+    WorkerState,
+)
 from gpufleet.engines import EngineClient, Health, build_engine
 from gpufleet.errors import EngineError
 from gpufleet.routing import normalize_model
@@ -52,8 +59,6 @@ from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
 
-STARTING = frozenset({WorkerState.provisioning, WorkerState.booting})
-PROBED = STARTING | {WorkerState.ready, WorkerState.draining}
 # check_once waits this much longer than a probe's timeout for its probes to end; a probe
 # still running then (a model pull) goes on in the background and is skipped next time.
 WAIT_MARGIN_S = 1.0
@@ -96,7 +101,7 @@ class HealthChecker:
         workers = await self.registry.list_workers()
         started: dict[str, asyncio.Task[bool]] = {}
         for worker in workers:
-            if worker.state not in PROBED or not worker.base_url:
+            if worker.state not in LIVE_WORKER_STATES or not worker.base_url:
                 continue
             previous = self._probes.get(worker.id)
             if previous is not None and not previous.done():
@@ -153,7 +158,7 @@ class HealthChecker:
             models_loaded=health.models_loaded,
             health_failures=0,
         )
-        if worker.state not in STARTING:
+        if worker.state not in BOOTING_WORKER_STATES:
             return
         pool = self._pool(worker)
         first_ready = worker.ready_since is None

@@ -15,6 +15,7 @@ from dataclasses import replace
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from gpufleet.domain import LIVE_WORKER_STATES as LIVE_STATES
 from gpufleet.domain import Engine, ProviderKind, WorkerState
 from gpufleet.scaling.actions import (
     SCALE_UP_ACTIONS,
@@ -27,7 +28,7 @@ from gpufleet.scaling.actions import (
     Stop,
 )
 from gpufleet.scaling.history import Histogram, PoolHistory
-from gpufleet.scaling.policy import LIVE_STATES, plan
+from gpufleet.scaling.policy import plan
 from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
 
 NOW = 1_000_000.0

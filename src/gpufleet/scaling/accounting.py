@@ -24,10 +24,14 @@ from collections.abc import Callable, Container, Iterable
 
 import redis.asyncio as aioredis
 
-from gpufleet.domain import LIVE_WORKER_STATES, PARKED_WORKER_STATES, ProviderKind
+from gpufleet.domain import (
+    BOOTING_WORKER_STATES,
+    LIVE_WORKER_STATES,
+    PARKED_WORKER_STATES,
+    ProviderKind,
+)
 from gpufleet.domain import WorkerState as WS
 from gpufleet.metrics import BOOT_SECONDS, SPEND
-from gpufleet.scaling import policy
 from gpufleet.scaling.snapshot import Snapshot, WorkerView
 from gpufleet.settings import PoolSpec
 from gpufleet.store.history import HistoryStore
@@ -90,7 +94,7 @@ class Accountant:
         booting: dict[str, float] = {}
         sources: dict[str, str] = {}
         for w in views:
-            if w.boot_started_at is not None and w.state in policy.BOOTING_STATES:
+            if w.boot_started_at is not None and w.state in BOOTING_WORKER_STATES:
                 if w.ready_since is None or w.id in self._booting:
                     booting[w.id] = w.boot_started_at
                     # never ready before: a fresh instance; else a start / resume

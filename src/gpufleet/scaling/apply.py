@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gpufleet import errors
-from gpufleet.domain import ProviderKind, Worker
+from gpufleet.domain import BOOTING_WORKER_STATES, ProviderKind, Worker
 from gpufleet.domain import WorkerState as WS
 from gpufleet.metrics import ORPHANS
 from gpufleet.providers.base import Capability, Instance, InstanceState, Provider
@@ -308,7 +308,7 @@ class Applier:
     ) -> Outcome:
         worker = seen.workers.get(action.worker_id) if action.worker_id else None
         instance_id = action.instance_id or (worker.instance_id if worker else "")
-        if worker is not None and worker.state not in (WS.failed, *policy.BOOTING_STATES):
+        if worker is not None and worker.state not in (WS.failed, *BOOTING_WORKER_STATES):
             busy = await self.registry.busy(worker.id)
             if busy:
                 return Outcome(action, "skipped", f"{busy} slots busy", worker.id, instance_id)

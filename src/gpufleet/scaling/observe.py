@@ -29,7 +29,7 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
-from gpufleet.domain import PARKED_WORKER_STATES, ProviderKind, Worker
+from gpufleet.domain import BOOTING_WORKER_STATES, PARKED_WORKER_STATES, ProviderKind, Worker
 from gpufleet.domain import WorkerState as WS
 from gpufleet.providers.base import Instance, InstanceState, Provider
 from gpufleet.routing import pool_serves
@@ -403,7 +403,7 @@ def sync_steps(w: Worker, inst: Instance | None) -> list[tuple[WS | None, str]]:
 
 
 def worker_view(w: Worker, seen: Observed) -> WorkerView:
-    booting = w.state in policy.BOOTING_STATES
+    booting = w.state in BOOTING_WORKER_STATES
     spec = seen.specs.get(w.pool)
     inst = seen.instances.get((spec.provider.value, w.instance_id or w.id)) if spec else None
     return WorkerView(

@@ -30,7 +30,13 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from gpufleet.domain import ProviderKind, WorkerState
+from gpufleet.domain import (
+    BOOTING_WORKER_STATES,
+    LIVE_WORKER_STATES,
+    PARKED_WORKER_STATES,
+    ProviderKind,
+    WorkerState,
+)
 from gpufleet.scaling.actions import (
     Action,
     Adopt,
@@ -60,9 +66,8 @@ from gpufleet.scaling.snapshot import (
     WorkerView,
 )
 
-BOOTING_STATES = frozenset({WorkerState.provisioning, WorkerState.booting})
-SUPPLY_STATES = frozenset({WorkerState.provisioning, WorkerState.booting, WorkerState.ready})
-LIVE_STATES = SUPPLY_STATES | {WorkerState.draining}
+# What a pool holds as supply: live workers except draining ones (they take no new work).
+SUPPLY_STATES = BOOTING_WORKER_STATES | {WorkerState.ready}
 # A parked worker is never kept longer than a week, whatever the cost model says: a stopped
 # instance nobody revives in a week is clutter in the provider console.
 MAX_PARK_S = 7 * 24 * 3600.0
@@ -305,7 +310,7 @@ def next_wake_s(snapshot: Snapshot, include_due: bool = False) -> float | None:
         p = pools.get(w.pool)
         if p is None:
             continue
-        if w.state in BOOTING_STATES:
+        if w.state in BOOTING_WORKER_STATES:
             times.append((w.boot_started_at or w.state_since) + p.boot_timeout_s)
         elif w.state is WorkerState.ready and w.idle_since is not None and w.id in keeps:
             times.append(w.idle_since + keeps[w.id].timeout_s)
@@ -393,7 +398,7 @@ def _fail_and_clean(tick: _Tick) -> None:
         if pool is None or w.state is WorkerState.deleted:
             continue
         p = pool.view
-        if w.state in BOOTING_STATES:
+        if w.state in BOOTING_WORKER_STATES:
             started = w.boot_started_at if w.boot_started_at is not None else w.state_since
             if snap.now - started >= p.boot_timeout_s:
                 why = f"not ready {snap.now - started:.0f}s into boot (>= {p.boot_timeout_s:.0f}s)"
@@ -422,14 +427,14 @@ def _count_supply(tick: _Tick) -> None:
         pool = tick.pools.get(w.pool)
         if pool is None or w.id in tick.dead:
             continue
-        if w.state in LIVE_STATES:
+        if w.state in LIVE_WORKER_STATES:
             pool.live += 1
             pool.rate_per_hour += pool.view.price_per_hour
             # A draining worker only supplies the slots its in-flight work already holds.
             slots = w.slots if w.state in SUPPLY_STATES else w.busy_slots
             pool.supply_slots += slots
             pool.unclaimed_slots += slots
-        elif w.state in (WorkerState.stopped, WorkerState.paused):
+        elif w.state in PARKED_WORKER_STATES:
             pool.parked.append(w)
             pool.rate_per_hour += pool.view.parked_cost_per_hour
     for pool in tick.pools.values():
@@ -581,7 +586,7 @@ def _worth_starting(tick: _Tick, demand: Demand, need: int) -> tuple[int, str]:
         if w.state is WorkerState.ready:
             busy = min(w.busy_slots, w.slots)
             slots_at += [0.0] * (w.slots - busy) + [residual_s] * busy
-        elif w.state in BOOTING_STATES:
+        elif w.state in BOOTING_WORKER_STATES:
             source = "create" if w.ready_since is None else "revive"
             started = w.boot_started_at if w.boot_started_at is not None else w.state_since
             eta = expected_boot_s(cheapest, history, source) - (snap.now - started)

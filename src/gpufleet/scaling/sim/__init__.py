@@ -23,7 +23,6 @@ from gpufleet.scaling.sim.baselines import (
     clairvoyant,
 )
 from gpufleet.scaling.sim.engine import (
-    LIVE,
     Job,
     SimConfig,
     SimPolicy,
@@ -72,7 +71,6 @@ __all__ = [
     "table_rows",
     "DEFAULT_TRACE_DIR",
     "GENTD26",
-    "LIVE",
     "LOAD_LATENCY",
     "AlwaysOn",
     "ComfyLess",

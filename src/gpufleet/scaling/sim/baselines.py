@@ -13,15 +13,15 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
 
-from gpufleet.domain import WorkerState
+from gpufleet.domain import LIVE_WORKER_STATES, WorkerState
 from gpufleet.scaling import policy
 from gpufleet.scaling.actions import Action, Create, Delete, Start, Stop
-from gpufleet.scaling.sim.engine import LIVE, Job, SimConfig, SimResult
+from gpufleet.scaling.sim.engine import Job, SimConfig, SimResult
 from gpufleet.scaling.snapshot import PoolView, Snapshot, WorkerView
 
 
 def _live(s: Snapshot) -> list[WorkerView]:
-    return [w for w in s.workers if w.state in LIVE]
+    return [w for w in s.workers if w.state in LIVE_WORKER_STATES]
 
 
 def _idle_s(w: WorkerView, now: float) -> float:

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from gpufleet.domain import WorkerState
+from gpufleet.domain import LIVE_WORKER_STATES, PARKED_WORKER_STATES, WorkerState
 from gpufleet.scaling.actions import (
     Action,
     Create,
@@ -32,9 +32,6 @@ from gpufleet.scaling.actions import (
 )
 from gpufleet.scaling.history import HistoryBook, PoolHistory
 from gpufleet.scaling.snapshot import Demand, GlobalBudget, PoolView, Snapshot, WorkerView
-
-LIVE = frozenset({WorkerState.booting, WorkerState.ready, WorkerState.draining})
-PARKED = frozenset({WorkerState.stopped, WorkerState.paused})
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,10 +209,10 @@ class Simulator:
         pool = self.cfg.pool
         live = idle = parked = 0
         for w in self.workers.values():
-            if w.state in LIVE:
+            if w.state in LIVE_WORKER_STATES:
                 live += 1
                 idle += w.state is WorkerState.ready and w.busy == 0
-            elif w.state in PARKED:
+            elif w.state in PARKED_WORKER_STATES:
                 parked += 1
         cost = dt_h * (live * pool.price_per_hour + parked * pool.parked_cost_per_hour)
         self.result.cost_usd += cost
@@ -230,7 +227,7 @@ class Simulator:
     def _record(self) -> None:
         live = busy = 0
         for w in self.workers.values():
-            live += w.state in LIVE
+            live += w.state in LIVE_WORKER_STATES
             busy += w.busy
         demand = len(self.queue) + busy
         if not self.result.series or self.result.series[-1][1:] != (demand, live):
