@@ -66,6 +66,19 @@ async def test_list_and_describe(client: Any) -> None:
     assert (await client.get("/api/v1/pools", headers=client.user)).status_code == 200
 
 
+async def test_burn_rate_counts_every_live_worker_like_the_spend_does(client: Any) -> None:
+    """A provisioning instance bills (the reconciler adds its price to the spend and to the
+    burn-rate gauge), so the pool's burn rate counts it; a parked or failed one does not."""
+    registry = client.components.registry
+    before = (await client.get("/api/v1/pools/llm")).json()["burn_rate_per_hour"]
+    await registry.register(pool="llm", provider="novita", slots=1, worker_id="new-1",
+                            state=WorkerState.provisioning, price_per_hour=1.25)
+    await registry.register(pool="llm", provider="novita", slots=1, worker_id="old-1",
+                            state=WorkerState.stopped, price_per_hour=2.0)
+    after = (await client.get("/api/v1/pools/llm")).json()["burn_rate_per_hour"]
+    assert after == pytest.approx(before + 1.25)
+
+
 async def test_patch_persists_over_config_and_needs_admin(client: Any, redis_url: str) -> None:
     denied = await client.patch("/api/v1/pools/comfy", json={"max_workers": 9}, headers=client.user)
     assert denied.status_code == 403

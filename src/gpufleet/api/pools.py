@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from gpufleet.api.auth import Principal, authenticate, require_admin
 from gpufleet.api.deps import Components, get_components
-from gpufleet.domain import WorkerState
+from gpufleet.domain import LIVE_WORKER_STATES, WorkerState
 from gpufleet.errors import Conflict, NotFound
 from gpufleet.scaling.history import Histogram, PoolHistory
 from gpufleet.settings import PoolSpec
@@ -99,11 +99,8 @@ async def describe(components: Components, store: PoolStateStore, spec: PoolSpec
     assert components.registry is not None
     workers = await components.registry.list_workers(spec.name)
     by_state = Counter(w.state.value for w in workers)
-    running = [
-        w
-        for w in workers
-        if w.state in (WorkerState.ready, WorkerState.draining, WorkerState.booting)
-    ]
+    # What bills now: the same live workers the spend accounting and the burn-rate gauge count.
+    running = [w for w in workers if w.state in LIVE_WORKER_STATES]
     demand_of = components.extras.get("demand")
     demand = await demand_of(spec.name) if demand_of else {}
     recent = await components.events.recent(10, pool=spec.name) if components.events else []
