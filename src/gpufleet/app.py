@@ -35,7 +35,7 @@ from gpufleet.providers import build_providers
 from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
 from gpufleet.results import DirectoryResultStore
 from gpufleet.scaling.reconciler import Reconciler
-from gpufleet.settings import Settings
+from gpufleet.settings import Settings, redact_url
 from gpufleet.store.apikeys import ApiKeyStore
 from gpufleet.store.connection import EmbeddedRedis, connect, default_data_dir
 from gpufleet.store.demand import DemandReader
@@ -53,20 +53,12 @@ LOOP_STOP_GRACE_S = 5.0
 
 async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
     if settings.redis.url:
-        logger.info("using Redis at %s", _safe_url(settings.redis.url))
+        logger.info("using Redis at %s", redact_url(settings.redis.url))
         return settings.redis.url
     embedded = EmbeddedRedis(settings.redis.data_dir, appendfsync=settings.redis.appendfsync)
     url = await asyncio.to_thread(embedded.start)
     stack.callback(embedded.stop)
     logger.info("using embedded redis-server %s (data in %s)", url, embedded.data_dir)
-    return url
-
-
-def _safe_url(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
 
 
@@ -116,7 +108,7 @@ def create_app(settings: Settings) -> FastAPI:
             try:
                 await redis.ping()
             except Exception as exc:
-                raise StoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from exc
+                raise StoreError(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
             prefix = settings.redis.key_prefix
             registry = WorkerRegistry(redis, prefix=prefix, pool_tokens=settings.pool_tokens())
             components = Components(

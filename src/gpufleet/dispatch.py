@@ -54,7 +54,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from gpufleet.domain import Engine, Worker, WorkerState
-from gpufleet.engines import EngineClient, build_engine, is_cancelled
+from gpufleet.engines import EngineClient, WorkerEngines, is_cancelled
 from gpufleet.errors import EngineError, EngineRejected
 from gpufleet.metrics import (
     TASK_ATTEMPTS_FAILED,
@@ -144,6 +144,7 @@ class Dispatcher:
         self.results = results
         self.clock = clock
         self.engines: dict[str, EngineClient] = dict(engines or {})
+        self._lookup = WorkerEngines(settings, http, self.engines)
         self.name = uuid.uuid4().hex[:8]
         self.wake = asyncio.Event()
         self._runs: dict[str, _Run] = {}
@@ -208,7 +209,7 @@ class Dispatcher:
                 self._stop_run(run, HANDBACK)
 
     def _has_work(self, worker: Worker, stats: QueueStats) -> bool:
-        engine = self._engine_kind(worker)
+        engine = self._lookup.kind(worker)
         if engine is None:
             return False
         waiting = stats.queued_by_pool.get(worker.pool, 0) + stats.queued_unpooled.get(engine, 0)
@@ -219,7 +220,7 @@ class Dispatcher:
         return True
 
     async def _fill(self, worker: Worker) -> int:
-        engine = self._engine_kind(worker)
+        engine = self._lookup.kind(worker)
         assert engine is not None
         tokens: list[str] = []
         for _ in range(worker.free_slots):
@@ -288,7 +289,7 @@ class Dispatcher:
     async def _execute(self, run: _Run) -> None:
         task, worker = run.lease.task, run.worker
         engine = self._engine(worker)
-        pool = self._pool(worker)
+        pool = self._lookup.pool(worker)
         try:
             result = await engine.run(
                 worker.base_url,
@@ -504,25 +505,11 @@ class Dispatcher:
 
     # -- engines and pools ---------------------------------------------------------------
 
-    def _pool(self, worker: Worker) -> PoolSpec | None:
-        try:
-            return self.settings.pool(worker.pool)
-        except KeyError:
-            return None
-
-    def _engine_kind(self, worker: Worker) -> str | None:
-        if worker.engine:
-            return worker.engine
-        pool = self._pool(worker)
-        return pool.engine.value if pool is not None else None
-
     def _engine(self, worker: Worker) -> EngineClient:
-        kind = self._engine_kind(worker)
-        if kind is None:
+        engine = self._lookup.client(worker)
+        if engine is None:
             raise EngineError(f"worker {worker.id}: no engine known for pool {worker.pool!r}")
-        if kind not in self.engines:
-            self.engines[kind] = build_engine(kind, self.http)
-        return self.engines[kind]
+        return engine
 
     def _keep_alive_s(self, pool: PoolSpec | None) -> float | None:
         """Ollama keeps a model loaded at least as long as gpufleet counts the worker warm."""

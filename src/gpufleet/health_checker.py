@@ -50,7 +50,7 @@ from gpufleet.domain import (
     Worker,
     WorkerState,
 )
-from gpufleet.engines import EngineClient, Health, build_engine
+from gpufleet.engines import EngineClient, Health, WorkerEngines
 from gpufleet.errors import EngineError
 from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
@@ -83,6 +83,7 @@ class HealthChecker:
         self.http = http
         self.events = events
         self.engines: dict[str, EngineClient] = dict(engines or {})
+        self._lookup = WorkerEngines(settings, http, self.engines)
         self.on_change = on_change
         self.clock = clock
         self.timeout_s = settings.workers.health_timeout_s
@@ -160,7 +161,7 @@ class HealthChecker:
         )
         if worker.state not in BOOTING_WORKER_STATES:
             return
-        pool = self._pool(worker)
+        pool = self._lookup.pool(worker)
         first_ready = worker.ready_since is None
         if (
             first_ready
@@ -227,21 +228,11 @@ class HealthChecker:
 
     # -- engines and pools ---------------------------------------------------------------
 
-    def _pool(self, worker: Worker) -> PoolSpec | None:
-        try:
-            return self.settings.pool(worker.pool)
-        except KeyError:
-            return None
-
     def _engine(self, worker: Worker) -> EngineClient | None:
-        pool = self._pool(worker)
-        kind = worker.engine or (pool.engine.value if pool is not None else "")
-        if not kind:
+        engine = self._lookup.client(worker)
+        if engine is None:
             logger.warning("worker %s: no engine known for pool %r", worker.id, worker.pool)
-            return None
-        if kind not in self.engines:
-            self.engines[kind] = build_engine(kind, self.http)
-        return self.engines[kind]
+        return engine
 
 
 async def register_static_workers(

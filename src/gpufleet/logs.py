@@ -6,7 +6,7 @@ collectors. Ids that say what a line is about are passed as ``extra`` fields —
 top-level JSON keys (and a ``[pool=... worker_id=...]`` suffix in text).
 
 Secrets never reach a log line: settings hold them as ``SecretStr`` (printed as
-``**********``), URLs are logged through ``app._safe_url``, and ``SecretFilter`` masks
+``**********``), URLs are logged through ``settings.redact_url``, and ``SecretFilter`` masks
 anything shaped like a gpufleet API key or a bearer token as a last line of defence.
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 import pytest
 import redis.asyncio as aioredis
@@ -57,3 +59,16 @@ async def test_unreachable_redis_error_hides_the_password() -> None:
             pass
     assert "pw-very-secret" not in str(caught.value)
     assert "127.0.0.1:9" in str(caught.value)
+
+
+async def test_redis_url_is_logged_without_its_password(assert_logs: Callable[..., None]) -> None:
+    """The "using Redis at" line goes through ``settings.redact_url``, like ``config show``."""
+    app = create_app(
+        load_settings(env_file=None, redis={"url": "redis://u:pw-very-secret@127.0.0.1:9/0"})
+    )
+    with pytest.raises(StoreError):
+        async with app.router.lifespan_context(app):
+            pass
+    assert_logs(
+        [r"using Redis at redis://u:\*{10}@127\.0\.0\.1:9/0"], prohibited=["pw-very-secret"]
+    )
