@@ -42,7 +42,7 @@ from dataclasses import replace
 
 from gpufleet.domain import Engine, ProviderKind, WorkerState
 from gpufleet.scaling import history as hist
-from gpufleet.scaling import policy
+from gpufleet.scaling import keepalive
 from gpufleet.scaling.policy import plan
 from gpufleet.scaling.snapshot import Demand, InstanceView, PoolView, Snapshot, WorkerView
 
@@ -235,8 +235,8 @@ def with_history(snap: Snapshot) -> Snapshot:
 
 def clear_policy_caches() -> None:
     """Forget memoised ski rentals, so each run pays for learning from fresh histograms."""
-    for fn in (policy._ski_rental, policy._learned_keep_alive, policy._gaps_for,
-               policy._learned_park, hist.merged_levels):
+    for fn in (keepalive._ski_rental, keepalive._learned_keep_alive, keepalive._gaps_for,
+               keepalive._learned_park, hist.merged_levels):
         fn.cache_clear()
 
 

@@ -18,7 +18,7 @@ from gpufleet.api.pools import describe
 from gpufleet.domain import WorkerState
 from gpufleet.providers.simulated import Fault, SimNovitaConfig
 from gpufleet.scaling.actions import Adopt, Create, Delete, Drain, MarkFailed, Pause, Resume, Stop
-from gpufleet.scaling.policy import park_timeout_s
+from gpufleet.scaling.keepalive import park_timeout_s
 from gpufleet.scaling.reconciler import Reconciler
 from tests.reconciler_harness import COMFY, GPU, PREFIX, Fleet
 

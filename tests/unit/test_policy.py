@@ -18,7 +18,8 @@ from gpufleet.scaling.actions import (
     Start,
     Stop,
 )
-from gpufleet.scaling.policy import backoff_delay_s, next_wake_s, park_timeout_s, plan
+from gpufleet.scaling.keepalive import park_timeout_s
+from gpufleet.scaling.policy import backoff_delay_s, next_wake_s, plan
 from gpufleet.scaling.snapshot import (
     Demand,
     GlobalBudget,

@@ -9,13 +9,8 @@ import pytest
 from gpufleet.domain import Engine, ProviderKind, WorkerState
 from gpufleet.scaling.actions import Create, Drain, Start, Stop
 from gpufleet.scaling.history import Histogram, PoolHistory
-from gpufleet.scaling.policy import (
-    idle_timeout_from_cost,
-    keep_alive,
-    next_wake_s,
-    park_timeout_s,
-    plan,
-)
+from gpufleet.scaling.keepalive import idle_timeout_from_cost, keep_alive, park_timeout_s
+from gpufleet.scaling.policy import next_wake_s, plan
 from gpufleet.scaling.snapshot import Demand, PoolView, Snapshot, WorkerView
 
 NOW = 500_000.0
@@ -181,7 +176,7 @@ def test_hourly_arrivals_are_averaged_over_the_days_seen():
 
 
 def test_a_boot_source_not_seen_yet_keeps_its_ratio_to_the_one_seen():
-    from gpufleet.scaling.policy import expected_boot_s
+    from gpufleet.scaling.keepalive import expected_boot_s
 
     fast_creates = PoolHistory(boot_s={"create": Histogram.from_samples([6.0] * 5)})
     assert expected_boot_s(AUTO, fast_creates, "create") == pytest.approx(6.0, rel=0.1)

@@ -23,7 +23,9 @@ def imported_roots(path: Path) -> set[str]:
     return roots
 
 
-@pytest.mark.parametrize("module", ["policy.py", "snapshot.py", "actions.py", "history.py"])
+@pytest.mark.parametrize(
+    "module", ["policy.py", "keepalive.py", "snapshot.py", "actions.py", "history.py"]
+)
 def test_policy_modules_are_pure(module):
     roots = imported_roots(SCALING / module)
     assert roots, "parsed no imports at all: wrong file?"

@@ -57,7 +57,7 @@ class PoolView:
     # What a parked (stopped / paused) worker still bills per hour: Novita charges the root
     # disk of a stopped instance, e.g. 50 GB x $0.0001/GB-h = $0.005/h.
     parked_cost_per_hour: float = 0.0
-    # None: the policy picks it from cost (policy.park_timeout_s); a number fixes it.
+    # None: the policy picks it from cost (keepalive.park_timeout_s); a number fixes it.
     park_timeout_s: float | None = None
     # Expected boot of a fresh create and of a start/resume of a parked worker; their
     # difference is the cold-start penalty that parking avoids.

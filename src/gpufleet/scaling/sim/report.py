@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gpufleet.scaling import policy
+from gpufleet.scaling.keepalive import idle_timeout_from_cost
 from gpufleet.scaling.sim.baselines import (
     AlwaysOn,
     ComfyLess,
@@ -117,7 +117,7 @@ def scenarios(
 def policies(pool: PoolView) -> list[SimPolicy]:
     """The rows of the report, in order: gpufleet as shipped (the pool as given: with the
     default config, idle_timeout_s = "auto"), then fixed-timeout variants, then baselines."""
-    tuned = round(policy.idle_timeout_from_cost(pool))
+    tuned = round(idle_timeout_from_cost(pool))
     default = "auto" if pool.idle_timeout_auto else f"{pool.idle_timeout_s:.0f}s"
     return [
         Gpufleet(f"gpufleet (default: idle={default})"),
