@@ -60,7 +60,7 @@ from gpufleet.scaling.observe import (
     register,
 )
 from gpufleet.scaling.outcomes import Outcome, Recorder, action_name, why
-from gpufleet.scaling.snapshot import Snapshot, WorkerView
+from gpufleet.scaling.snapshot import Snapshot
 from gpufleet.settings import PoolSpec
 from gpufleet.store.leader import LeaderLock
 from gpufleet.store.pools import PoolStateStore
@@ -134,7 +134,6 @@ class Applier:
     ) -> list[Outcome]:
         """Apply ``actions`` in order; each gets an outcome, an event, a metric and a log line."""
         outcomes: list[Outcome] = []
-        views = {w.id: w for w in snapshot.workers}
         fenced = False
         for action in actions:
             spec = seen.specs.get(action.pool)
@@ -149,7 +148,7 @@ class Applier:
                         assert isinstance(action, Delete)
                         result = await self._delete_stray(action, seen)
                     else:
-                        result = await self._apply_one(action, spec, seen, views)
+                        result = await self._apply_one(action, spec, seen)
                 except Fenced as exc:
                     fenced = True
                     result = Outcome(action, "refused", str(exc))
@@ -205,9 +204,7 @@ class Applier:
             self.backoff.failed(kind, failures + 1, self.clock() + delay)
             seen.down.add(kind)
 
-    async def _apply_one(
-        self, action: Action, spec: PoolSpec, seen: Observed, views: Mapping[str, WorkerView]
-    ) -> Outcome:
+    async def _apply_one(self, action: Action, spec: PoolSpec, seen: Observed) -> Outcome:
         provider = self.providers.get(spec.provider.value)
         if provider is None:
             return Outcome(action, "error", f"no {spec.provider.value} provider configured")
