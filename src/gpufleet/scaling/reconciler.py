@@ -83,6 +83,7 @@ from gpufleet.scaling.actions import (
     Stop,
 )
 from gpufleet.scaling.history import PoolHistory
+from gpufleet.scaling.requirements import with_fit_groups
 from gpufleet.scaling.snapshot import (
     Demand,
     GlobalBudget,
@@ -278,7 +279,7 @@ class Reconciler:
         pools = await self._pool_views(specs)
         stats = await self.queue.stats() if self.queue is not None else None
         waiting = await self._waiting(specs, now)
-        demand = _demand(specs, stats, waiting, now)
+        demand = with_fit_groups(_demand(specs, stats, waiting, now), specs, stats, now)
         views = tuple(
             _worker_view(w, seen) for w in seen.workers.values() if w.state is not WS.deleted
         )
