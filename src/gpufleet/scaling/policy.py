@@ -364,7 +364,9 @@ def plan(snapshot: Snapshot) -> list[Action]:
     _fail_and_clean(tick)
     _count_supply(tick)
     _collect_orphans(tick)
-    for demand in sorted(snapshot.demand, key=lambda d: d.key):
+    # The most constrained work claims supply first (a task only one pool fits before work any
+    # pool may take), so flexible work never takes the one slot constrained work could use.
+    for demand in sorted(snapshot.demand, key=lambda d: (len(d.pools), d.key)):
         need = _claim_supply(tick, demand.pools, demand.total)
         if need > 0:
             starts, why = _worth_starting(tick, demand, need)
