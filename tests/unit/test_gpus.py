@@ -76,7 +76,9 @@ def test_merged_requirement_is_the_stricter() -> None:
 def test_no_fit_message_names_requirement_and_pools() -> None:
     offers = {"comfy": GpuOffer(gpu="RTX 4090", memory_gb=24), "other": None}
     msg = no_fit_message(GpuRequirement(gpu_memory_gb=80), ["comfy", "other"], offers)
-    assert msg == "no pool has gpu_memory_gb >= 80: pools comfy (RTX 4090, 24 GB), other (GPU unknown)"
+    assert msg == (
+        "no pool has gpu_memory_gb >= 80: pools comfy (RTX 4090, 24 GB), other (GPU unknown)"
+    )
 
 
 def _settings():
@@ -96,9 +98,11 @@ def test_model_requirements_decide_which_pools_serve_a_model() -> None:
     settings = _settings()
     small, big = settings.pools
     assert set(settings.models) == {"llama3.1:70b", "huge:latest"}  # names normalized
-    assert not pool_serves(small, "llama3.1:70b") and pool_serves(big, "llama3.1:70b")
+    assert not pool_serves(small, "llama3.1:70b")
+    assert pool_serves(big, "llama3.1:70b")
     assert pool_serves(small, "llama3.1:70b", gpu=False)
-    assert pool_serves(small, "llama3:8b") and pool_serves(big, "llama3:8b")
+    assert pool_serves(small, "llama3:8b")
+    assert pool_serves(big, "llama3:8b")
     assert gpu_unfit_message("llama3.1:70b", settings.models, settings.pools) is None
     assert gpu_unfit_message("llama3:8b", settings.models, settings.pools) is None
     msg = gpu_unfit_message("huge", settings.models, settings.pools)

@@ -513,6 +513,25 @@ def _budget_blocker(tick: _Tick, pool: _PoolTally) -> tuple[str, str] | None:
             continue
         if (value >= cap) if what.endswith("day") else (value > cap):
             return ("budget", f"{what} budget {cap:.2f} reached ({value:.2f})")
+    return _balance_blocker(tick, pool)
+
+
+def _balance_blocker(tick: _Tick, pool: _PoolTally) -> tuple[str, str] | None:
+    """Hold when the cloud account's balance would not pay the next hour of everything
+    billed to it (all pools of the provider: one account) plus the worker to start. An
+    account whose balance is unknown holds nothing."""
+    provider = pool.view.provider
+    balance = tick.snapshot.balances_usd.get(provider.value)
+    if balance is None:
+        return None
+    burn = sum(p.rate_per_hour for p in tick.pools.values() if p.view.provider is provider)
+    need = burn + pool.view.price_per_hour
+    if need > balance:
+        return (
+            "balance",
+            f"{provider.value} balance ${balance:.2f} would not cover the next hour "
+            f"(${need:.2f}/h with this worker)",
+        )
     return None
 
 

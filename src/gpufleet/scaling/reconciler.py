@@ -66,6 +66,7 @@ from gpufleet.metrics import (
     SPEND,
     WORKERS,
 )
+from gpufleet.providers.account import AccountWatcher
 from gpufleet.providers.base import Capability, Instance, InstanceState, Provider
 from gpufleet.routing import pool_serves
 from gpufleet.scaling import policy
@@ -205,6 +206,7 @@ class Reconciler:
             ttl_s=settings.scaling.leader_lease_s or max(15.0, 3 * self.interval_s),
         )
         self.budget = budget or GlobalBudget()
+        self.accounts = AccountWatcher(self.providers, clock=clock)  # balances, cached 60 s
         self.wake = asyncio.Event()
         self.wake_channel = f"{self.prefix}:wake"
         self.intents_key = f"{self.prefix}:scaling:creates"
@@ -297,6 +299,7 @@ class Reconciler:
             listed_providers=frozenset(listed),
             budget=self._budget(pools),
             history=history,
+            balances_usd=await self.accounts.balances(p.provider.value for p in pools),
         )
         return snapshot, seen
 
