@@ -13,11 +13,12 @@ ComfyLess                   gpufleet worker state
 ``idle_workers``            ``ready`` with every slot free
 ``terminating_workers``     ``draining`` and ``stopping``
 ``failed_workers``          ``failed``
-``total_workers``           the sum of the six above
+``total_workers``           every worker but ``deleted`` ones
 ==========================  ============================================
 
-Parked workers (``stopped``/``paused``: no GPU billed beyond their disk) and ``deleted``
-ones are in none of them, as ComfyLess had no such state. Admin keys only, like the other
+as ``/api/v1/workers/metrics`` counts them (for the whole fleet). Parked workers
+(``stopped``/``paused``: no GPU billed beyond their disk) count in the total only, as
+ComfyLess had no such state. Admin keys only, like the other
 fleet-internal views (``/api/v1/workers`` shows workers by alias to user keys; this view
 has no per-worker detail, but it tells the fleet's size, which is the operator's business).
 """
@@ -67,8 +68,10 @@ async def novita_status(
     novita = {p.name for p in settings.pools if p.provider is ProviderKind.novita}
     metrics = dict.fromkeys(METRICS, 0)
     for worker in await registry.list_workers():
-        bucket = comfyless_bucket(worker) if worker.pool in novita else None
+        if worker.pool not in novita or worker.state is WorkerState.deleted:
+            continue
+        metrics["total_workers"] += 1
+        bucket = comfyless_bucket(worker)
         if bucket is not None:
             metrics[bucket] += 1
-            metrics["total_workers"] += 1
     return {"provider": "novita", "metrics": metrics}

@@ -51,7 +51,8 @@ class AccountWatcher:
     async def balances(self, kinds: Iterable[str]) -> dict[str, float]:
         """Available USD per provider of ``kinds`` whose balance is known (cached)."""
         now = self.clock()
-        for kind in sorted(set(kinds)):
+        wanted = set(kinds)
+        for kind in sorted(wanted):
             provider = self.providers.get(kind)
             if provider is None or kind in self._unsupported:
                 continue
@@ -60,7 +61,7 @@ class AccountWatcher:
                 continue
             self._read_at[kind] = now
             await self._read(kind, provider)
-        return {k: v for k, v in self._known.items() if k in set(kinds)}
+        return {k: v for k, v in self._known.items() if k in wanted}
 
     async def _read(self, kind: str, provider: Provider) -> None:
         try:
