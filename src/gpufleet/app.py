@@ -32,6 +32,7 @@ from gpufleet.health_checker import HealthChecker, register_static_workers
 from gpufleet.loops import spawn_loop
 from gpufleet.metrics import UP
 from gpufleet.providers import build_providers
+from gpufleet.providers.catalog import GpuCatalog
 from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
 from gpufleet.results import DirectoryResultStore
 from gpufleet.scaling.reconciler import Reconciler
@@ -129,6 +130,10 @@ def create_app(settings: Settings) -> FastAPI:
             components.providers = build_providers(settings)
             for provider in components.providers.values():
                 stack.push_async_callback(provider.aclose)
+            # What each pool's GPUs offer (GPU requirements); reads Novita's products if needed.
+            catalog = components.extras["gpus"] = GpuCatalog(settings, components.providers)
+            catalog.start()
+            stack.push_async_callback(catalog.aclose)
             proxy_http = make_http_client(settings.proxy)
             stack.push_async_callback(proxy_http.aclose)
             proxy = ProxyService(settings, registry, redis, proxy_http, history=history)

@@ -117,6 +117,12 @@ BURN_RATE = Gauge(
     "What the running workers cost per hour now (leader only).",
     ["pool"],
 )
+PROVIDER_BALANCE = Gauge(
+    "gpufleet_provider_balance_usd",
+    "The cloud account's available balance (USD) as last read by the leader (at most once a "
+    "minute); absent while unknown (SURF, a failed read).",
+    ["provider"],
+)
 COST_PER_TASK = Gauge(
     "gpufleet_cost_per_succeeded_task_dollars",
     "The pool's spend divided by the queued tasks that succeeded on its workers, both counted "

@@ -230,6 +230,33 @@ def status_tables(pools: list[dict[str, Any]], workers: list[dict[str, Any]],
     return [fit_table("pools", POOL_COLUMNS, rows, width), workers_table(workers, width)]
 
 
+ACCOUNT_COLUMNS: list[Column] = [("provider", 0), ("balance $", 0), ("note", 5)]
+
+
+def accounts(remote: Remote, pools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``/api/v1/providers/{name}/account`` of each cloud the pools use; a key that may not
+    see it (user role), or a cloud that does not answer, leaves that account out."""
+    found = []
+    for name in sorted({p.get("provider", "") for p in pools} - {"static", ""}):
+        try:
+            with remote.client(timeout_s=10.0) as client:
+                answer = client.get(f"/api/v1/providers/{name}/account")
+        except httpx.HTTPError:
+            continue
+        if answer.status_code == 200:
+            found.append(answer.json())
+    return found
+
+
+def accounts_table(found: list[dict[str, Any]], width: int | None = None) -> Table:
+    rows = []
+    for a in found:
+        balance = (a.get("balance") or {}).get("available_usd")
+        shown = f"{balance:.2f}" if a.get("known") and balance is not None else "unknown"
+        rows.append([a.get("provider", ""), shown, a.get("message", "")])
+    return fit_table("cloud accounts", ACCOUNT_COLUMNS, rows, width)
+
+
 def status(
     url: UrlOption = DEFAULT_URL,
     key: KeyOption = "",
@@ -243,14 +270,21 @@ def status(
     def fetch() -> tuple[Any, Any]:
         return remote.call("GET", "/api/v1/pools"), remote.call("GET", "/api/v1/workers")
 
+    def tables() -> list[Table]:
+        pools, workers = fetch()
+        found = accounts(remote, pools)
+        extra = [accounts_table(found, terminal_width())] if found else []
+        return [*status_tables(pools, workers, width=terminal_width()), *extra]
+
     if as_json:
         pools, workers = fetch()
-        _emit_json({"pools": pools, "workers": workers})
+        found = accounts(remote, pools)
+        _emit_json({"pools": pools, "workers": workers, **({"accounts": found} if found else {})})
         return
     if not watch:
-        print_tables(*status_tables(*fetch(), width=terminal_width()))
+        print_tables(*tables())
         return
-    _watch(lambda: Group(*status_tables(*fetch(), width=terminal_width())), interval)
+    _watch(lambda: Group(*tables()), interval)
 
 
 def workers(

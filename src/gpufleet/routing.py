@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from gpufleet.domain import Worker, WorkerState
+from gpufleet.gpus import GpuRequirement, no_fit_message
 from gpufleet.settings import PoolSpec
 
 LOADED, PRESENT, ABSENT = 0, 1, 2
@@ -41,9 +42,28 @@ def _has(models: Iterable[str], model: str) -> bool:
     return any(normalize_model(m) == model for m in models)
 
 
-def pool_serves(pool: PoolSpec, model: str) -> bool:
-    """True if ``pool`` is configured to serve ``model`` (empty ``models``: any model)."""
-    return not pool.models or _has(pool.models, normalize_model(model))
+def pool_serves(pool: PoolSpec, model: str, *, gpu: bool = True) -> bool:
+    """True if ``pool`` is configured to serve ``model`` (empty ``models``: any model) and,
+    with ``gpu``, its GPUs fit the model's requirement (``[models]``; ``gpufleet.gpus``)."""
+    wanted = normalize_model(model)
+    if gpu and wanted in pool.unfit_models:
+        return False
+    return not pool.models or _has(pool.models, wanted)
+
+
+def gpu_unfit_message(
+    model: str, requirements: Mapping[str, GpuRequirement], pools: Iterable[PoolSpec],
+    engine: str = "ollama",
+) -> str | None:
+    """Why no pool serves ``model`` when the reason is its GPU requirement (``[models]``):
+    some pool lists the model but none has the GPU. None when that is not the reason."""
+    wanted = normalize_model(model)
+    need = requirements.get(wanted)
+    listing = [p for p in pools if p.engine == engine and pool_serves(p, wanted, gpu=False)]
+    if need is None or not listing or any(wanted not in p.unfit_models for p in listing):
+        return None
+    offers = {p.name: p.known_offer for p in listing}
+    return f"model {wanted!r}: " + no_fit_message(need, offers, offers)
 
 
 def pools_serving(model: str, pools: Iterable[PoolSpec], engine: str = "ollama") -> list[PoolSpec]:

@@ -31,6 +31,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -47,6 +48,7 @@ from pydantic_settings import (
 
 from gpufleet.domain import Engine, ProviderKind
 from gpufleet.errors import ConfigError
+from gpufleet.gpus import CUDA_VERSION, GpuOffer, GpuRequirement, fits, offer_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -433,6 +435,26 @@ class PoolSpec(Section):
     command: str | None = Field(None, description="Container start command (Novita).")
     # surf
     name_filter: str | None = Field(None, description="SURF workspaces whose name contains this.")
+    # what one worker's GPUs offer (GPU requirements, docs/configuration.md "GPU requirements")
+    gpu: str | None = Field(
+        None,
+        max_length=100,
+        description='GPU name of a worker, e.g. "RTX 4090" or "A100 SXM4". Novita: default from '
+        "the product's name; SURF and static pools: set it, or tasks that require a GPU never "
+        "run here.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory of one worker (GB, all its GPUs together). Novita: default "
+        "from the product's name (e.g. 24 for \"RTX 4090 24GB\") times gpu_num.",
+    )
+    cuda: str | None = Field(
+        None,
+        pattern=CUDA_VERSION,
+        description='CUDA version the workers\' driver supports, e.g. "12.4". Empty: unknown, '
+        "so no task that requires a CUDA version runs here.",
+    )
     max_wait_s: float | None = Field(
         None, gt=0, description="Proxy: longest wait for a slot in this pool; empty: [proxy]."
     )
@@ -464,6 +486,21 @@ class PoolSpec(Section):
         description="Name of an environment variable holding this pool's token (keeps the "
         "secret out of config.toml); used when token is empty.",
     )
+
+    # Models of [models] whose GPU requirement this pool's GPUs do not fit (or are not known to
+    # fit): the pool does not serve them (routing.pool_serves). Set by Settings.apply_gpu_offers.
+    _unfit_models: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    # What its GPUs offer as last applied (config, plus the product list for Novita).
+    _offer: GpuOffer | None = PrivateAttr(default=None)
+
+    @property
+    def unfit_models(self) -> frozenset[str]:
+        return self._unfit_models
+
+    @property
+    def known_offer(self) -> GpuOffer | None:
+        """What this pool's GPUs are known to offer (config, or Novita's product list)."""
+        return self._offer if self._offer is not None else self.gpu_offer
 
     @field_validator("idle_timeout_s")
     @classmethod
@@ -507,6 +544,11 @@ class PoolSpec(Section):
     @property
     def engine_port(self) -> int:
         return self.port or DEFAULT_ENGINE_PORTS[self.engine]
+
+    @property
+    def gpu_offer(self) -> GpuOffer | None:
+        """What config says one worker's GPUs offer (None: nothing)."""
+        return offer_from_config(self.gpu, self.gpu_memory_gb, self.cuda)
 
 
 # Legacy variable → dotted key. The NOVITA_* pool variables define a default pool named
@@ -607,6 +649,12 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     providers: ProvidersSettings = ProvidersSettings()
     pools: list[PoolSpec] = Field(default_factory=list)
+    models: dict[str, GpuRequirement] = Field(
+        default_factory=dict,
+        description='GPU requirements of proxied (and queued) models: [models."llama3.1:70b"] '
+        "gpu_memory_gb = 48 (also gpu, cuda). Requests for the model go only to pools whose "
+        "GPUs fit; none fits: 422.",
+    )
     legacy_novita_pool: PoolSpec | None = Field(None, exclude=True, repr=False)
 
     @classmethod
@@ -634,6 +682,26 @@ class Settings(BaseSettings):
             sources.append(InitSettingsSource(settings_cls, init_kwargs=defaults))
         return tuple(sources)
 
+    @field_validator("models")
+    @classmethod
+    def _normalize_models(cls, models: dict[str, GpuRequirement]) -> dict[str, GpuRequirement]:
+        # Ollama's canonical names (as routing.normalize_model): "llama3" is "llama3:latest".
+        out = {}
+        for name, need in models.items():
+            name = name.strip()
+            out[name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"] = need
+        return out
+
+    def apply_gpu_offers(self, offers: dict[str, GpuOffer | None]) -> None:
+        """Mark, per pool, the [models] whose requirement its GPUs (``offers``, by pool name;
+        a pool left out: its configured offer) do not fit, so routing sends them elsewhere."""
+        for pool in self.pools:
+            offer = offers.get(pool.name, pool.gpu_offer)
+            pool._offer = offer
+            pool._unfit_models = frozenset(
+                name for name, need in self.models.items() if not fits(offer, need)
+            )
+
     @model_validator(mode="after")
     def _check_pools(self) -> Settings:
         if self.legacy_novita_pool is not None and all(
@@ -655,6 +723,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 "providers.surf.api_token: required by a surf pool (set CLOUD_API_TOKEN)"
             )
+        self.apply_gpu_offers({})  # config only; gpufleet.providers.catalog adds products
         return self
 
     def pool_tokens(self) -> dict[str, str]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from gpufleet.domain import TERMINAL_TASK_STATUSES, Engine, TaskStatus
+from gpufleet.gpus import CUDA_VERSION, GpuRequirement
 from gpufleet.graphs import graph_problems
 
 OLLAMA_APIS = ("chat", "generate", "embed")
@@ -58,6 +59,29 @@ class TaskSubmit(BaseModel):
         description="Fail the task if it is still waiting this long after submission "
         "(seconds); default and upper bound: [queue] max_queue_age_s (24 h).",
     )
+    # GPU requirements (issue 17): the task runs only in pools whose GPUs fit; none fits: 422.
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, le=4096, description="Least GPU memory of the worker (GB)."
+    )
+    gpu: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description='Acceptable GPU names, e.g. ["RTX 4090", "A100"] (case-insensitive; '
+        '"NVIDIA" and the like ignored).',
+    )
+    cuda: str | None = Field(None, pattern=CUDA_VERSION, description="Least CUDA version.")
+
+    @property
+    def gpu_requirement(self) -> GpuRequirement:
+        return GpuRequirement(gpu_memory_gb=self.gpu_memory_gb, gpu=self.gpu, cuda=self.cuda)
+
+    @field_validator("gpu")
+    @classmethod
+    def _check_gpu_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and any(not n.strip() or len(n) > 100 for n in names):
+            raise ValueError("each GPU name must be 1-100 characters")
+        return names
 
     @field_validator("payload")
     @classmethod
@@ -116,6 +140,11 @@ class Task(BaseModel):
     errors: list[dict[str, Any]] = Field(
         default_factory=list, description="Every failed attempt's error, oldest first."
     )
+    requires: dict[str, Any] | None = Field(
+        None,
+        description="GPU requirement it runs under (its own and its model's, from config): "
+        "gpu_memory_gb, gpu, cuda.",
+    )
 
     @property
     def finished(self) -> bool:
@@ -161,6 +190,7 @@ class Task(BaseModel):
             result=opt_json("result"),
             error=opt_json("error"),
             errors=opt_json("errors") or [],
+            requires=opt_json("requires"),
         )
 
 
@@ -246,10 +276,22 @@ class QueueStats:
     # The scaler uses it to count a task only for pools that serve its model.
     runnable_by_pool_model: dict[str, dict[str, int]] = field(default_factory=dict)
     runnable_unpooled_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    # Tasks whose GPU requirement only some pools fit ("fit set": the pool names joined by
+    # "+"). They also count as unpooled above (queued_unpooled, running_by_engine); these
+    # say how many of those belong to each fit set: queued, running, runnable by model, and
+    # queued_at of the oldest runnable one.
+    queued_by_fit: dict[str, int] = field(default_factory=dict)
+    running_by_fit: dict[str, int] = field(default_factory=dict)
+    runnable_fit_by_model: dict[str, dict[str, int]] = field(default_factory=dict)
+    oldest_by_fit: dict[str, float] = field(default_factory=dict)
 
     def oldest_age_s(self, now: float) -> float:
         """Age of the oldest waiting task anywhere (0 when none waits)."""
-        times = [*self.oldest_by_pool.values(), *self.oldest_unpooled.values()]
+        times = [
+            *self.oldest_by_pool.values(),
+            *self.oldest_unpooled.values(),
+            *self.oldest_by_fit.values(),
+        ]
         return max(0.0, now - min(times)) if times else 0.0
 
 

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends
 
 def build_router() -> APIRouter:
     from gpufleet.api import (
+        comfyless,
         events,
         health,
         history,
@@ -36,5 +37,7 @@ def build_router() -> APIRouter:
     protected.include_router(tasks.router)
     # Creating or deleting cloud instances by hand spends money: admins only.
     protected.include_router(providers.router, dependencies=[Depends(require_admin)])
+    # ComfyLess's GET /novita/status (issue 17): the fleet's size, admins only.
+    protected.include_router(comfyless.router, dependencies=[Depends(require_admin)])
     router.include_router(protected)
     return router

@@ -19,7 +19,14 @@ from pydantic import BaseModel, Field
 
 from gpufleet import errors
 from gpufleet.api.deps import get_components
-from gpufleet.providers.base import ACTIONS, Capability, Instance, Product, Provider
+from gpufleet.providers.base import (
+    ACTIONS,
+    Capability,
+    Instance,
+    Product,
+    Provider,
+    Unsupported,
+)
 
 router = APIRouter(
     prefix="/api/v1/providers",
@@ -107,6 +114,33 @@ async def list_instances(request: Request, name: str, pool: str | None = None) -
     except errors.ProviderError as exc:
         return _provider_error(exc)
     return {"provider": name, "instances": [instance_json(i) for i in instances]}
+
+
+@router.get(
+    "/{name}/account",
+    summary="The cloud account's balance (Novita); SURF: unknown; static: 404",
+)
+async def provider_account(request: Request, name: str) -> Any:
+    if name == "static":
+        return _error(404, "not_found", "static endpoints have no cloud account")
+    provider = _provider(request, name)
+    if isinstance(provider, JSONResponse):
+        return provider
+    try:
+        balance = await provider.balance()
+    except Unsupported:
+        return {
+            "provider": name,
+            "known": False,
+            "balance": None,
+            "message": f"gpufleet cannot read the {name} account's balance (its wallet API is "
+            "not documented); see the provider's own dashboard",
+        }
+    except errors.ProviderError as exc:
+        return _provider_error(exc)
+    data = dataclasses.asdict(balance)
+    data.pop("provider")
+    return {"provider": name, "known": True, "currency": "USD", "balance": data}
 
 
 @router.get("/novita/products")

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from gpufleet.api.auth import Principal, authenticate
 from gpufleet.api.cursors import BadCursor, CursorCodec
 from gpufleet.api.deps import get_components
+from gpufleet.api.requirements import gpu_fit
 from gpufleet.api.streams import event_stream
 from gpufleet.domain import Engine, TaskStatus, public_worker_id
 from gpufleet.errors import Forbidden, TaskNotFound
@@ -133,7 +134,8 @@ def _check_servable(spec: TaskSubmit, pools: list[PoolSpec]) -> None:
     if not candidates:
         msg = f"no pool runs {spec.kind} tasks"
         raise _invalid([{"loc": ("kind",), "msg": msg, "type": "value_error"}])
-    if spec.model is None or any(pool_serves(p, spec.model) for p in candidates):
+    # gpu=False: a model whose GPU requirement no pool fits is gpu_fit's 422, which says so.
+    if spec.model is None or any(pool_serves(p, spec.model, gpu=False) for p in candidates):
         return
     served = sorted({m for p in candidates for m in p.models})
     where = f"pool {spec.pool!r}" if spec.pool else f"no {spec.kind} pool"
@@ -170,6 +172,7 @@ async def submit_task(
     except ValidationError as exc:
         raise _invalid(list(exc.errors(include_url=False))) from None
     _check_submit(request, spec, principal)
+    fit, requires = await gpu_fit(request, spec)
     key = principal.key
     max_queued = key.max_queued if key else None
     if key is not None and max_queued is None and not principal.is_admin:
@@ -179,6 +182,8 @@ async def submit_task(
         owner=principal.owner,
         idempotency_key=idempotency_key,
         max_queued=max_queued,
+        fit=fit,
+        requires=requires,
     )
 
 

@@ -117,6 +117,18 @@ class Product:
     memory_per_gpu_gb: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class AccountBalance:
+    """A cloud account's money, USD. ``available_usd`` is what new instances may spend."""
+
+    provider: str
+    available_usd: float
+    cash_usd: float | None = None
+    credit_limit_usd: float | None = None
+    pending_charges_usd: float | None = None
+    outstanding_invoices_usd: float | None = None
+
+
 class Provider(ABC):
     """One cloud (or a fixed URL list). Methods a provider lacks raise ``Unsupported``."""
 
@@ -164,6 +176,10 @@ class Provider(ABC):
 
     async def products(self) -> builtins.list[Product]:
         raise self._unsupported("products")
+
+    async def balance(self) -> AccountBalance:
+        """The account's balance; ``Unsupported`` where the provider does not report one."""
+        raise self._unsupported("balance")
 
     async def aclose(self) -> None:
         return None

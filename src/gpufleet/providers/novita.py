@@ -18,6 +18,7 @@ import httpx
 from gpufleet import errors
 from gpufleet.providers import novita_models as wire
 from gpufleet.providers.base import (
+    AccountBalance,
     ApiClient,
     Capability,
     Instance,
@@ -68,6 +69,7 @@ class NovitaProvider(Provider):
         self.retry = retry or RetryPolicy()
         self.page_size = page_size
         self._prices: dict[str, float] = {}
+        self.balance_url = wire.balance_url(settings.base_url)
         self.api = ApiClient(
             self.name,
             settings.base_url,
@@ -181,6 +183,12 @@ class NovitaProvider(Provider):
         products = [wire.parse_product(p) for p in data or [] if isinstance(p, dict)]
         self._prices.update({p.id: p.price_per_hour for p in products})
         return products
+
+    async def balance(self) -> AccountBalance:
+        """The account's credit (``GET /openapi/v1/billing/balance/detail``, one call, no
+        retry: the caller asks again later)."""
+        body = await self.api.request("GET", self.balance_url, operation="balance")
+        return wire.parse_balance(body)
 
     async def clusters(self) -> builtins.list[dict[str, Any]]:
         body = await self._call("GET", "/clusters", "clusters")

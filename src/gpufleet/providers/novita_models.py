@@ -13,13 +13,17 @@ from typing import Any
 import httpx
 
 from gpufleet import errors
-from gpufleet.providers.base import Instance, InstanceState, Product
+from gpufleet.providers.base import AccountBalance, Instance, InstanceState, Product
 from gpufleet.settings import PoolSpec
 from gpufleet.worker_auth import TOKEN_ENV
 
 PROVIDER = "novita"
 # Prices on the wire are in 1/100000 USD per GPU-hour: 67000 -> $0.67/h.
 PRICE_UNIT = 100_000
+# The balance endpoint's strings are in 1/10000 USD: "10000" -> $1.00.
+BALANCE_UNIT = 10_000
+GPU_BASE_PATH = "/gpu-instance/openapi/v1"
+BALANCE_PATH = "/openapi/v1/billing/balance/detail"
 
 STATUS_MAP: dict[str, InstanceState] = {
     "pending": InstanceState.pending,
@@ -197,4 +201,36 @@ def parse_product(data: dict[str, Any]) -> Product:
         regions=tuple(str(r) for r in data.get("regions") or ()),
         cpu_per_gpu=_int(data.get("cpuPerGpu")),
         memory_per_gpu_gb=_int(data.get("memoryPerGpu")),
+    )
+
+
+def balance_url(base_url: str) -> str:
+    """The balance endpoint beside the GPU API: it lives under ``/openapi/v1``, not under
+    ``/gpu-instance/openapi/v1`` (``https://api.novita.ai/openapi/v1/billing/balance/detail``)."""
+    url = httpx.URL(base_url)
+    path = url.path.rstrip("/")
+    root = path[: -len(GPU_BASE_PATH)] if path.endswith(GPU_BASE_PATH) else path
+    return str(url.copy_with(path=root + BALANCE_PATH, query=None))
+
+
+def _usd(body: dict[str, Any], name: str) -> float | None:
+    value = _float(body.get(name))
+    return value / BALANCE_UNIT if value is not None else None
+
+
+def parse_balance(body: Any) -> AccountBalance:
+    """``{"availableBalance": "1000000", ...}`` (strings of 1/10000 USD) as USD."""
+    available = _usd(body, "availableBalance") if isinstance(body, dict) else None
+    if available is None:
+        raise errors.ProviderBadResponse(
+            f"novita: balance answer without availableBalance: {str(body)[:200]}",
+            provider=PROVIDER,
+        )
+    return AccountBalance(
+        provider=PROVIDER,
+        available_usd=available,
+        cash_usd=_usd(body, "cashBalance"),
+        credit_limit_usd=_usd(body, "creditLimit"),
+        pending_charges_usd=_usd(body, "pendingCharges"),
+        outstanding_invoices_usd=_usd(body, "outstandingInvoices"),
     )

@@ -54,7 +54,7 @@ from gpufleet.metrics import (
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker, WaitTimeout
-from gpufleet.routing import normalize_model, pick_worker
+from gpufleet.routing import gpu_unfit_message, normalize_model, pick_worker
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.history import HistoryStore
 from gpufleet.store.workers import WorkerRegistry
@@ -356,6 +356,11 @@ class ProxyService:
                     request_id=request_id,
                 )
             except ModelNotServed:
+                unfit = gpu_unfit_message(call.model, getattr(self.settings, "models", {}),
+                                          self.pools.values())
+                if unfit is not None:  # listed, but no pool has the GPU it requires: 422
+                    await send_error(send, call.flavor, 422, unfit)
+                    return "model_gpu_unfit"
                 await send_error(send, call.flavor, 404, _not_found(call))
                 return "model_not_served"
             except QueueFull as exc:

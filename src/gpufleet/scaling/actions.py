@@ -97,7 +97,8 @@ class Adopt:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A refused scale-up; ``code`` is a bounded label: budget, backoff or max_workers."""
+    """A refused scale-up; ``code`` is a bounded label: budget, balance, backoff or
+    max_workers."""
 
     pool: str
     code: str

@@ -31,12 +31,14 @@ import redis.asyncio as aioredis
 
 from gpufleet.domain import BOOTING_WORKER_STATES, PARKED_WORKER_STATES, ProviderKind, Worker
 from gpufleet.domain import WorkerState as WS
+from gpufleet.providers.account import AccountWatcher
 from gpufleet.providers.base import Instance, InstanceState, Provider
 from gpufleet.routing import pool_serves
 from gpufleet.scaling import policy
 from gpufleet.scaling.accounting import Accountant, parked_cost_per_hour
 from gpufleet.scaling.history import PoolHistory
 from gpufleet.scaling.outcomes import Recorder, why
+from gpufleet.scaling.requirements import with_fit_groups
 from gpufleet.scaling.snapshot import (
     Demand,
     GlobalBudget,
@@ -127,6 +129,7 @@ class Observer:
         self.intents_key = intents_key
         self.budget = budget
         self.clock = clock
+        self.accounts = AccountWatcher(self.providers, clock=clock)  # balances, cached 60 s
         self.cost_per_task: dict[str, float] = {}  # pool -> spend / succeeded tasks
 
     def __repr__(self) -> str:
@@ -144,7 +147,7 @@ class Observer:
         pools = await self._pool_views(specs)
         stats = await self.demand.stats()
         waiting = await self.demand.waiting(specs, now)
-        demand = demand_groups(specs, stats, waiting, now)
+        demand = with_fit_groups(demand_groups(specs, stats, waiting, now), specs, stats, now)
         views = tuple(
             worker_view(w, seen) for w in seen.workers.values() if w.state is not WS.deleted
         )
@@ -162,6 +165,7 @@ class Observer:
             listed_providers=frozenset(listed),
             budget=self._budget(pools),
             history=history,
+            balances_usd=await self.accounts.balances(p.provider.value for p in pools),
         )
         return snapshot, seen
 

@@ -180,7 +180,9 @@ def plan(snapshot: Snapshot) -> list[Action]:
     _fail_and_clean(tick)
     _count_supply(tick)
     _collect_orphans(tick)
-    for demand in sorted(snapshot.demand, key=lambda d: d.key):
+    # The most constrained work claims supply first (a task only one pool fits before work any
+    # pool may take), so flexible work never takes the one slot constrained work could use.
+    for demand in sorted(snapshot.demand, key=lambda d: (len(d.pools), d.key)):
         need = _claim_supply(tick, demand.pools, demand.total)
         if need > 0:
             starts, why = _worth_starting(tick, demand, need)
@@ -327,6 +329,25 @@ def _budget_blocker(tick: _Tick, pool: _PoolTally) -> tuple[str, str] | None:
             continue
         if (value >= cap) if what.endswith("day") else (value > cap):
             return ("budget", f"{what} budget {cap:.2f} reached ({value:.2f})")
+    return _balance_blocker(tick, pool)
+
+
+def _balance_blocker(tick: _Tick, pool: _PoolTally) -> tuple[str, str] | None:
+    """Hold when the cloud account's balance would not pay the next hour of everything
+    billed to it (all pools of the provider: one account) plus the worker to start. An
+    account whose balance is unknown holds nothing."""
+    provider = pool.view.provider
+    balance = tick.snapshot.balances_usd.get(provider.value)
+    if balance is None:
+        return None
+    burn = sum(p.rate_per_hour for p in tick.pools.values() if p.view.provider is provider)
+    need = burn + pool.view.price_per_hour
+    if need > balance:
+        return (
+            "balance",
+            f"{provider.value} balance ${balance:.2f} would not cover the next hour "
+            f"(${need:.2f}/h with this worker)",
+        )
     return None
 
 

@@ -182,3 +182,6 @@ class Snapshot:
     # What each pool's past says (``scaling.history``); a pool missing here has no history
     # and the policy uses its documented defaults.
     history: Mapping[str, PoolHistory] = field(default_factory=dict)
+    # Each cloud account's available balance (USD) by provider kind ("novita"), as the observe
+    # step last read it; a provider missing here is unknown and holds nothing.
+    balances_usd: Mapping[str, float] = field(default_factory=dict)

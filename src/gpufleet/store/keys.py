@@ -15,6 +15,9 @@ Shapes and lifetimes (``P`` is the prefix):
   ``(9 - priority) * 1e13 + seq``: higher priority first, FIFO within a priority.
 - ``P:qs:pool:{pool}`` / ``P:qs:kind:{kind}`` SET of the non-empty queue keys above, so a
   lease finds a pool's queues without SCAN. Bounded by pools × models.
+- ``P:q:fit:{a+b}:{model}`` ZSET, ``P:qs:fit:{a+b}`` SET: the same for tasks whose GPU
+  requirement only the pools ``a`` and ``b`` fit (their "fit set", names sorted, joined by
+  ``+``); ``P:fits:{kind}`` SET of the fit sets seen, so a lease finds those naming its pool.
 - ``P:delayed`` ZSET of retries by due time (epoch s); moved back by lease/requeue.
 - ``P:leases`` ZSET of running task ids by lease deadline: expired leases are a range.
 - ``P:tasks`` and ``P:tasks:{status}`` ZSETs of task ids by ``seq`` for listing; finished
@@ -23,8 +26,8 @@ Shapes and lifetimes (``P`` is the prefix):
 - ``P:deadlines`` ZSET of unfinished task ids by ``expires_at`` (submission + maximum queue
   age): housekeeping fails the ones still waiting then; a task leaves it when it finishes.
 - ``P:depth`` / ``P:inflight`` HASH of counters (``all``, ``kind:K``, ``pool:P``,
-  ``nopool:K``, ``model:M``) of queued (incl. delayed) and running tasks; zero fields are
-  deleted, so both keys vanish when idle.
+  ``nopool:K``, ``fit:S`` (also counted in ``nopool:K``), ``model:M``) of queued (incl.
+  delayed) and running tasks; zero fields are deleted, so both keys vanish when idle.
 - ``P:seq`` STRING counter; ``P:idem:{owner}:{key}`` STRING idempotency key → task id,
   lives as long as its task.
 - channels: ``P:wake`` (a task became runnable: the dispatcher/scaler hook),
@@ -63,6 +66,15 @@ class Keys:
 
     def kind_queues(self, kind: str) -> str:
         return f"{self.prefix}:qs:kind:{kind}"
+
+    def fit_queue(self, fit: str, model: str | None = None) -> str:
+        return f"{self.prefix}:q:fit:{fit}:{model or NO_MODEL}"
+
+    def fit_queues(self, fit: str) -> str:
+        return f"{self.prefix}:qs:fit:{fit}"
+
+    def fits(self, kind: str) -> str:
+        return f"{self.prefix}:fits:{kind}"
 
     def delayed(self) -> str:
         return f"{self.prefix}:delayed"

@@ -98,6 +98,7 @@ SUMMARY_FIELDS = [
     "result",
     "error",
     "errors",
+    "requires",
 ]
 # How often a waiter re-reads the task even without a notification (a lost pub/sub
 # message, a reconnect): bounds the damage, never the normal path.
@@ -187,12 +188,16 @@ class TaskQueue:
         owner: str | None = None,
         idempotency_key: str | None = None,
         max_queued: int | None = None,
+        fit: Sequence[str] = (),
+        requires: Mapping[str, Any] | None = None,
     ) -> Task:
         """Store a new task and make it runnable; with ``idempotency_key`` at most one per key.
 
         A second call with the same key (and owner) returns the first task; with the same
         key but a different request it raises ``IdempotencyConflict``. ``max_queued``: the
-        owner's limit of waiting tasks (``LimitExceeded`` when reached).
+        owner's limit of waiting tasks (``LimitExceeded`` when reached). ``fit``: the pools
+        whose GPUs fit the task's requirement when that is not every pool that could take it
+        (the task then waits only for those); ``requires``: the requirement, for display.
         """
         now = self.clock()
         task_id = new_task_id(now)
@@ -201,7 +206,8 @@ class TaskQueue:
         fingerprint = ""
         if idem:
             # A field left at None stays out, so fingerprints stored before it existed match.
-            unset = {"max_queue_age_s"} if spec.max_queue_age_s is None else None
+            optional = ("max_queue_age_s", "gpu_memory_gb", "gpu", "cuda")
+            unset = {f for f in optional if getattr(spec, f) is None}
             canonical = json.dumps(spec.model_dump(mode="json", exclude=unset), sort_keys=True)
             fingerprint = hashlib.sha256(canonical.encode()).hexdigest()
         fields: list[str] = [
@@ -213,6 +219,10 @@ class TaskQueue:
         for name, value in (("timeout_s", spec.timeout_s), ("workflow_id", spec.workflow_id)):
             if value is not None:
                 fields += [name, str(value)]
+        if fit and not spec.pool:
+            fields += ["fit", "+".join(sorted(fit))]
+        if requires:
+            fields += ["requires", json.dumps(dict(requires), separators=(",", ":"))]
         max_age = self.max_queue_age_s(spec)
         expires_at = float(f"{now + max_age:.6f}") if max_age is not None else None
         if expires_at is not None:
@@ -264,6 +274,7 @@ class TaskQueue:
             created_at=stamp,
             queued_at=stamp,
             expires_at=expires_at,
+            requires=dict(requires) if requires else None,
         )
 
     def max_queue_age_s(self, spec: TaskSubmit) -> float | None:
@@ -516,7 +527,7 @@ class TaskQueue:
         def group(source: Mapping[str, float], prefix: str) -> dict[str, Any]:
             return {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
 
-        runnable: dict[str, dict[str, dict[str, int]]] = {"pool": {}, "kind": {}}
+        runnable: dict[str, dict[str, dict[str, int]]] = {"pool": {}, "kind": {}, "fit": {}}
         for i in range(0, len(by_model) - 3, 4):
             kind, name, model = _s(by_model[i]), _s(by_model[i + 1]), _s(by_model[i + 2])
             runnable[kind].setdefault(name, {})[model] = int(by_model[i + 3])
@@ -538,6 +549,10 @@ class TaskQueue:
             oldest_unpooled=group(oldest, "nopool:"),
             runnable_by_pool_model=runnable["pool"],
             runnable_unpooled_by_model=runnable["kind"],
+            queued_by_fit=group(depth, "fit:"),
+            running_by_fit=group(inflight, "fit:"),
+            runnable_fit_by_model=runnable["fit"],
+            oldest_by_fit=group(oldest, "fit:"),
         )
 
     async def wait(self, task_id: str, timeout_s: float) -> Task:

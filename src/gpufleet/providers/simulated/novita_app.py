@@ -32,6 +32,10 @@ BILLED = frozenset({"pulling", "running", "toRestart", "restarting"})
 # Statuses whose GPUs are not held: a stopped or released instance frees its card.
 FREE = frozenset({"exited", "toRemove", "removing", "removed"})
 PRICE_UNIT = 100_000
+# The balance endpoint answers strings of 1/10000 USD (provider-apis.md, "Novita account
+# balance"); it lives under /openapi/v1, beside the GPU API's /gpu-instance/openapi/v1.
+BALANCE_UNIT = 10_000
+BALANCE_PATH = "/openapi/v1/billing/balance/detail"
 
 
 @dataclass
@@ -71,6 +75,9 @@ class SimNovitaConfig:
     cluster_id: str = "1"
     cluster_name: str = "SIM-01"
     cluster_slug: str = "sim-1"
+    # The account: top-up (cash) plus credit; what instances bill is taken off the cash.
+    balance_usd: float = 100.0
+    credit_limit_usd: float = 0.0
     seed: int | None = None
 
 
@@ -225,6 +232,22 @@ class SimNovita(SimCloud):
                    "supportInstanceNetwork": False}
         return JSONResponse({"data": [cluster]})
 
+    async def balance(self, request: Request, body: Any) -> Response:
+        """``GET /openapi/v1/billing/balance/detail``: every value a string of 1/10000 USD."""
+        cash = self.config.balance_usd - self.billed_usd
+        available = max(0.0, cash) + self.config.credit_limit_usd
+
+        def units(usd: float) -> str:
+            return str(round(usd * BALANCE_UNIT))
+
+        return JSONResponse({
+            "availableBalance": units(available),
+            "cashBalance": units(max(0.0, cash)),
+            "creditLimit": units(self.config.credit_limit_usd),
+            "pendingCharges": "0",
+            "outstandingInvoices": units(max(0.0, -cash)),
+        })
+
     async def products(self, request: Request, body: Any) -> Response:
         name = request.query_params.get("productName", "").lower()
         data = []
@@ -339,7 +362,8 @@ def create_novita_app(
     engine_url: EngineUrl | None = None,
     on_change: OnChange | None = None,
 ) -> Starlette:
-    """The simulated Novita API, mounted at ``/gpu-instance/openapi/v1`` and at ``/``.
+    """The simulated Novita API, mounted at ``/gpu-instance/openapi/v1`` and at ``/``; the
+    account's balance at ``/openapi/v1/billing/balance/detail``.
 
     ``engine_url(instance, port)`` gives the public URL of a running instance's HTTP port
     (default ``https://{id}-{port}.sim-1.gpu-instance.novita.ai``); ``on_change(instance,
@@ -355,7 +379,11 @@ def create_novita_app(
         return [Route(prefix + path, endpoint, methods=[method])
                 for prefix in ("", "/gpu-instance/openapi/v1")]
 
+    async def balance(request: Request) -> Response:
+        return await sim.handle(request, sim.balance)
+
     routes = [
+        Route(BALANCE_PATH, balance, methods=["GET"]),  # at the host's root, as on Novita
         *route("/clusters", sim.clusters, "GET"),
         *route("/products", sim.products, "GET"),
         *route("/gpu/product/list", sim.products, "GET"),

@@ -3,7 +3,7 @@
 -- waits in its queue (nobody re-leased it yet): the work is done, so it is not run twice.
 -- Returns 'ok', 'cancelled' or 'lost'.
 local id, token, result, ttl = ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6])
-local t = load(id, {'kind', 'pool', 'model', 'owner', 'status', 'seq', 'token', 'last_token', 'idem'})
+local t = load(id, {'kind', 'pool', 'fit', 'model', 'owner', 'status', 'seq', 'token', 'last_token', 'idem'})
 if t.status == 'running' and t.token == token then
   unlease(id, t)
 elseif t.status == 'queued' and t.last_token == token then

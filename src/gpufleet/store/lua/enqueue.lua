@@ -34,6 +34,7 @@ for i = 12, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i + 1]
 end
 redis.call('HSET', k_task(id), unpack(fields))
+t.fit = redis.call('HGET', k_task(id), 'fit') or ''
 local expires_at = tonumber(redis.call('HGET', k_task(id), 'expires_at') or '')
 if expires_at ~= nil then redis.call('ZADD', k_deadlines, ts(expires_at), id) end
 place(id, t, nil)

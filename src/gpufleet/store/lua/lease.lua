@@ -5,7 +5,7 @@
 -- ARGV: prefix, now, worker_id, deadline, limit, result_ttl, any_model (1/0),
 --       n_pools, pools..., n_kinds, kinds..., n_models, models...
 -- A task matches when its pool is one of `pools` (or it names no pool and its kind is one
--- of `kinds`) and its model is one of `models` (or it names none, or any_model = 1).
+-- of `kinds`, and its fit set, if it has one, names one of `pools`) and its model is one of `models` (or it names none, or any_model = 1).
 -- Returns a flat list: id, token, then the task hash as field/value pairs, per task,
 -- each task prefixed by its number of hash values.
 local worker, deadline, limit, ttl = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -34,6 +34,18 @@ local function add_candidates(set_key, base)
 end
 for _, pool in ipairs(pools) do add_candidates(k_pool_queues(pool), P .. ':q:pool:' .. pool .. ':') end
 for _, kind in ipairs(kinds) do add_candidates(k_kind_queues(kind), P .. ':q:kind:' .. kind .. ':') end
+-- Fit sets (tasks with a GPU requirement only some pools fit) that name one of `pools`.
+local mine = {}
+for _, pool in ipairs(pools) do mine[pool] = true end
+for _, kind in ipairs(kinds) do
+  for _, set in ipairs(redis.call('SMEMBERS', k_fits(kind))) do
+    local ours = false
+    for name in string.gmatch(set, '[^+]+') do
+      if mine[name] then ours = true end
+    end
+    if ours then add_candidates(k_fit_queues(set), P .. ':q:fit:' .. set .. ':') end
+  end
+end
 
 local heads = {}
 local function refresh(q)
@@ -53,11 +65,11 @@ for _ = 1, limit do
   redis.call('ZREM', best_q, id)
   refresh(best_q)
   if heads[best_q] == nil then
-    local t0 = load(id, {'kind', 'pool', 'model'})
+    local t0 = load(id, {'kind', 'pool', 'fit', 'model'})
     local _, qs = queue_of(t0)
     redis.call('SREM', qs, best_q)
   end
-  local t = load(id, {'kind', 'pool', 'model', 'owner', 'seq', 'attempts'})
+  local t = load(id, {'kind', 'pool', 'fit', 'model', 'owner', 'seq', 'attempts'})
   local attempt = tonumber(t.attempts) + 1
   local token = worker .. ':' .. attempt
   set_status(id, 'queued', 'running', t.seq)

@@ -10,6 +10,10 @@ local function k_task(id) return P .. ':task:' .. id end
 local function k_events(id) return P .. ':task:' .. id .. ':events' end
 local function k_pool_queues(pool) return P .. ':qs:pool:' .. pool end
 local function k_kind_queues(kind) return P .. ':qs:kind:' .. kind end
+-- Tasks whose GPU requirement only some pools fit wait in their "fit set"'s queues (the pool
+-- names joined by '+'); P:fits:{kind} lists the fit sets that have (or had) such queues.
+local function k_fit_queues(set) return P .. ':qs:fit:' .. set end
+local function k_fits(kind) return P .. ':fits:' .. kind end
 local k_delayed = P .. ':delayed'
 local k_leases = P .. ':leases'
 local k_tasks = P .. ':tasks'
@@ -39,6 +43,9 @@ local function queue_of(t)
   if t.pool ~= nil and t.pool ~= '' then
     return P .. ':q:pool:' .. t.pool .. ':' .. model, k_pool_queues(t.pool)
   end
+  if t.fit ~= nil and t.fit ~= '' then
+    return P .. ':q:fit:' .. t.fit .. ':' .. model, k_fit_queues(t.fit)
+  end
   return P .. ':q:kind:' .. t.kind .. ':' .. model, k_kind_queues(t.kind)
 end
 
@@ -66,6 +73,7 @@ local function count(h, t, delta)
     hincr(h, 'pool:' .. t.pool, delta)
   else
     hincr(h, 'nopool:' .. t.kind, delta)
+    if t.fit ~= nil and t.fit ~= '' then hincr(h, 'fit:' .. t.fit, delta) end
   end
   if t.model ~= nil and t.model ~= '' then hincr(h, 'model:' .. t.model, delta) end
   if t.owner ~= nil and t.owner ~= '' then hincr(h, 'owner:' .. t.owner, delta) end
@@ -96,6 +104,9 @@ local function place(id, t, due_at)
   local q, qs = queue_of(t)
   redis.call('ZADD', q, t.score, id)
   redis.call('SADD', qs, q)
+  if (t.pool == nil or t.pool == '') and t.fit ~= nil and t.fit ~= '' then
+    redis.call('SADD', k_fits(t.kind), t.fit)
+  end
 end
 
 local function add_error(id, t, err_json, attempt)
@@ -140,7 +151,7 @@ local function unqueue(id, t)
   count(k_depth, t, -1)
 end
 
-local RUN_FIELDS = {'kind', 'pool', 'model', 'owner', 'status', 'seq', 'score', 'attempts',
+local RUN_FIELDS = {'kind', 'pool', 'fit', 'model', 'owner', 'status', 'seq', 'score', 'attempts',
                     'max_attempts', 'errors', 'worker', 'token', 'idem'}
 
 -- Expired leases go back to their queue (or to failed after max_attempts).
@@ -178,7 +189,7 @@ local function promote_delayed(limit)
   local ids = redis.call('ZRANGEBYSCORE', k_delayed, '-inf', ts(NOW), 'LIMIT', 0, limit)
   for _, id in ipairs(ids) do
     redis.call('ZREM', k_delayed, id)
-    local t = load(id, {'kind', 'pool', 'model', 'score', 'status'})
+    local t = load(id, {'kind', 'pool', 'fit', 'model', 'score', 'status'})
     if t.status == 'queued' then
       redis.call('HSET', k_task(id), 'queued_at', ts(NOW), 'next_attempt_at', '')
       place(id, t, nil)

@@ -1,8 +1,8 @@
 -- Numbers for the scaler, touching no task but the heads of non-empty queues.
 -- ARGV: prefix, now.
 -- Returns {depth hash, inflight hash, delayed count, oldest, by_model} where oldest is a flat
--- list of 'pool:P' / 'nopool:K' and queued_at of the oldest runnable waiting task of that
--- group, and by_model a flat list of ('pool' | 'kind', P or K, model or '*', runnable
+-- list of 'pool:P' / 'nopool:K' / 'fit:S' and queued_at of the oldest runnable waiting task of that
+-- group, and by_model a flat list of ('pool' | 'kind' | 'fit', P, K or S, model or '*', runnable
 -- waiting tasks) per non-empty queue (what the scaler needs to know who can serve them).
 local depth = redis.call('HGETALL', k_depth)
 
@@ -30,6 +30,8 @@ for j = 1, #depth, 2 do
     at = oldest_in(k_pool_queues(string.sub(field, 6)))
   elseif string.sub(field, 1, 7) == 'nopool:' then
     at = oldest_in(k_kind_queues(string.sub(field, 8)))
+  elseif string.sub(field, 1, 4) == 'fit:' then
+    at = oldest_in(k_fit_queues(string.sub(field, 5)))
   end
   if at then oldest[#oldest + 1] = field; oldest[#oldest + 1] = ts(at) end
 end
@@ -53,6 +55,9 @@ for j = 1, #depth, 2 do
   elseif string.sub(field, 1, 7) == 'nopool:' then
     local kind = string.sub(field, 8)
     count_queues('kind', kind, k_kind_queues(kind), P .. ':q:kind:' .. kind .. ':')
+  elseif string.sub(field, 1, 4) == 'fit:' then
+    local set = string.sub(field, 5)
+    count_queues('fit', set, k_fit_queues(set), P .. ':q:fit:' .. set .. ':')
   end
 end
 return {depth, redis.call('HGETALL', k_inflight), redis.call('ZCARD', k_delayed), oldest,
