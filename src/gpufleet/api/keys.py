@@ -102,7 +102,12 @@ async def _managed(key_id: str, principal: Principal, store: ApiKeyStore) -> Api
     return key
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=KeyCreated,
+    responses={404: {"description": "The team named does not exist."}},
+)
 async def create_key(
     body: KeyCreate,
     principal: Principal = Depends(require_key_manager),

@@ -70,7 +70,12 @@ class TeamOut(BaseModel):
         )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=TeamOut)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TeamOut,
+    responses={409: {"description": "The team exists, or there are [usage] max_teams."}},
+)
 async def create_team(
     body: TeamCreate,
     teams: TeamStore = Depends(get_team_store),
@@ -126,7 +131,11 @@ async def update_team(
     return await TeamOut.of(team, teams, keys)
 
 
-@router.delete("/{name}", response_model=TeamOut)
+@router.delete(
+    "/{name}",
+    response_model=TeamOut,
+    responses={409: {"description": "The team still has live keys."}},
+)
 async def delete_team(
     name: str = TEAM_NAME,
     teams: TeamStore = Depends(get_team_store),
