@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet import __version__
 from gpufleet.api import build_router
-from gpufleet.api.auth import authenticate
+from gpufleet.api.auth import authenticate, authenticate_work
 from gpufleet.api.cursors import CursorCodec
 from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
@@ -44,6 +44,8 @@ from gpufleet.store.events import EventLog
 from gpufleet.store.history import FLUSH_INTERVAL_S, HistoryStore
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
+from gpufleet.store.teams import Periods, TeamStore
+from gpufleet.store.usage import UsageStore
 from gpufleet.store.workers import WorkerRegistry
 from gpufleet.worker_auth import WorkerAuth
 
@@ -94,6 +96,12 @@ def start_background_loops(components: Components) -> None:
         components.loops.append(
             spawn_loop("history-flush", history.flush, FLUSH_INTERVAL_S, components.stop)
         )
+    usage: UsageStore | None = components.extras.get("usage")
+    if usage is not None and settings.usage.flush_interval_s > 0:  # buffered proxy usage
+        components.loops.append(
+            spawn_loop("usage-flush", usage.maybe_flush, settings.usage.flush_interval_s,
+                       components.stop)
+        )
     reconciler: Reconciler | None = components.extras.get("reconciler")
     if reconciler is not None:  # every [scaling] interval_s, and at once on {prefix}:wake
         components.loops.append(reconciler.spawn(components.stop))
@@ -123,6 +131,27 @@ def create_app(settings: Settings) -> FastAPI:
             history = HistoryStore(redis, prefix=prefix, pools=settings.pools)
             stack.push_async_callback(history.aclose)
             components.extras["history"] = history
+            # Teams and usage attribution; usage is closed (flushed) after the dispatcher and
+            # the proxy that record into it.
+            periods = Periods(settings.usage.timezone)
+            teams = TeamStore(
+                redis,
+                prefix=prefix,
+                cache_ttl_s=settings.auth.key_cache_ttl_s,
+                max_teams=settings.usage.max_teams,
+                periods=periods,
+            )
+            usage = UsageStore(
+                redis,
+                prefix=prefix,
+                periods=periods,
+                teams=teams,
+                retention_days=settings.usage.retention_days,
+                flush_interval_s=settings.usage.flush_interval_s,
+            )
+            stack.push_async_callback(usage.flush)
+            components.extras["teams"] = teams
+            components.extras["usage"] = usage
             queue = TaskQueue(redis, settings.queue, key_prefix=prefix, history=history)
             stack.push_async_callback(queue.aclose)
             components.extras["queue"] = queue
@@ -137,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
             proxy_http = make_http_client(settings.proxy)
             stack.push_async_callback(proxy_http.aclose)
             proxy = ProxyService(settings, registry, redis, proxy_http, history=history)
+            proxy.attribution = usage
             stack.push_async_callback(proxy.aclose)
             components.extras["proxy_http"] = proxy_http
             components.extras["proxy"] = proxy
@@ -150,7 +180,8 @@ def create_app(settings: Settings) -> FastAPI:
             )
             stack.push_async_callback(engine_http.aclose)
             dispatcher = Dispatcher(settings, registry, queue, engine_http,
-                                    results=components.extras["results"], history=history)
+                                    results=components.extras["results"], history=history,
+                                    usage=usage)
             # Runs before the HTTP client, the queue and Redis close (the stack is LIFO), and
             # after the loops stop (pushed later): leases of unfinished tasks are handed back.
             stack.push_async_callback(dispatcher.aclose)
@@ -171,7 +202,12 @@ def create_app(settings: Settings) -> FastAPI:
                 events=components.events,
                 providers=components.providers,
                 queue=queue,
-                pool_state=PoolStateStore(redis, prefix=prefix),
+                pool_state=PoolStateStore(
+                    redis,
+                    prefix=prefix,
+                    periods=periods,
+                    usage_retention_days=settings.usage.retention_days,
+                ),
                 history=history,
                 demand=demand,
             )
@@ -213,7 +249,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(build_router())
     app.include_router(build_proxy_router(auth=authenticate))
-    app.router.routes[:0] = forward_routes(auth=authenticate)
+    # New work: a team over its spend budget is refused (402) before the body is read.
+    app.router.routes[:0] = forward_routes(auth=authenticate_work)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware)
     if settings.auth.cors_origins:

@@ -70,6 +70,8 @@ from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.history import HistoryStore
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
+from gpufleet.store.teams import team_of_owner
+from gpufleet.store.usage import UsageStore, attributed_usd
 from gpufleet.store.workers import WorkerRegistry
 from gpufleet.tasks import Lease, LeaseOutcome, QueueStats
 
@@ -134,9 +136,11 @@ class Dispatcher:
         results: ResultStore | None = None,
         engines: Mapping[str, EngineClient] | None = None,
         history: HistoryStore | None = None,
+        usage: UsageStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
+        self.usage = usage  # GPU time and dollars of each attempt, attributed to its owner
         self.history = history  # service durations of acked tasks (buffered, no round trip)
         self.registry = registry
         self.queue = queue
@@ -283,6 +287,7 @@ class Dispatcher:
             await asyncio.gather(keeper, writer, return_exceptions=True)
             TASK_RUN.labels(run.lease.task.kind.value).observe(loop.time() - t0)
             await self._release_slot(run.worker.id, run.slot)
+            await self._attribute(run)
             self._runs.pop(run.task_id, None)
             self.wake.set()  # a slot is free
 
@@ -318,6 +323,27 @@ class Dispatcher:
             else:
                 await self._flush_notes(run)
                 await self._ack(run, result)
+
+    async def _attribute(self, run: _Run) -> None:
+        """Record the attempt's slot time and its price for the task's owner (whatever the
+        outcome: the GPU was held either way)."""
+        pool = self._lookup.pool(run.worker)
+        if self.usage is None or pool is None:
+            return
+        task = run.lease.task
+        held_s = max(0.0, self.clock() - run.started)
+        try:
+            await self.usage.record(
+                owner_team=team_of_owner(task.owner),
+                key=task.submitted_by or ("" if team_of_owner(task.owner) else task.owner or ""),
+                pool=pool.name,
+                model=task.model or "",
+                kind="tasks",
+                gpu_s=held_s,
+                usd=attributed_usd(pool.price_per_hour or 0.0, held_s, pool.slots),
+            )
+        except Exception as exc:  # only usage is lost, never the task's outcome
+            logger.warning("task %s: usage not recorded (%s)", task.id, exc)
 
     async def _note_unreachable(self, worker: Worker, exc: EngineError) -> None:
         """A worker that refused a connection counts one failed health probe, before the

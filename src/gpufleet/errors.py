@@ -12,7 +12,8 @@ clients map HTTP responses to them in one place each (``check_response``).
     ├── AuthError
     │   ├── Unauthenticated              no key, or an unknown/revoked one (401)
     │   ├── Forbidden                    the key's role or limits forbid it (403)
-    │   └── LimitExceeded(retry_after)   rate / concurrency / queue limit (429)
+    │   ├── LimitExceeded(retry_after)   rate / concurrency / queue limit (429)
+    │   └── BudgetExhausted              the team's day/month spend budget is spent (402)
     ├── StoreError                       Redis unreachable or a script failed   (transient)
     ├── ProviderError                    a cloud API call failed
     │   ├── NotFound                     instance does not exist (delete treats it as done)
@@ -90,6 +91,21 @@ class LimitExceeded(AuthError):
     def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class BudgetExhausted(AuthError):
+    """The team's spend budget for the day or month is spent: no new work until it resets
+    (HTTP 402). Work already running is never stopped."""
+
+    code = "budget_exhausted"
+
+    def __init__(
+        self, message: str = "", *, team: str = "", period: str = "", resets_at: float = 0.0
+    ) -> None:
+        super().__init__(message)
+        self.team = team
+        self.period = period
+        self.resets_at = resets_at
 
 
 class StoreError(GpufleetError):

@@ -130,6 +130,18 @@ COST_PER_TASK = Gauge(
     "requests are not tasks).",
     ["pool"],
 )
+# Counted by the replica that finished the work. ``team`` is a configured team's name, or
+# "none" for keys in no team (teams are a bounded, configured set: never a free-form label).
+TEAM_SPEND = Counter(
+    "gpufleet_team_spend_usd",
+    "Dollars attributed to a team's work: worker price x slot time / slots.",
+    ["team"],
+)
+TEAM_GPU_SECONDS = Counter(
+    "gpufleet_team_gpu_seconds",
+    "Seconds a team's work held a worker slot, per pool.",
+    ["team", "pool"],
+)
 
 # -- providers -----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -311,6 +312,50 @@ class ResultsSettings(Section):
         "succeeds; served at /api/v1/tasks/{id}/outputs/{file}. Default: 'results' beside the "
         "embedded Redis data, e.g. ~/.local/share/gpufleet/results.",
     )
+
+
+class UsageSettings(Section):
+    """Teams, usage and cost attribution, and budgets (``gpufleet.store.teams``/``usage``)."""
+
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone whose calendar days and months the usage aggregates and "
+        "the teams' day/month budgets follow (a budget resets at local midnight / on the 1st). "
+        "Default UTC: the same edge for every replica and operator.",
+    )
+    retention_days: int = Field(
+        400,
+        ge=1,
+        le=3660,
+        description="Days each per-day usage aggregate (one Redis hash per day) is kept. "
+        "Default 400: this month and the same month last year stay comparable.",
+    )
+    max_teams: int = Field(
+        200,
+        ge=1,
+        le=10_000,
+        description="Most teams that may exist. Team names are Prometheus label values "
+        "(gpufleet_team_spend_usd_total{team}), so the set stays bounded; default 200.",
+    )
+    flush_interval_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="Seconds a replica buffers the usage of proxied requests in memory before "
+        "writing it (one pipeline), so a request costs no extra Redis round trip. Work of a team "
+        "with a budget is written at once, so its budget holds across replicas. 0: write "
+        "every record at once.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            msg = f"unknown time zone {value!r} (use an IANA name, e.g. Europe/Amsterdam)"
+            raise ValueError(msg) from None
+        return value
 
 
 class NovitaSettings(Section):
@@ -647,6 +692,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = ResultsSettings()
     proxy: ProxySettings = ProxySettings()
     auth: AuthSettings = AuthSettings()
+    usage: UsageSettings = UsageSettings()
     providers: ProvidersSettings = ProvidersSettings()
     pools: list[PoolSpec] = Field(default_factory=list)
     models: dict[str, GpuRequirement] = Field(

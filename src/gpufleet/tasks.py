@@ -120,7 +120,10 @@ class Task(BaseModel):
     pool: str | None = None
     model: str | None = None
     workflow_id: str | None = None
-    owner: str | None = None
+    owner: str | None = Field(
+        None, description="Who owns it: 'team:<name>' for a team's key, else the key's id."
+    )
+    submitted_by: str | None = Field(None, description="Id of the API key that submitted it.")
     payload: dict[str, Any] | None = Field(None, description="Left out of listings.")
     max_attempts: int
     attempts: int = Field(0, description="Attempts started so far.")
@@ -175,6 +178,7 @@ class Task(BaseModel):
             model=data.get("model") or None,
             workflow_id=data.get("workflow_id") or None,
             owner=data.get("owner") or None,
+            submitted_by=data.get("submitted_by") or None,
             payload=json.loads(payload) if payload else None,
             max_attempts=int(data["max_attempts"]),
             attempts=int(data.get("attempts") or 0),

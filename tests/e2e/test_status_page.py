@@ -73,10 +73,18 @@ async def test_page_shows_a_worker_booting_then_ready(
         await components.registry.register(
             pool="comfy", provider="novita", slots=1, worker_id="comfy-1", state=WorkerState.booting
         )
+        usage = components.extras["usage"]
+        await usage.record(owner_team="ml", key="k1", pool="comfy", model="", kind="tasks",
+                           gpu_s=7200.0, usd=1.5)
+        await usage.flush()
         url = f"{server.url}/ui#key={key}&once=1"
         dom = await chromium(url, tmp_path, "--dump-dom")
         assert 'data-loaded="yes"' in dom
         assert 'data-worker="comfy-1"' in dom
+        # The admin's usage panel: the team's month so far, and the pool's overhead.
+        assert '<div id="usage-panel">' in dom
+        row = '<tr data-team="ml"><td>ml</td><td>0</td><td>1</td><td>2.00</td><td>1.5000</td>'
+        assert row in dom
         assert 'class="state orange" data-state="booting"' in dom
 
         assert await components.registry.transition("comfy-1", WorkerState.ready)

@@ -20,7 +20,9 @@ def build_router() -> APIRouter:
         pools,
         providers,
         tasks,
+        teams,
         ui,
+        usage,
         workers,
     )
     from gpufleet.api.auth import authenticate, require_admin
@@ -35,6 +37,8 @@ def build_router() -> APIRouter:
     protected.include_router(events.router)
     protected.include_router(history.router)  # admin only (the router checks)
     protected.include_router(tasks.router)
+    protected.include_router(teams.router)  # admin only (the router checks)
+    protected.include_router(usage.router)  # scoped to the caller (the route checks)
     # Creating or deleting cloud instances by hand spends money: admins only.
     protected.include_router(providers.router, dependencies=[Depends(require_admin)])
     # ComfyLess's GET /novita/status (issue 17): the fleet's size, admins only.

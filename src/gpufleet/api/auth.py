@@ -1,7 +1,10 @@
 """Who is calling: API-key authentication, roles, and the per-key request rate.
 
 Every router but the public operations endpoints depends on ``authenticate``;
-admin-only routes depend on ``require_admin``. Keys arrive as
+admin-only routes depend on ``require_admin``; routes that start new work (task submit,
+the proxy's inference POSTs) on ``authenticate_work``, which also refuses a team whose
+spend budget is spent (402). A key in a team acts for the team: its work is owned by
+``team:<name>``, and the team's limits apply next to the key's. Keys arrive as
 ``Authorization: Bearer <key>`` (what the ``ollama`` and ``openai`` SDKs send) or
 ``X-API-Key: <key>``. When Redis cannot be asked, the request is refused with
 503 unless ``[auth] fail_open = true``.
@@ -17,31 +20,64 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from redis.exceptions import RedisError
 
 from gpufleet.api.deps import get_components
-from gpufleet.errors import Forbidden, LimitExceeded, StoreError, Unauthenticated
-from gpufleet.store.apikeys import ApiKey, ApiKeyStore
+from gpufleet.errors import (
+    BudgetExhausted,
+    Forbidden,
+    LimitExceeded,
+    StoreError,
+    Unauthenticated,
+)
+from gpufleet.store.apikeys import ApiKey, ApiKeyStore, Refusal
+from gpufleet.store.teams import Team, TeamStore
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller. ``key`` is None when auth is disabled (local demo: everyone is admin)."""
+    """The caller. ``key`` is None when auth is disabled (local demo: everyone is admin);
+    ``team`` is the key's team (None: no team, or one deleted since)."""
 
     key: ApiKey | None
+    team: Team | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.key is None or self.key.role == "admin"
 
     @property
+    def is_team_admin(self) -> bool:
+        return self.key is not None and self.key.role == "team_admin" and bool(self.key.team)
+
+    @property
+    def team_name(self) -> str | None:
+        return self.key.team if self.key is not None and self.key.team else None
+
+    @property
     def owner(self) -> str | None:
-        """The owner id stamped on tasks; None when auth is off."""
-        return self.key.id if self.key else None
+        """The owner id stamped on tasks: ``team:<name>`` for a team's key, else the key's
+        id; None when auth is off."""
+        if self.key is None:
+            return None
+        return f"team:{self.key.team}" if self.key.team else self.key.id
 
     def can_see(self, owner: str | None) -> bool:
         if self.is_admin:
             return True
-        return owner is not None and self.key is not None and owner == self.key.id
+        return owner is not None and owner == self.owner
+
+    @property
+    def max_priority(self) -> int | None:
+        """The highest priority this caller may ask for: the key's and the team's cap."""
+        caps = [
+            c
+            for c in (
+                self.key.max_priority if self.key else None,
+                self.team.max_priority if self.team else None,
+            )
+            if c is not None
+        ]
+        return min(caps) if caps else None
 
 
 def presented_key(request: Request) -> str | None:
@@ -55,6 +91,12 @@ def presented_key(request: Request) -> str | None:
 def get_key_store(request: Request) -> ApiKeyStore:
     store = get_components(request).extras.get("apikeys")
     assert isinstance(store, ApiKeyStore), "create_app builds the key store"
+    return store
+
+
+def get_team_store(request: Request) -> TeamStore:
+    store = get_components(request).extras.get("teams")
+    assert isinstance(store, TeamStore), "create_app builds the team store"
     return store
 
 
@@ -84,9 +126,12 @@ async def authenticate(
     if not plaintext:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     store = get_key_store(request)
+    team: Team | None = None
     try:
         key = await store.verify(plaintext)
-        if key is not None:
+        if key is not None and key.team:
+            team = await _team_checks(request, store, key)
+        elif key is not None:
             wait = await store.hit_rate_limit(key)
             if wait:
                 raise LimitExceeded(
@@ -99,8 +144,105 @@ async def authenticate(
         raise StoreError("cannot check the API key: Redis unavailable") from exc
     if key is None:
         raise Unauthenticated("invalid or revoked API key")
-    principal = Principal(key)
+    principal = Principal(key, team)
     request.state.principal = principal
+    return principal
+
+
+async def _team_checks(request: Request, store: ApiKeyStore, key: ApiKey) -> Team | None:
+    """A team key's rate limits (its own and the team's) and, for new work, the team's
+    budgets: one Lua call. Returns the team (None if it was deleted)."""
+    teams = get_team_store(request)
+    team = await teams.cached(str(key.team))
+    if team is None:
+        wait = await store.hit_rate_limit(key)
+        if wait:
+            raise LimitExceeded(
+                f"rate limit of {key.rate_limit_per_min}/min reached", retry_after=wait
+            )
+        return None
+    work = bool(getattr(request.state, "new_work", False))
+    now = teams.clock()
+    refusal, value = await store.admit(key, team, teams.spend_keys(team.name, now),
+                                       check_budget=work)
+    if work:
+        request.state.budget_checked = True
+    _raise_refusal(refusal, value, key, team, teams, now)
+    return team
+
+
+def _raise_refusal(
+    refusal: Refusal | None, value: float, key: ApiKey, team: Team, teams: TeamStore, now: float
+) -> None:
+    if refusal is None:
+        return
+    if refusal == "key_rate":
+        raise LimitExceeded(
+            f"rate limit of {key.rate_limit_per_min}/min reached", retry_after=value
+        )
+    if refusal == "team_rate":
+        raise LimitExceeded(
+            f"team {team.name!r}: rate limit of {team.rate_limit_per_min}/min reached",
+            retry_after=value,
+        )
+    period = "day" if refusal == "budget_day" else "month"
+    budget = team.budget_day_usd if period == "day" else team.budget_month_usd
+    resets_at = teams.periods.resets_at(now, period)
+    raise BudgetExhausted(
+        f"team {team.name!r} has spent its {period}'s budget "
+        f"(${value:.2f} of ${budget or 0:.2f}); new work is refused until the {period} "
+        f"ends in {teams.periods.tz.key}",
+        team=team.name,
+        period=period,
+        resets_at=round(resets_at, 3),
+    )
+
+
+async def check_budget(request: Request, principal: Principal) -> None:
+    """Refuse new work (402) when the caller's team has spent its day's or month's budget."""
+    team = principal.team
+    if team is None or not team.has_budget or principal.key is None:
+        return
+    teams = get_team_store(request)
+    now = teams.clock()
+    try:
+        day, month = await teams.spent(team.name, now)
+    except RedisError as exc:
+        if get_components(request).settings.auth.fail_open:
+            return
+        raise StoreError("cannot check the team's budget: Redis unavailable") from exc
+    if team.budget_day_usd is not None and day >= team.budget_day_usd:
+        _raise_refusal("budget_day", day, principal.key, team, teams, now)
+    if team.budget_month_usd is not None and month >= team.budget_month_usd:
+        _raise_refusal("budget_month", month, principal.key, team, teams, now)
+
+
+async def authenticate_work(request: Request) -> Principal:
+    """``authenticate`` for a request that starts new work: a team over its budget gets 402.
+    The check rides on the rate-limit script when the key is looked at now (one call)."""
+    request.state.new_work = True
+    principal = await authenticate(request, None, None)
+    if not getattr(request.state, "budget_checked", False):
+        request.state.budget_checked = True
+        await check_budget(request, principal)
+    return principal
+
+
+async def require_budget(
+    request: Request, principal: Principal = Depends(authenticate)
+) -> Principal:
+    """The REST form of ``authenticate_work`` (task submit): the caller, after the budget
+    check (a separate read; the proxy's hot path uses ``authenticate_work``)."""
+    if not getattr(request.state, "budget_checked", False):
+        request.state.budget_checked = True
+        await check_budget(request, principal)
+    return principal
+
+
+async def require_key_manager(principal: Principal = Depends(authenticate)) -> Principal:
+    """Admins, and team admins (who manage their own team's keys only)."""
+    if not (principal.is_admin or principal.is_team_admin):
+        raise Forbidden("this needs an admin or team_admin key")
     return principal
 
 

@@ -24,6 +24,7 @@ STATUS_BY_ERROR: list[tuple[type[errors.GpufleetError], int]] = [
     (errors.Unauthenticated, 401),
     (errors.Forbidden, 403),
     (errors.LimitExceeded, 429),
+    (errors.BudgetExhausted, 402),
     (errors.TaskNotFound, 404),
     (errors.NotFound, 404),
     (errors.Conflict, 409),
@@ -90,7 +91,10 @@ async def _gpufleet_error(request: Request, exc: Exception) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if status >= 500:
         logger.warning("%s %s -> %s: %s", request.method, request.url.path, status, exc)
-    return error_response(request, status, exc.code, str(exc), headers)
+    extra: dict[str, Any] = {}
+    if isinstance(exc, errors.BudgetExhausted):
+        extra = {"team": exc.team, "period": exc.period, "resets_at": exc.resets_at}
+    return error_response(request, status, exc.code, str(exc), headers, **extra)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -196,6 +200,7 @@ ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
 _DESCRIPTIONS = {
     "400": "The body cannot be read as JSON.",
     "401": "Missing, invalid or revoked API key.",
+    "402": "The team's spend budget for the day or month is spent (code budget_exhausted).",
     "403": "This key may not do this (admin only, or above the key's limits).",
     "404": "No such resource (another key's task is not found either).",
     "422": "The request does not validate; each bad field is named.",

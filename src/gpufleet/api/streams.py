@@ -85,7 +85,7 @@ async def event_stream(
     if not limit:
         return StreamingResponse(content, media_type="text/event-stream", headers=SSE_HEADERS)
     places = get_stream_places(request)
-    bucket = principal.owner or ANONYMOUS
+    bucket = principal.key.id if principal.key else ANONYMOUS  # per key, even in a team
     token = uuid.uuid4().hex
     try:
         taken = await places.take(bucket, token, limit=limit, lease_s=STREAM_LEASE_S)

@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
-from gpufleet.api.auth import Principal, authenticate
+from gpufleet.api.auth import Principal, authenticate, require_budget
 from gpufleet.api.cursors import BadCursor, CursorCodec
 from gpufleet.api.deps import get_components
 from gpufleet.api.requirements import gpu_fit
@@ -122,9 +122,10 @@ def _check_submit(request: Request, spec: TaskSubmit, principal: Principal) -> N
             raise _invalid([{"loc": ("pool",), "msg": msg, "type": "value_error"}])
     if settings.pools:
         _check_servable(spec, settings.pools)
-    key = principal.key
-    if key is not None and key.max_priority is not None and spec.priority > key.max_priority:
-        raise Forbidden(f"priority {spec.priority} is above this key's limit {key.max_priority}")
+    cap = principal.max_priority
+    if cap is not None and spec.priority > cap:
+        whose = "this key's" if principal.team is None else "this key's or its team's"
+        raise Forbidden(f"priority {spec.priority} is above {whose} limit {cap}")
 
 
 def _check_servable(spec: TaskSubmit, pools: list[PoolSpec]) -> None:
@@ -151,7 +152,8 @@ def _check_servable(spec: TaskSubmit, pools: list[PoolSpec]) -> None:
     responses={
         409: {"description": "The idempotency key was used for a different request."},
         413: {"description": "Body larger than [server] max_body_bytes; nothing stored."},
-        429: {"description": "Over the key's rate limit or its max_queued tasks."},
+        402: {"description": "The key's team has spent its day's or month's budget."},
+        429: {"description": "Over the key's (or its team's) rate limit or max_queued tasks."},
     },
     openapi_extra={
         "requestBody": {
@@ -162,7 +164,7 @@ def _check_servable(spec: TaskSubmit, pools: list[PoolSpec]) -> None:
 )
 async def submit_task(
     request: Request,
-    principal: Principal = Depends(authenticate),
+    principal: Principal = Depends(require_budget),
     queue: TaskQueue = Depends(get_queue),
     idempotency_key: str | None = Header(None, min_length=1, max_length=200),
 ) -> Task:
@@ -173,18 +175,29 @@ async def submit_task(
         raise _invalid(list(exc.errors(include_url=False))) from None
     _check_submit(request, spec, principal)
     fit, requires = await gpu_fit(request, spec)
-    key = principal.key
-    max_queued = key.max_queued if key else None
-    if key is not None and max_queued is None and not principal.is_admin:
-        max_queued = get_components(request).settings.auth.default_max_queued or None
     return await queue.enqueue(
         spec,
         owner=principal.owner,
         idempotency_key=idempotency_key,
-        max_queued=max_queued,
+        max_queued=_max_queued(request, principal),
         fit=fit,
         requires=requires,
+        submitted_by=principal.key.id if principal.key else None,
     )
+
+
+def _max_queued(request: Request, principal: Principal) -> int | None:
+    """The waiting-task limit of the task's owner. A team owns its keys' tasks, so the limit
+    counts the team's queue: the smaller of the team's and the key's own max_queued."""
+    key = principal.key
+    if key is None:
+        return None
+    limits = [n for n in (key.max_queued, principal.team and principal.team.max_queued) if n]
+    if limits:
+        return min(limits)
+    if principal.is_admin:
+        return None
+    return get_components(request).settings.auth.default_max_queued or None
 
 
 @router.get(

@@ -57,6 +57,7 @@ from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker,
 from gpufleet.routing import gpu_unfit_message, normalize_model, pick_worker
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.history import HistoryStore
+from gpufleet.store.usage import UsageStore, attributed_usd
 from gpufleet.store.workers import WorkerRegistry
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,8 @@ class Call:
     priority: int = 0
     set_keep_alive: bool = False
     admin: bool = True  # a user-role key sees workers by their alias only
+    team: str = ""  # the key's team ("" for none): usage is attributed to it
+    key_id: str = ""
 
 
 def error_payload(flavor: Flavor, message: str, status: int = 500) -> dict[str, Any]:
@@ -273,6 +276,8 @@ class ProxyService:
             registry, redis, settings.pools, self.config, clock=clock, history=history
         )
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
+        # Slot time and dollars per owner (``gpufleet.store.usage``), set by the lifespan.
+        self.attribution: UsageStore | None = None
         self.max_body_bytes = settings.server.max_proxy_body_bytes
         self.body_timeout_s = settings.server.body_timeout_s
         self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
@@ -395,17 +400,44 @@ class ProxyService:
                 continue
             finally:
                 await self.broker.release(lease)
-            tokens_in, tokens_out = _tokens(tail)
-            elapsed = asyncio.get_running_loop().time() - started
-            self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
-            label = self._model_label(call.model)
-            if tokens_in:
-                PROXY_TOKENS.labels(label, "in").inc(tokens_in)
-            if tokens_out:
-                PROXY_TOKENS.labels(label, "out").inc(tokens_out)
-            await self.usage.maybe_flush()
+            await self._answered(call, lease, tail, started)
             return "ok" if state.get("clean", True) else "worker_failed_mid_stream"
         return "worker_failed"  # not reached: the last attempt returns above
+
+    async def _answered(self, call: Call, lease: Lease, tail: bytes, started: float) -> None:
+        """Count an answered request: tokens, per-key usage, and its owner's attribution."""
+        tokens_in, tokens_out = _tokens(tail)
+        elapsed = asyncio.get_running_loop().time() - started
+        self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
+        label = self._model_label(call.model)
+        if tokens_in:
+            PROXY_TOKENS.labels(label, "in").inc(tokens_in)
+        if tokens_out:
+            PROXY_TOKENS.labels(label, "out").inc(tokens_out)
+        await self.usage.maybe_flush()
+        if self.attribution is not None:
+            await self._attribute(call, lease, tokens_in, tokens_out)
+
+    async def _attribute(self, call: Call, lease: Lease, tokens_in: int, tokens_out: int) -> None:
+        """The request's slot time at its pool's price, for its owner (after the answer)."""
+        pool = self.pools.get(lease.worker.pool)
+        if pool is None or self.attribution is None:
+            return
+        held_s = max(0.0, self.clock() - lease.held_since) if lease.held_since else 0.0
+        try:
+            await self.attribution.record(
+                owner_team=call.team,
+                key=call.key_id,
+                pool=pool.name,
+                model=call.model,
+                kind="requests",
+                gpu_s=held_s,
+                usd=attributed_usd(pool.price_per_hour or 0.0, held_s, pool.slots),
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+            )
+        except Exception as exc:  # the answer is out: only the usage record is lost
+            logger.warning("proxy %s: usage not recorded (%s)", call.model, exc)
 
     async def _others_ready(self, model: str, exclude: set[str]) -> bool:
         """True if a ready worker not in ``exclude`` serves ``model`` (busy or not)."""
@@ -667,7 +699,7 @@ class ForwardEndpoint:
             principal = await self.auth(Request(scope, receive))
             owner = getattr(principal, "owner", None) or owner
         priority = _priority(scope)
-        max_priority = getattr(getattr(principal, "key", None), "max_priority", None)
+        max_priority = getattr(principal, "max_priority", None)
         if max_priority is not None and priority > max_priority:  # as the REST API: refused
             message = f"priority {priority} is above this key's limit {max_priority}"
             await send_error(send, self.flavor, 403, message)
@@ -710,21 +742,32 @@ class ForwardEndpoint:
             set_keep_alive=self.set_keep_alive,
             admin=bool(getattr(principal, "is_admin", True)),
         )
-        # The key's max_concurrent, exact across replicas: a place in a Redis ZSET (Lua),
-        # held for the whole request; a replica that dies frees it after the TTL.
         key = getattr(principal, "key", None) if self.auth is not None else None
+        team = getattr(principal, "team", None)
+        if key is not None:
+            call.key_id = key.id
+            call.team = key.team or ""
+        # The key's (and its team's) max_concurrent, exact across replicas: a place in a
+        # Redis ZSET (Lua), held for the whole request; a replica that dies frees it after
+        # the TTL.
         limiter = scope["app"].state.components.extras.get("apikeys") if key else None
         limit = getattr(key, "max_concurrent", None)
-        if limiter is None or not limit:
+        team_limit = getattr(team, "max_concurrent", None)
+        if limiter is None or not (limit or team_limit):
             await service.forward(call, scope, receive, send)
             return
         token = uuid.uuid4().hex
         ttl_s = max(600.0, service.config.max_wait_s + service.config.load_timeout_s)
-        if not await limiter.enter(key, token, ttl_s=ttl_s):
-            message = f"this key already has {limit} requests in flight"
+        full = await limiter.take_place(key, team, token, ttl_s=ttl_s)
+        if full:
+            message = (
+                f"this key already has {limit} requests in flight"
+                if full == "key"
+                else f"this key's team already has {team_limit} requests in flight"
+            )
             await send_error(send, self.flavor, 429, message, {"Retry-After": "1"})
             return
         try:
             await service.forward(call, scope, receive, send)
         finally:
-            await limiter.leave(key, token)
+            await limiter.give_place(key, team, token)

@@ -31,9 +31,12 @@ from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 
+from gpufleet.store.teams import Team
+
 logger = logging.getLogger(__name__)
 
-Role = Literal["admin", "user"]
+Role = Literal["admin", "team_admin", "user"]
+ROLES: tuple[Role, ...] = ("admin", "team_admin", "user")
 KEY_PREFIX = "gpf_"
 # Entries in the per-process cache of verified keys before it is emptied and refilled.
 _CACHE_MAX = 10_000
@@ -60,6 +63,63 @@ return 1
 """
 
 
+# A team key's request: budgets (read only), then the key's and the team's per-minute windows.
+# KEYS: key window, team window, team day spend, team month spend.
+# ARGV: key limit, team limit (0 = none), window seconds, day budget, month budget ('' = none).
+# Returns {0, '0'} allowed, {1|2, wait s} over the key's|team's rate, {3|4, spent} over the
+# day's|month's budget (a refused budget check counts no request).
+_ADMIT = """
+local checks = {{3, KEYS[3], ARGV[4]}, {4, KEYS[4], ARGV[5]}}
+for _, c in ipairs(checks) do
+  if c[3] ~= '' then
+    local spent = tonumber(redis.call('GET', c[2]) or '0')
+    if spent >= tonumber(c[3]) then return {c[1], tostring(spent)} end
+  end
+end
+local window = tonumber(ARGV[3])
+for i = 1, 2 do
+  local limit = tonumber(ARGV[i])
+  if limit > 0 then
+    local n = redis.call('INCR', KEYS[i])
+    if n == 1 then redis.call('EXPIRE', KEYS[i], window * 2) end
+    if n > limit then
+      local ttl = redis.call('TTL', KEYS[i]) - window
+      if ttl < 1 then ttl = 1 end
+      return {i, tostring(ttl)}
+    end
+  end
+end
+return {0, '0'}
+"""
+
+# KEYS: the key's and the team's holder zsets. ARGV: now, deadline, token, key max, team max
+# (0 = none), ttl ms. Returns 0 when a place was taken in both, 1|2 when the key|team is full.
+_CONCURRENT2 = """
+for i = 1, 2 do
+  local limit = tonumber(ARGV[3 + i])
+  if limit > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+    if redis.call('ZCARD', KEYS[i]) >= limit then return i end
+  end
+end
+for i = 1, 2 do
+  if tonumber(ARGV[3 + i]) > 0 then
+    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
+    redis.call('PEXPIRE', KEYS[i], ARGV[6])
+  end
+end
+return 0
+"""
+
+Refusal = Literal["key_rate", "team_rate", "budget_day", "budget_month"]
+_REFUSALS: dict[int, Refusal] = {
+    1: "key_rate",
+    2: "team_rate",
+    3: "budget_day",
+    4: "budget_month",
+}
+
+
 @dataclass(frozen=True)
 class ApiKey:
     id: str
@@ -72,6 +132,7 @@ class ApiKey:
     max_concurrent: int | None = None
     max_queued: int | None = None
     max_priority: int | None = None
+    team: str | None = None  # the team that owns this key's work (None: the key itself)
 
     def __repr__(self) -> str:
         return f"<ApiKey {self.id} {self.name!r} {self.role}{' revoked' if self.revoked else ''}>"
@@ -90,14 +151,18 @@ def _from_hash(data: dict[str, str]) -> ApiKey:
         id=data["id"],
         name=data.get("name", ""),
         email=data.get("email", ""),
-        role="admin" if role == "admin" else "user",
+        role=role if role in ROLES else "user",
         created_at=float(data.get("created_at", "0")),
         revoked=data.get("revoked") == "1",
         rate_limit_per_min=opt("rate_limit_per_min"),
         max_concurrent=opt("max_concurrent"),
         max_queued=opt("max_queued"),
         max_priority=opt("max_priority"),
+        team=data.get("team") or None,
     )
+
+
+_LIMIT_FIELDS = ("rate_limit_per_min", "max_concurrent", "max_queued", "max_priority")
 
 
 class ApiKeyStore:
@@ -118,6 +183,8 @@ class ApiKeyStore:
         self._cache: dict[str, tuple[float, ApiKey]] = {}  # digest -> (expires, key)
         self._rate = redis.register_script(_RATE)
         self._concurrent = redis.register_script(_CONCURRENT)
+        self._admit = redis.register_script(_ADMIT)
+        self._concurrent2 = redis.register_script(_CONCURRENT2)
 
     def __repr__(self) -> str:
         return f"<ApiKeyStore prefix={self.prefix}>"
@@ -171,6 +238,7 @@ class ApiKeyStore:
         max_concurrent: int | None = None,
         max_queued: int | None = None,
         max_priority: int | None = None,
+        team: str | None = None,
     ) -> tuple[ApiKey, str]:
         """Store a new key; return it with its plaintext (the only time it is known)."""
         key_id = uuid.uuid4().hex[:12]
@@ -188,6 +256,7 @@ class ApiKeyStore:
             "max_concurrent": max_concurrent or "",
             "max_queued": max_queued or "",
             "max_priority": "" if max_priority is None else max_priority,
+            "team": team or "",
         }
         if not await self.redis.hsetnx(self._by_digest, digest, key_id):
             raise ValueError("this key already exists")
@@ -264,6 +333,23 @@ class ApiKeyStore:
         logger.info("api key %s rotated", key_id)
         return _from_hash({**data, "digest": digest}), plaintext
 
+    async def update(self, key_id: str, **fields: Any) -> ApiKey | None:
+        """Change a key's name, e-mail, role, team or limits (None clears a limit or the
+        team); the secret stays. None if there is no such key."""
+        allowed = {"name", "email", "role", "team", *_LIMIT_FIELDS}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown key field(s): {', '.join(sorted(unknown))}")
+        data = cast(dict[str, str], await self.redis.hgetall(self._key(key_id)))
+        if not data:
+            return None
+        mapping = {name: "" if value is None else str(value) for name, value in fields.items()}
+        if mapping:
+            await self.redis.hset(self._key(key_id), mapping=cast(Any, mapping))
+        self._forget(key_id)
+        logger.info("api key %s updated (%s)", key_id, ", ".join(sorted(mapping)))
+        return _from_hash({**data, **mapping})
+
     async def import_json(self, raw: Any) -> list[ApiKey]:
         """Import the parsed SURF controller ``api_keys.json`` (entries with name, email, key).
 
@@ -315,3 +401,60 @@ class ApiKeyStore:
     async def leave(self, key: ApiKey, token: str) -> None:
         if key.max_concurrent:
             await self.redis.zrem(f"{self.prefix}:concurrent:{key.id}", token)
+
+    # -- a team key's limits ------------------------------------------------------------------
+
+    async def admit(
+        self,
+        key: ApiKey,
+        team: Team,
+        spend_keys: tuple[str, str],
+        *,
+        check_budget: bool,
+    ) -> tuple[Refusal | None, float]:
+        """One round trip for a team key's request: the team's budgets (new work only), then
+        the key's and the team's rate. (None, 0) allows it; else why not and the seconds to
+        wait (rates) or the dollars spent (budgets)."""
+        day = month = ""
+        if check_budget:
+            day = "" if team.budget_day_usd is None else repr(team.budget_day_usd)
+            month = "" if team.budget_month_usd is None else repr(team.budget_month_usd)
+        if not (key.rate_limit_per_min or team.rate_limit_per_min or day or month):
+            return None, 0.0
+        window = int(self.clock() // 60)
+        code, value = await self._admit(
+            keys=[
+                f"{self.prefix}:ratelimit:{key.id}:{window}",
+                f"{self.prefix}:ratelimit:team:{team.name}:{window}",
+                *spend_keys,
+            ],
+            args=[key.rate_limit_per_min or 0, team.rate_limit_per_min or 0, 60, day, month],
+        )
+        return _REFUSALS.get(int(code)), float(value)
+
+    async def take_place(
+        self, key: ApiKey, team: Team | None, token: str, *, ttl_s: float = 600.0
+    ) -> str:
+        """Take a place among the key's and its team's requests in flight (held up to
+        ``ttl_s``): "" when taken, else "key" or "team" (which one is full)."""
+        team_max = team.max_concurrent if team is not None else None
+        if not team_max:
+            return "" if await self.enter(key, token, ttl_s=ttl_s) else "key"
+        now = self.clock()
+        full = await self._concurrent2(
+            keys=[f"{self.prefix}:concurrent:{key.id}", self._team_places(team)],
+            args=[now, now + ttl_s, token, key.max_concurrent or 0, team_max, int(ttl_s * 1000)],
+        )
+        return {0: "", 1: "key"}.get(int(full), "team")
+
+    async def give_place(self, key: ApiKey, team: Team | None, token: str) -> None:
+        if team is None or not team.max_concurrent:
+            await self.leave(key, token)
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(f"{self.prefix}:concurrent:{key.id}", token)
+            pipe.zrem(self._team_places(team), token)
+            await pipe.execute()
+
+    def _team_places(self, team: Team | None) -> str:
+        return f"{self.prefix}:concurrent:team:{team.name if team else ''}"

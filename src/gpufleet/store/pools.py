@@ -19,6 +19,8 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from gpufleet.settings import PoolSpec
+from gpufleet.store.teams import Periods
+from gpufleet.store.usage import usage_key
 
 OVERRIDABLE = ("min_workers", "max_workers", "idle_timeout_s")
 # An idle_timeout_s override of "auto" is stored as this number (overrides are numbers).
@@ -47,10 +49,16 @@ class PoolStateStore:
         *,
         prefix: str = "gpufleet",
         clock: Callable[[], float] = time.time,
+        periods: Periods | None = None,
+        usage_retention_days: int = 400,
     ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.clock = clock
+        # The usage aggregates' calendar (``[usage] timezone``): a pool's spend also goes to
+        # its day there, so usage reports show overhead = spend - attributed.
+        self.periods = periods or Periods()
+        self.usage_ttl_s = usage_retention_days * 86400
 
     def _key(self, pool: str) -> str:
         return f"{self.prefix}:poolstate:{pool}"
@@ -120,6 +128,9 @@ class PoolStateStore:
             pipe.hincrbyfloat(self._key(pool), "spend_usd", usd)
             pipe.hincrbyfloat(day_key, pool, usd)
             pipe.expire(day_key, 3 * 86400)  # a day's counter is only read while that day lasts
+            usage = usage_key(self.prefix, self.periods.of(self.clock())[0])
+            pipe.hincrbyfloat(usage, f"pool|{pool}|spend_usd", usd)
+            pipe.expire(usage, self.usage_ttl_s)
             await pipe.execute()
 
     async def count_succeeded(self, pool: str) -> None:

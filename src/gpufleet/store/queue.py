@@ -84,6 +84,7 @@ SUMMARY_FIELDS = [
     "model",
     "workflow_id",
     "owner",
+    "submitted_by",
     "max_attempts",
     "attempts",
     "timeout_s",
@@ -190,6 +191,7 @@ class TaskQueue:
         max_queued: int | None = None,
         fit: Sequence[str] = (),
         requires: Mapping[str, Any] | None = None,
+        submitted_by: str | None = None,
     ) -> Task:
         """Store a new task and make it runnable; with ``idempotency_key`` at most one per key.
 
@@ -216,7 +218,11 @@ class TaskQueue:
             "max_attempts",
             str(max_attempts),
         ]
-        for name, value in (("timeout_s", spec.timeout_s), ("workflow_id", spec.workflow_id)):
+        for name, value in (
+            ("timeout_s", spec.timeout_s),
+            ("workflow_id", spec.workflow_id),
+            ("submitted_by", submitted_by),
+        ):
             if value is not None:
                 fields += [name, str(value)]
         if fit and not spec.pool:
@@ -245,8 +251,9 @@ class TaskQueue:
         if verdict == "existing":
             return await self.get(stored_id)
         if verdict == "limited":
+            holder = "this team" if owner and owner.startswith("team:") else "this key"
             raise LimitExceeded(
-                f"this key already has {stored_id} queued tasks (limit {max_queued})"
+                f"{holder} already has {stored_id} queued tasks (limit {max_queued})"
             )
         if verdict == "conflict":
             raise IdempotencyConflict(
@@ -268,6 +275,7 @@ class TaskQueue:
             model=spec.model,
             workflow_id=spec.workflow_id,
             owner=owner,
+            submitted_by=submitted_by,
             payload=spec.payload,
             max_attempts=max_attempts,
             timeout_s=spec.timeout_s,
