@@ -1,71 +1,89 @@
-"""What does gpufleet's Ollama proxy add? Side by side, same machine, one run.
+"""What does gpufleet's proxy add, as it is deployed? Side by side, same machine, one run.
 
-    python bench/proxy_overhead.py [--seconds 8]
+    python bench/proxy_overhead.py [--seconds 5] [--reps 3] [--litellm]
+    python bench/proxy_overhead.py --profile      # py-spy at 1 and 64 clients
 
-Targets, each on the same route (``POST /api/chat``) in front of one fast simulated
-Ollama backend:
+Targets, in front of one fast simulated Ollama backend (answers at once; streams 10
+chunks 10 ms apart), on ``/api/chat`` and ``/v1/chat/completions``, streaming and not:
 
 - ``direct``   the backend itself;
-- ``nginx``    Debian's nginx as a plain reverse proxy (keepalive upstream, no
-               buffering): the practical floor for a proxy;
-- ``gpufleet`` gpufleet's proxy router (slot acquire + release in Redis per request);
-- ``litellm``  LiteLLM proxy (its pass-through endpoint for ``/api/chat``, one worker,
-               a master key), from ``bench/.venvs/litellm``: the script creates that
-               virtualenv on first run (``python -m venv`` + ``pip install
-               litellm[proxy]``); LiteLLM is never one of gpufleet's dependencies.
+- ``nginx``    Debian's nginx, one worker, keepalive upstream, no buffering;
+- ``gpufleet (key + metrics, as served)`` — the MAIN row: ``python -m gpufleet serve``
+  on its defaults (auth on, a user key made with ``gpufleet keys create`` sent as
+  ``Authorization: Bearer``, request metrics on, its own embedded redis-server with
+  ``appendfsync always``, every background loop), a static pool pointing at the backend;
+- ``gpufleet router (auth off, no metrics)`` — the old row: the proxy router alone, its
+  Redis outside the measured tree (``everysec``);
+- ``litellm`` with ``--litellm`` (its own venv under ``bench/.venvs``).
 
-The proxy under test runs on core 0; the load generators (``hey``, ``wrk`` from
-Debian), the backend and Redis on core 1. Needs: ``apt-get install nginx-light wrk hey``.
-It prints one table plus the ratios the targets are stated in; it asserts nothing.
+Every proxy runs on core 0 (gpufleet's embedded redis-server inherits it), the load
+generators (``hey``, ``wrk``) and the backend on core 1. Latency: ``hey`` at 100 req/s
+(one connection; streams: ten connections at 10 req/s), repetitions interleaved across
+targets, medians. CPU: utime + stime of the whole process tree from ``/proc`` over that
+run, per request (redis-server's share in brackets). Open-throttle: ``wrk`` with 32
+connections. Needs ``apt-get install nginx-light wrk hey`` (and ``pip install py-spy``
+for ``--profile``). It prints the table and the issue-18 targets; it asserts nothing.
 
-Latest run (2 shared cores, --seconds 8), after the hot-path work below:
+NOISE: the box has 2 cores shared with other sessions running test suites (load 2-4
+during these runs); between two runs of the same code the deployed p50 moved by
+±0.5 ms, p99 by several ms and open req/s by ±40 %. Read the ratios, and repeat.
 
-| target | p50 ms | p99 ms | open req/s | stream TTFB ms | streams/s @64 | idle RSS MB |
-|---|---|---|---|---|---|---|
-| direct | 0.80 | 1.50 | 15211 | 0.30 | 590 | - |
-| nginx | 0.90 (+0.10) | 2.20 (+0.70) | 9160 | 0.60 (+0.30) | 595 | 12.5 |
-| gpufleet | 2.00 (+1.20) | 3.70 (+2.20) | 3718 | 1.70 (+1.40) | 578 | 73.4 |
-| litellm | 12.60 (+11.80) | 17.90 (+16.40) | 94 | 13.70 (+13.40) | 86 | 329.0 |
+Before (issue 18's code; --seconds 5 --reps 3; medians):
 
-Against the targets:
+| target | route | +p50 | +p99 | CPU @100 req/s | CPU ms/req (redis) | open @32 | RSS |
+|---|---|---|---|---|---|---|---|
+| nginx | /api/chat | +0.10 | +3.80 | 2.0 % | 0.20 | 7810 | 12.5 MB |
+| gpufleet as served | /api/chat | +1.70 | +3.70 | 21.4 % | 2.16 (0.40) | 1419 (0.18x) | 90.7 MB |
+| gpufleet as served | /api/chat stream | +3.90 | +9.80 | 17.9 % | 1.98 (0.26) | - | |
+| gpufleet as served | /v1/chat/completions | +2.00 | +5.40 | 24.3 % | 2.44 (0.44) | 879 (0.09x) | |
+| gpufleet as served | /v1/chat/completions stream | +10.50 | +24.30 | 18.5 % | 2.20 (0.26) | - | |
+| router, auth off | /api/chat | +1.00 | +3.50 | 13.3 % | 1.34 | 1085 (0.14x) | 75.6 MB |
 
-- added p50 <= 1 ms at 100 req/s: **missed**, +1.20 ms (+0.6 to +1.6 in today's runs: noisy). A
-  request pays two Redis round trips (slot acquire before forwarding, release after)
-  and ~0.8 ms of CPU at one client, where nothing amortizes (at 16-64 clients it is
-  ~0.35-0.4 ms): uvicorn + FastAPI's middleware stack, redis-py (~0.1 ms a command),
-  our relay.
-- added p99 <= 5 ms: **met**, +2.2 ms.
-- open-throttle >= 0.4x nginx on one core: **met, barely**, 3718 / 9160 = 0.41; nginx
-  itself ranged 9.1k-15.2k req/s between runs on this shared box, and against its best
-  run gpufleet is at 0.25. Treat it as "about 0.3-0.4x". 39x LiteLLM.
-- streams/s at 64 >= 0.9x direct: **met**, 578 / 590 = 0.98.
-- idle RSS <= 0.5x LiteLLM: **met**, 73.4 / 329.0 = 0.22.
+After (lean Redis connection for the slot scripts, cached model names; same flags):
 
-The gpufleet server here is the proxy router alone, without API keys (the full app
-adds RequestMetricsMiddleware and, with keys, a rate-limit and a concurrency script
-per request when those limits are set; the key lookup itself is cached, see
-``[auth] key_cache_ttl_s``). LiteLLM runs its pass-through route with a master key.
+| target | route | +p50 | +p99 | CPU @100 req/s | CPU ms/req (redis) | open @32 | RSS |
+|---|---|---|---|---|---|---|---|
+| nginx | /api/chat | +0.10 | +3.00 | 2.0 % | 0.20 | 9078 | 12.5 MB |
+| gpufleet as served | /api/chat | +1.80 | +5.50 | 17.7 % | 1.78 (0.40) | 2290 (0.25x) | 90.7 MB |
+| gpufleet as served | /api/chat stream | +4.40 | +12.80 | 13.2 % | 1.56 (0.18) | - | |
+| gpufleet as served | /v1/chat/completions | +2.40 | +7.30 | 18.3 % | 1.84 (0.40) | 2688 (0.24x) ||
+| gpufleet as served | /v1/chat/completions stream | +2.30 | +13.20 | 14.6 % | 1.62 (0.24) | - | |
+| router, auth off | /api/chat | +1.20 | +3.50 | 13.1 % | 1.32 | 3207 (0.35x) | 75.6 MB |
 
-Before (same box, same day, the code as it was): p50 9.35 ms (+8.95), p99 28.6 ms
-(+23.5), 68 req/s open (0.01x nginx; Redis answered "Too many connections" past 64
-in-flight commands), streams 37/s (0.07x direct), RSS 74 MB. (The first run on record
-had p50 +2.7 ms, p99 +3.2 ms, 221 req/s, 74 streams/s, 72 MB.)
+Against issue 18's targets (deployed row): every one is still MISSED. CPU per request
+fell ~18-25 % (2.16 -> 1.78 ms on /api/chat, 2.44 -> 1.84 on /v1) against <= 0.6;
+added p50 +1.8 to +4.4 ms against <= 1.0 (unchanged within the noise); p99 against
+<= 3 missed; open-throttle 0.24-0.25x nginx against >= 0.5 (was 0.09-0.18x); idle RSS
+90.7 MB against <= 80.
 
-Where the time went (server CPU per request from /proc utime+stime, wrk non-streaming,
-1 / 16 / 64 clients): before 1.42 / 2.04 / 2.04 ms, after 0.81 / 0.38 / 0.35 ms.
-Taking pieces out at one client: the httpx upstream call ~0.95 ms, the two Redis slot
-scripts ~0.35 ms, everything else ~0.12 ms. With 64 clients py-spy put 47% in
-httpx/httpcore (24% in the pool's request-to-connection assignment, 16% in
-``has_expired`` -> ``is_socket_readable``: a ``poll()`` of every idle connection on
-every request) and 25% in redis-py. Same upstream in isolation (µs of CPU per request
-at 1 / 64 clients): httpx 615 / 1123, httpcore alone 413 / 1590, aiohttp 3.14 202 / 100
-(measured in a side venv), ``gpufleet.proxy.upstream`` (asyncio + httptools) 65 / 22.
-Changes: that upstream client; slot scripts of concurrent requests pipelined together
-(``SlotBatcher``); API keys cached per replica for ``key_cache_ttl_s``; keep_alive
-spliced into the client's bytes instead of re-encoding the body; the inference routes
-matched first (~0.1 ms of route scanning per request in the full app); a bare timer for
-the per-chunk read deadline. The worker list was already cached
-(``worker_cache_ttl_s``) and the success path logs nothing.
+Where the time goes (``--profile``: py-spy on the served process under wrk, /api/chat;
+CPU per request from /proc). Before: 1 client 458 req/s, python 0.93 + redis-server
+0.28 ms; 64 clients 1292 req/s, python 0.49 + redis 0.04 ms. Inclusive shares at 1 / 64
+clients: redis-py 30 / 23 % (two pipelined EVALSHA a request, ~85 µs of client CPU
+each: pool checkout, a readiness poll of the socket, timeouts), slot broker +
+SlotBatcher 8 / 19 %, starlette + fastapi (routing, middleware, Request objects) ~10 /
+39 %, RequestMetricsMiddleware and SecurityHeadersMiddleware frames (their own code:
+~1-4 % self), auth 1.5 / 5 %, our upstream client 1.5 / 4 %, json < 1 %, logging < 1 %
+(the success path logs nothing), background loops < 1 %. uvloop's own C code (the
+event loop, socket syscalls: ``Runner.run`` self time) 47 % at one client. Idle, the
+served tree uses 0.5 % of a core (python) + 0.1-0.2 % (redis-server).
+
+After: 64 clients 2111 req/s, python 0.32 + redis 0.03 ms; redis-py 2.7 % (only the
+periodic flushes), the lean client's write 10 % self (the syscall that wakes
+redis-server on the same core). 1 client: python 0.93 + redis 0.31 ms (241 req/s; that
+run shared the box with a test suite). What is left, per request at 100 req/s
+(~1.8 ms): ~1.4 ms in the python process, which paced traffic makes ~1.5-2x dearer
+than back-to-back traffic (each request wakes the process 4-5 times: request, slot
+granted, worker's answer, slot released; caches go cold between requests on a shared
+core), spread over uvicorn, starlette/fastapi's middleware stack, our endpoint and
+relay, and the two slot round trips; and ~0.4 ms in redis-server, mostly the two
+fsyncs of ``appendfsync always`` (0.15-0.2 ms with ``everysec``; why gpufleet keeps
+``always`` is in docs/operations.md, "One durability for everything").
+
+Not done (the next candidates, by measured size): one Redis round trip instead of two
+per request; fewer middleware layers around the forwarded routes (serve them from a
+plain ASGI app in front of FastAPI); the RSS (the served process imports the whole API
+and every provider).
 """
 
 from __future__ import annotations
@@ -76,6 +94,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -87,6 +106,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +116,58 @@ STREAM = {**CHAT, "stream": True}
 STREAM_TOKENS, STREAM_GAP_S = 10, 0.01  # ~100 ms per stream, like a fast small model
 
 
-# -- the backend: a fast simulated Ollama ---------------------------------------------------
+# -- the backend: a fast simulated Ollama (Ollama's and OpenAI's routes) --------------------
+
+_TAGS = json.dumps(
+    {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest", "size": 1,
+                 "digest": "", "details": {}}]}
+).encode()
+
+
+async def _answer(send: Any, status: int, ctype: bytes, data: bytes) -> None:
+    head = [(b"content-type", ctype), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _ollama_line(model: Any, content: str, done: bool) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "model": model,
+        "created_at": "2024-01-01T00:00:00Z",
+        "message": {"role": "assistant", "content": content},
+        "done": done,
+    }
+    if done:
+        line.update(done_reason="stop", prompt_eval_count=5, eval_count=STREAM_TOKENS)
+    return line
+
+
+def _openai_chunk(model: Any, content: str | None, *, final: bool = False) -> dict[str, Any]:
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": model,
+        "choices": [{"index": 0, "delta": {"content": content} if content else {},
+                     "finish_reason": "stop" if final else None}],
+    }
+    if final:
+        chunk["usage"] = {"prompt_tokens": 5, "completion_tokens": STREAM_TOKENS,
+                          "total_tokens": 5 + STREAM_TOKENS}
+    return chunk
+
+
+async def _inventory(send: Any, path: str) -> None:
+    if path == "/api/version":
+        await _answer(send, 200, b"application/json", b'{"version":"0.12.0"}')
+    elif path in ("/api/tags", "/api/ps"):
+        await _answer(send, 200, b"application/json", _TAGS)
+    elif path == "/api/pull":
+        await _answer(send, 200, b"application/json", b'{"status":"success"}')
+    else:
+        await _answer(send, 200, b"text/plain", b"Ollama is running")
 
 
 async def backend_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers at once (no model): ``/api/chat`` (NDJSON), ``/v1/chat/completions`` (SSE),
+    and what gpufleet's health checker asks a static Ollama worker."""
     if scope["type"] != "http":
         return
     raw = b""
@@ -108,54 +176,41 @@ async def backend_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         raw += message.get("body", b"")
         if not message.get("more_body"):
             break
-    body = json.loads(raw or b"{}")
-    final = {
-        "model": body.get("model"),
-        "created_at": "2024-01-01T00:00:00Z",
-        "message": {"role": "assistant", "content": ""},
-        "done": True,
-        "done_reason": "stop",
-        "prompt_eval_count": 5,
-        "eval_count": STREAM_TOKENS,
-    }
-    if not body.get("stream", True):
-        final["message"]["content"] = "hello " * STREAM_TOKENS
-        data = json.dumps(final).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(data)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": data})
+    path = scope["path"]
+    if scope["method"] in ("GET", "HEAD") or path == "/api/pull":
+        await _inventory(send, path)
         return
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"application/x-ndjson")],
-        }
-    )
+    body = json.loads(raw or b"{}")
+    model = body.get("model")
+    openai = path.startswith("/v1/")
+    if not body.get("stream", not openai):
+        if openai:
+            final = _openai_chunk(model, None, final=True)
+            final["object"] = "chat.completion"
+            final["choices"] = [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant",
+                                             "content": "hello " * STREAM_TOKENS}}]
+        else:
+            final = _ollama_line(model, "hello " * STREAM_TOKENS, True)
+        await _answer(send, 200, b"application/json", json.dumps(final).encode())
+        return
+    ctype = b"text/event-stream" if openai else b"application/x-ndjson"
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", ctype)]})
+
+    def frame(obj: dict[str, Any]) -> bytes:
+        data = json.dumps(obj).encode()
+        return b"data: " + data + b"\n\n" if openai else data + b"\n"
+
     for _ in range(STREAM_TOKENS):
-        line = {
-            "model": body.get("model"),
-            "created_at": "2024-01-01T00:00:00Z",
-            "message": {"role": "assistant", "content": "hello "},
-            "done": False,
-        }
-        await send(
-            {
-                "type": "http.response.body",
-                "body": json.dumps(line).encode() + b"\n",
-                "more_body": True,
-            }
-        )
+        line = _openai_chunk(model, "hello ") if openai else _ollama_line(model, "hello ", False)
+        await send({"type": "http.response.body", "body": frame(line), "more_body": True})
         await asyncio.sleep(STREAM_GAP_S)
-    await send({"type": "http.response.body", "body": json.dumps(final).encode() + b"\n"})
+    last = frame(_openai_chunk(model, None, final=True) if openai
+                 else _ollama_line(model, "", True))
+    if openai:
+        last += b"data: [DONE]\n\n"
+    await send({"type": "http.response.body", "body": last})
 
 
 def serve_backend(port: int) -> None:
@@ -277,7 +332,82 @@ def ensure_litellm() -> Path:
     return exe
 
 
+# -- gpufleet as deployed: ``gpufleet serve`` with its own embedded Redis ------------------
+
+DEPLOYED_CONF = """
+[server]
+host = "127.0.0.1"
+port = {port}
+[redis]
+data_dir = "{data}"
+[[pools]]
+name = "llm"
+provider = "static"
+engine = "ollama"
+urls = ["{backend}"]
+models = ["llama3.2"]
+slots = 1000
+"""
+
+
+def clean_env() -> dict[str, str]:
+    """This checkout's source first; no GPUFLEET_* / REDIS_* from the caller's shell, so
+    the server runs on its defaults (auth on, metrics on, embedded Redis, appendfsync)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GPUFLEET_", "REDIS_", "NOVITA_", "SURF_"))}
+    env["PYTHONPATH"] = f"{ROOT / 'src'}:{ROOT}"
+    return env
+
+
+def create_key(config: Path) -> str:
+    """A user key made the way an operator makes one (``gpufleet keys create``)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gpufleet", "keys", "create", "--name", "bench",
+         "--config", str(config)],
+        capture_output=True, text=True, check=True, env=clean_env(), cwd=ROOT,
+    ).stdout
+    found = re.search(r"gpf_[A-Za-z0-9_\-]+", out)
+    if not found:
+        raise RuntimeError(f"no key in: {out!r}")
+    return found.group(0)
+
+
+def wait_ready(url: str, headers: dict[str, str], timeout_s: float = 60.0) -> None:
+    """Until the proxy serves a chat (the static worker turns ready after a health probe)."""
+    import httpx
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.post(url, json=CHAT, headers=headers, timeout=5).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} never answered 200")
+
+
 # -- orchestration ---------------------------------------------------------------------------
+
+OAI_CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}],
+            "stream": False}
+OAI_STREAM = {**OAI_CHAT, "stream": True, "stream_options": {"include_usage": True}}
+# route name -> (path, body)
+ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "/api/chat": ("/api/chat", CHAT),
+    "/api/chat stream": ("/api/chat", STREAM),
+    "/v1/chat/completions": ("/v1/chat/completions", OAI_CHAT),
+    "/v1/chat/completions stream": ("/v1/chat/completions", OAI_STREAM),
+}
+DEPLOYED = "gpufleet (key + metrics, as served)"
+BARE = "gpufleet router (auth off, no metrics)"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    name: str
+    base: str
+    pid: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -303,12 +433,13 @@ def process(
     *,
     env: dict[str, str] | None = None,
     start_timeout_s: float = 20.0,
+    log: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        ["taskset", "-c", str(core), *cmd],
-        cwd=ROOT,
-        env=env or {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
-    )
+    with contextlib.ExitStack() as files:
+        stderr = files.enter_context(log.open("wb")) if log else None
+        proc = subprocess.Popen(
+            ["taskset", "-c", str(core), *cmd], cwd=ROOT, env=env or clean_env(), stderr=stderr
+        )
     try:
         if port:
             wait_port(port, start_timeout_s)
@@ -316,7 +447,7 @@ def process(
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
 
@@ -345,104 +476,319 @@ http {{
 """
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (gpufleet: the server and its embedded redis-server;
+    nginx: master and worker)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        with contextlib.suppress(FileNotFoundError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+    return pids
+
+
 def rss_kb(pid: int) -> int:
-    """RSS of a process and its children (nginx: master + worker)."""
     total = 0
-    pids = [pid]
-    with contextlib.suppress(FileNotFoundError):
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    for p in pids:
+    for p in tree(pid):
         with contextlib.suppress(FileNotFoundError):
             status = Path(f"/proc/{p}/status").read_text()
             total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
     return total
 
 
-# Extra request headers per target (LiteLLM's proxy refuses to start without a master key).
-HEADERS: dict[str, dict[str, str]] = {}
+def cpu_s(pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) of the tree, by command name."""
+    used: dict[str, float] = {}
+    if pid is None:
+        return used
+    for p in tree(pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            stat = Path(f"/proc/{p}/stat").read_text()
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            used[comm] = used.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return used
 
 
-def hey(url: str, body: dict[str, Any], *args: str) -> str:
-    extra = [a for k, v in HEADERS.get(url, {}).items() for a in ("-H", f"{k}: {v}")]
-    cmd = [
-        "taskset",
-        "-c",
-        "1",
-        "hey",
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-d",
-        json.dumps(body),
-        *extra,
-        *args,
-        url,
-    ]
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+def hey(target: Target, body: dict[str, Any], *args: str) -> str:
+    extra = [a for k, v in target.headers.items() for a in ("-H", f"{k}: {v}")]
+    cmd = ["taskset", "-c", "1", "hey", "-m", "POST", "-T", "application/json",
+           "-d", json.dumps(body), *extra, *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
-def latency_at_rate(url: str, seconds: int) -> tuple[float, float]:
-    """p50, p99 (ms) of non-streaming chats at 100 req/s (one hey worker, -q 100)."""
-    out = hey(url, CHAT, "-c", "1", "-q", "100", "-n", str(100 * seconds), "-o", "csv")
+def at_rate(target: Target, route: str, seconds: int) -> dict[str, float]:
+    """p50 / p99 (ms) at 100 req/s, and the target's CPU meanwhile.
+
+    Non-streaming: one connection at 100 req/s. Streaming (a stream lasts ~100 ms): ten
+    connections at 10 req/s each."""
+    path, body = ROUTES[route]
+    conns, rate = (10, 10) if body["stream"] else (1, 100)
+    n = 100 * seconds
+    before, t0 = cpu_s(target.pid), time.monotonic()
+    out = hey(target, body, "-c", str(conns), "-q", str(rate), "-n", str(n), "-o", "csv",
+              target.base + path)
+    used, wall = _delta(cpu_s(target.pid), before), time.monotonic() - t0
     rows = list(csv.DictReader(io.StringIO(out)))
     times = sorted(float(r["response-time"]) * 1000 for r in rows if r["status-code"] == "200")
-    return statistics.median(times), times[int(len(times) * 0.99) - 1]
+    if len(times) < n:
+        print(f"  warning: {n - len(times)} of {n} failed on {target.name} {route}",
+              file=sys.stderr)
+    total = sum(used.values())
+    return {
+        "p50": statistics.median(times),
+        "p99": times[max(0, int(len(times) * 0.99) - 1)],
+        "cpu_ms": 1000 * total / max(1, len(times)),
+        "core_pct": 100 * total / wall,
+        "redis_ms": 1000 * used.get("redis-server", 0.0) / max(1, len(times)),
+    }
 
 
-def throughput(url: str, seconds: int, tmp: Path) -> float:
+def open_throttle(target: Target, route: str, seconds: int, tmp: Path, conns: int = 32) -> float:
+    path, body = ROUTES[route]
     script = tmp / "post.lua"
-    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.get(url, {}).items())
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in target.headers.items())
     script.write_text(
         'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"{extra}wrk.body = {json.dumps(json.dumps(CHAT))}\n"
+        f"{extra}wrk.body = {json.dumps(json.dumps(body))}\n"
     )
     out = subprocess.run(
-        ["taskset", "-c", "1", "wrk", "-t1", "-c64", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
+        ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "-s", str(script),
+         target.base + path],
+        capture_output=True, text=True, check=True,
     ).stdout
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
-        print(f"  warning: {errors.group(1)} non-2xx answers from {url}", file=sys.stderr)
+        print(f"  warning: {errors.group(1)} non-2xx answers from {target.name}", file=sys.stderr)
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
-def stream_ttfb(url: str) -> float:
-    """p50 time to the first byte (ms) of a streaming chat, one at a time."""
-    out = hey(url, STREAM, "-c", "1", "-n", "100", "-o", "csv")
-    rows = list(csv.DictReader(io.StringIO(out)))
-    return statistics.median(float(r["Response-delay"]) * 1000 for r in rows)
+def warm(target: Target) -> None:
+    for path, body in ROUTES.values():
+        hey(target, body, "-c", "4", "-n", "100", target.base + path)
 
 
-def stream_throughput(url: str, seconds: int) -> float:
-    """Completed streams per second with 64 concurrent streaming clients."""
-    out = hey(url, STREAM, "-c", "64", "-z", f"{seconds}s")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+@contextlib.contextmanager
+def targets(tmp: Path, *, bare: bool = True) -> Iterator[list[Target]]:
+    """direct, nginx, gpufleet as served (and the bare router), all started, all pinned."""
+    from gpufleet.store.connection import EmbeddedRedis
+
+    me = [sys.executable, str(Path(__file__).resolve())]
+    with contextlib.ExitStack() as stack:
+        bport, nport, gport = free_port(), free_port(), free_port()
+        stack.enter_context(process([*me, "backend", "--port", str(bport)], 1, bport))
+        backend = f"http://127.0.0.1:{bport}"
+        found = [Target("direct", backend)]
+        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, backend=bport, port=nport))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        proc = stack.enter_context(
+            process([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], 0, nport)
+        )
+        found.append(Target("nginx", f"http://127.0.0.1:{nport}", proc.pid))
+        config = tmp / "gpufleet.toml"
+        config.write_text(DEPLOYED_CONF.format(port=gport, data=tmp / "data/redis",
+                                               backend=backend))
+        proc = stack.enter_context(
+            process([sys.executable, "-m", "gpufleet", "serve", "--config", str(config)], 0,
+                    gport, start_timeout_s=60, log=tmp / "gpufleet.log")
+        )
+        deployed = Target(DEPLOYED, f"http://127.0.0.1:{gport}", proc.pid)
+        deployed.headers["Authorization"] = f"Bearer {create_key(config)}"
+        wait_ready(deployed.base + "/api/chat", deployed.headers)
+        found.append(deployed)
+        if bare:
+            redis = EmbeddedRedis(tmp / "redis", port=free_port(), appendfsync="everysec")
+            redis.start()
+            stack.callback(redis.stop)
+            rport = free_port()
+            cmd = [*me, "gpufleet", "--port", str(rport), "--redis", redis.url,
+                   "--backend", backend]
+            proc = stack.enter_context(process(cmd, 0, rport))
+            found.append(Target(BARE, f"http://127.0.0.1:{rport}", proc.pid))
+        for target in found:
+            warm(target)
+        yield found
 
 
-def measure(name: str, url: str, pid: int | None, seconds: int, tmp: Path) -> dict[str, Any]:
-    hey(url, CHAT, "-c", "4", "-n", "200")  # warm connections and caches
-    idle = rss_kb(pid) / 1024 if pid else float("nan")
-    p50, p99 = latency_at_rate(url, seconds)
-    row = {
-        "target": name,
-        "p50_ms": p50,
-        "p99_ms": p99,
-        "rps_open": throughput(url, seconds, tmp),
-        "ttfb_ms": stream_ttfb(url),
-        "streams_s": stream_throughput(url, seconds),
-        "rss_mb": idle,
+def run_bench(seconds: int, reps: int, litellm: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir)) as found:
+        tmp = Path(tmpdir)
+        idle = {t.name: rss_kb(t.pid) / 1024 if t.pid else math.nan for t in found}
+        samples: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for rep in range(reps):  # interleaved: every target once per route per repetition
+            for route in ROUTES:
+                for target in found:
+                    sample = at_rate(target, route, seconds)
+                    samples.setdefault((target.name, route), []).append(sample)
+                    print(f"  rep {rep + 1} {target.name} {route}: "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in sample.items()),
+                          file=sys.stderr)
+        rps = {
+            (t.name, route): open_throttle(t, route, seconds, tmp)
+            for route in ("/api/chat", "/v1/chat/completions")
+            for t in found
+        }
+        lite = measure_litellm(Path(tmpdir), seconds, found[0].base) if litellm else None
+    report(found, samples, rps, idle, lite)
+
+
+def median_of(samples: list[dict[str, float]], key: str) -> float:
+    return statistics.median(s[key] for s in samples)
+
+
+def report(
+    found: list[Target],
+    samples: dict[tuple[str, str], list[dict[str, float]]],
+    rps: dict[tuple[str, str], float],
+    idle: dict[str, float],
+    lite: dict[str, float] | None,
+) -> None:
+    print("| target | route | p50 ms (added) | p99 ms (added) | CPU @100 req/s "
+          "| CPU ms/req (redis) | open req/s @32 (x nginx) | idle RSS MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for route in ROUTES:
+        direct = samples[("direct", route)]
+        d50, d99 = median_of(direct, "p50"), median_of(direct, "p99")
+        for t in found:
+            s = samples[(t.name, route)]
+            p50, p99 = median_of(s, "p50"), median_of(s, "p99")
+            cpu = (f"{median_of(s, 'core_pct'):.1f} %" if t.pid else "-")
+            per = (f"{median_of(s, 'cpu_ms'):.2f} ({median_of(s, 'redis_ms'):.2f})"
+                   if t.pid else "-")
+            thr = rps.get((t.name, route))
+            nginx = rps.get(("nginx", route))
+            thr_s = f"{thr:.0f} ({thr / nginx:.2f}x)" if thr and nginx else "-"
+            print(f"| {t.name} | {route} | {p50:.2f} ({p50 - d50:+.2f}) "
+                  f"| {p99:.2f} ({p99 - d99:+.2f}) | {cpu} | {per} | {thr_s} "
+                  f"| {idle[t.name]:.1f} |")
+    print("\nissue 18 targets, for the deployed row (medians of the repetitions):")
+    for route in ROUTES:
+        d = samples[("direct", route)]
+        g = samples[(DEPLOYED, route)]
+        print(f"  {route}: added p50 {median_of(g, 'p50') - median_of(d, 'p50'):+.2f} ms "
+              f"(<= 1.0), p99 {median_of(g, 'p99') - median_of(d, 'p99'):+.2f} ms (<= 3), "
+              f"CPU {median_of(g, 'cpu_ms'):.2f} ms/req (<= 0.6)")
+    for route in ("/api/chat", "/v1/chat/completions"):
+        g, n = rps[(DEPLOYED, route)], rps[("nginx", route)]
+        print(f"  {route}: open-throttle {g:.0f} / nginx {n:.0f} = {g / n:.2f}x (>= 0.5)")
+    print(f"  idle RSS {idle[DEPLOYED]:.1f} MB (<= 80)")
+    if lite:
+        print(f"  litellm: p50 {lite['p50']:.2f} ms, open {lite['rps']:.0f} req/s, "
+              f"RSS {lite['rss']:.1f} MB")
+
+
+# -- LiteLLM (optional, --litellm) ----------------------------------------------------------
+
+
+def measure_litellm(tmp: Path, seconds: int, backend: str) -> dict[str, float]:
+    lport = free_port()
+    target = Target("litellm", f"http://127.0.0.1:{lport}",
+                    headers={"Authorization": f"Bearer {LITELLM_KEY}"})
+    (tmp / "litellm.yaml").write_text(LITELLM_CONF.format(backend=backend))
+    cmd = [
+        str(ensure_litellm()),
+        *("--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1"),
+        *("--port", str(lport), "--num_workers", "1"),
+    ]
+    env = {
+        **os.environ,
+        "LITELLM_MASTER_KEY": LITELLM_KEY,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch from GitHub at start
+        "LITELLM_LOG": "ERROR",
     }
-    print(f"  {name}: {row}", file=sys.stderr)
-    return row
+    with process(cmd, 0, lport, env=env, start_timeout_s=180) as proc:
+        target.pid = proc.pid
+        hey(target, CHAT, "-c", "4", "-n", "200", target.base + "/api/chat")
+        rss = rss_kb(proc.pid) / 1024
+        lat = at_rate(target, "/api/chat", seconds)
+        return {"p50": lat["p50"], "rss": rss,
+                "rps": open_throttle(target, "/api/chat", seconds, tmp)}
+
+
+# -- profile (--profile): py-spy on the deployed server at 1 and 64 clients -----------------
+
+CATEGORIES = (  # inclusive share of samples whose stack has a frame matching any needle
+    ("redis-py (client side of every Redis call)", ("redis/",)),
+    ("slot broker + SlotBatcher", ("proxy/waiting.py", "store/workers.py")),
+    ("auth (authenticate + key store)", ("api/auth.py", "store/apikeys.py")),
+    ("upstream client (gpufleet.proxy.upstream)", ("proxy/upstream.py",)),
+    ("RequestMetricsMiddleware", ("request_metrics.py",)),
+    ("prometheus_client", ("prometheus_client/",)),
+    ("SecurityHeadersMiddleware", ("send_with_headers",)),
+    ("starlette routing / middleware / requests", ("starlette/",)),
+    ("fastapi", ("fastapi/",)),
+    ("uvicorn (HTTP server protocol)", ("uvicorn/",)),
+    ("json", ("json/",)),
+    ("logging", ("logging/",)),
+    ("background loops (health, dispatch, reconciler, history)",
+     ("health_checker.py", "dispatch.py", "scaling/", "store/history.py", "loops.py")),
+)
+
+
+def summarize_profile(raw: Path, top: int = 15) -> str:
+    total = 0
+    inclusive = dict.fromkeys((name for name, _ in CATEGORIES), 0)
+    leaf: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not count_s.isdigit():
+            continue
+        count = int(count_s)
+        total += count
+        frames = stack.split(";")
+        for name, needles in CATEGORIES:
+            if any(n in f for f in frames for n in needles):
+                inclusive[name] += count
+        last = frames[-1]
+        leaf[last] = leaf.get(last, 0) + count
+    lines = [f"    {total} samples; inclusive:"]
+    lines += [f"      {100 * v / total:5.1f} %  {k}" for k, v in inclusive.items() if v]
+    lines.append("    self time, top functions:")
+    for frame, count in sorted(leaf.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"      {100 * count / total:5.1f} %  {frame}")
+    return "\n".join(lines)
+
+
+def run_profile(seconds: int) -> None:
+    if not shutil.which("py-spy"):
+        sys.exit("missing py-spy: pip install py-spy")
+    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir), bare=False) as found:
+        tmp = Path(tmpdir)
+        deployed = found[-1]
+        assert deployed.pid is not None
+        server = deployed.pid
+        for conns in (1, 64):
+            raw = tmp / f"profile-{conns}.txt"
+            spy = subprocess.Popen(
+                ["py-spy", "record", "--nonblocking", "-r", "250", "-f", "raw",
+                 "-d", str(seconds), "-p", str(server), "-o", str(raw)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+            before, t0 = cpu_s(deployed.pid), time.monotonic()
+            done = open_throttle(deployed, "/api/chat", seconds - 1, tmp, conns=conns)
+            used = _delta(cpu_s(deployed.pid), before)
+            spy.wait()
+            n = done * (time.monotonic() - t0)
+            per_comm = ", ".join(f"{k} {1000 * v / n:.2f}" for k, v in used.items() if v)
+            print(f"  {conns} client(s): {done:.0f} req/s; CPU ms per request: {per_comm}")
+            print(summarize_profile(raw))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--litellm", action="store_true", help="also measure LiteLLM")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the deployed server at 1 and 64 clients instead")
     parser.add_argument("role", nargs="?", default="bench")
     parser.add_argument("--port", type=int)
     parser.add_argument("--redis")
@@ -457,82 +803,10 @@ def main() -> None:
     for tool in ("nginx", "wrk", "hey", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             sys.exit(f"missing {tool}: apt-get install nginx-light wrk hey")
-    from gpufleet.store.connection import EmbeddedRedis
-
-    me = [sys.executable, str(Path(__file__).resolve())]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmpdir, contextlib.ExitStack() as stack:
-        tmp = Path(tmpdir)
-        redis = EmbeddedRedis(tmp / "redis", port=free_port(), appendfsync="everysec")
-        redis.start()
-        stack.callback(redis.stop)
-        bport, nport, gport = free_port(), free_port(), free_port()
-        stack.enter_context(process([*me, "backend", "--port", str(bport)], 1, bport))
-        backend = f"http://127.0.0.1:{bport}"
-        rows.append(measure("direct", f"{backend}/api/chat", None, args.seconds, tmp))
-        (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, backend=bport, port=nport))
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        with process([nginx, "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], 0, nport) as proc:
-            rows.append(
-                measure("nginx", f"http://127.0.0.1:{nport}/api/chat", proc.pid, args.seconds, tmp)
-            )
-        cmd = [*me, "gpufleet", "--port", str(gport), "--redis", redis.url, "--backend", backend]
-        with process(cmd, 0, gport) as proc:
-            rows.append(
-                measure(
-                    "gpufleet", f"http://127.0.0.1:{gport}/api/chat", proc.pid, args.seconds, tmp
-                )
-            )
-        lport = free_port()
-        url = f"http://127.0.0.1:{lport}/api/chat"
-        HEADERS[url] = {"Authorization": f"Bearer {LITELLM_KEY}"}
-        (tmp / "litellm.yaml").write_text(LITELLM_CONF.format(backend=backend))
-        cmd = [
-            str(ensure_litellm()),
-            *("--config", str(tmp / "litellm.yaml"), "--host", "127.0.0.1"),
-            *("--port", str(lport), "--num_workers", "1"),
-        ]
-        env = {
-            **os.environ,
-            "LITELLM_MASTER_KEY": LITELLM_KEY,
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch from GitHub at start
-            "LITELLM_LOG": "ERROR",
-        }
-        with process(cmd, 0, lport, env=env, start_timeout_s=180) as proc:
-            rows.append(measure("litellm", url, proc.pid, args.seconds, tmp))
-    report(rows)
-
-
-def report(rows: list[dict[str, Any]]) -> None:
-    direct = rows[0]
-    print(
-        "| target | p50 ms (added) | p99 ms (added) | open req/s | stream TTFB ms (added) "
-        "| streams/s @64 | idle RSS MB |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['target']} | {r['p50_ms']:.2f} ({r['p50_ms'] - direct['p50_ms']:+.2f}) "
-            f"| {r['p99_ms']:.2f} ({r['p99_ms'] - direct['p99_ms']:+.2f}) | {r['rps_open']:.0f} "
-            f"| {r['ttfb_ms']:.2f} ({r['ttfb_ms'] - direct['ttfb_ms']:+.2f}) "
-            f"| {r['streams_s']:.0f} | {r['rss_mb']:.1f} |"
-        )
-    by = {r["target"]: r for r in rows}
-    if "gpufleet" in by and "nginx" in by:
-        g, n = by["gpufleet"], by["nginx"]
-        print(
-            f"\ngpufleet added p50 {g['p50_ms'] - direct['p50_ms']:.2f} ms (target <= 1), "
-            f"p99 {g['p99_ms'] - direct['p99_ms']:.2f} ms (target <= 5)"
-        )
-        print(f"gpufleet / nginx open req/s: {g['rps_open'] / n['rps_open']:.2f} (target >= 0.4)")
-        print(
-            f"gpufleet / direct streams/s: {g['streams_s'] / direct['streams_s']:.2f} "
-            "(target >= 0.9)"
-        )
-    if "litellm" in by and "gpufleet" in by:
-        g, lite = by["gpufleet"], by["litellm"]
-        print(f"gpufleet / litellm idle RSS: {g['rss_mb'] / lite['rss_mb']:.2f} (target <= 0.5)")
-        print(f"gpufleet / litellm open req/s: {g['rps_open'] / lite['rps_open']:.1f}")
+    if args.profile:
+        run_profile(max(args.seconds, 4))
+    else:
+        run_bench(args.seconds, args.reps, args.litellm)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ properties in ``tests/unit/test_routing.py``) call it with plain values.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 from gpufleet.domain import Worker, WorkerState
@@ -29,6 +30,7 @@ from gpufleet.settings import PoolSpec
 LOADED, PRESENT, ABSENT = 0, 1, 2
 
 
+@functools.lru_cache(maxsize=4096)  # every proxied request normalizes each pool's models
 def normalize_model(name: str) -> str:
     """Ollama's canonical name: ``llama3.2`` and ``llama3.2:latest`` are one model."""
     name = name.strip()

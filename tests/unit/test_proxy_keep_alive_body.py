@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gpufleet.proxy.streaming import Call, ProxyService, clamp_keep_alive
+from gpufleet.proxy.keep_alive import clamp_keep_alive
+from gpufleet.proxy.relay import Call, ProxyService
 from gpufleet.settings import PoolSpec, ProxySettings
 
 POOL = PoolSpec(name="llm", provider="simulated", engine="ollama", models=["llama3.2"],

@@ -13,7 +13,8 @@ from fastapi import APIRouter
 from starlette.routing import BaseRoute
 
 from gpufleet.proxy.config import ProxySettings
-from gpufleet.proxy.streaming import Authenticator, ProxyService, make_http_client
+from gpufleet.proxy.endpoint import Authenticator
+from gpufleet.proxy.relay import ProxyService, make_http_client
 
 __all__ = [
     "ProxyService",
@@ -41,9 +42,9 @@ def forward_routes(auth: Authenticator | None = None) -> list[BaseRoute]:
     routes stay in ``build_proxy_router`` too, where they are simply never reached."""
     from starlette.routing import Route
 
+    from gpufleet.proxy.endpoint import ForwardEndpoint
     from gpufleet.proxy.ollama import FORWARDED as OLLAMA
     from gpufleet.proxy.openai import FORWARDED as OPENAI
-    from gpufleet.proxy.streaming import ForwardEndpoint
 
     routes: list[BaseRoute] = [
         Route(path, ForwardEndpoint("ollama", path, auth=auth, set_keep_alive=True),

@@ -2,7 +2,7 @@
 
 Any Ollama client works by pointing ``OLLAMA_HOST`` at gpufleet. Inference calls
 (``/api/chat``, ``/api/generate``, ``/api/embed``, ``/api/embeddings``) go to a
-worker through ``streaming.ForwardEndpoint`` (NDJSON passes through byte for byte;
+worker through ``endpoint.ForwardEndpoint`` (NDJSON passes through byte for byte;
 gpufleet sets ``keep_alive``). ``/api/tags`` and ``/api/ps`` are answered from
 gpufleet's inventory (pool config + the worker registry) without touching a worker,
 so a parked pool's models are listed. Model management is refused: models are
@@ -22,16 +22,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 from starlette.routing import Route
 
 from gpufleet.domain import WorkerState
-from gpufleet.proxy.streaming import (
+from gpufleet.proxy.endpoint import (
     Authenticator,
     BodyTimeout,
     ClientGone,
     ForwardEndpoint,
-    ProxyService,
-    get_service,
     model_of,
     read_body,
 )
+from gpufleet.proxy.relay import ProxyService, get_service
 from gpufleet.routing import normalize_model, pick_worker, pools_serving
 from gpufleet.worker_auth import TOKEN_HEADER
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible front door: ``/v1/*``, forwarded to the worker's own ``/v1/*``.
 
 Any OpenAI SDK works with ``base_url="http://gpufleet:8000/v1"``. Completions and
-embeddings go to a worker through ``streaming.ForwardEndpoint`` (SSE passes
+embeddings go to a worker through ``endpoint.ForwardEndpoint`` (SSE passes
 through byte for byte; the body is not rewritten, so the worker's
 ``OLLAMA_KEEP_ALIVE`` governs how long it keeps the model). ``/v1/models`` is
 answered from gpufleet's inventory. Errors are OpenAI's
@@ -16,8 +16,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.routing import Route
 
+from gpufleet.proxy.endpoint import Authenticator, ForwardEndpoint
 from gpufleet.proxy.ollama import inventory
-from gpufleet.proxy.streaming import Authenticator, ForwardEndpoint, error_payload, get_service
+from gpufleet.proxy.relay import error_payload, get_service
 from gpufleet.routing import normalize_model
 
 FORWARDED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")

@@ -15,7 +15,7 @@ malformed or truncated answer); timeouts are the caller's (``asyncio.timeout``),
 a cancelled or abandoned response closes its connection, so the worker sees the
 client go away.
 
-Consumer: ``gpufleet.proxy.streaming.ProxyService._relay``.
+Consumer: ``gpufleet.proxy.relay.ProxyService._relay``.
 """
 
 from __future__ import annotations

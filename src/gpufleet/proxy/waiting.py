@@ -29,7 +29,7 @@ arrival per request, for the pool that served it at once or the one it waits for
 on another worker is not a new arrival), and, once a worker answered, the time the slot was
 held as a service sample when it is released.
 
-Consumers: ``gpufleet.proxy.streaming`` (``acquire``/``release`` around each upstream call).
+Consumers: ``gpufleet.proxy.relay`` (``acquire``/``release`` around each upstream call).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from gpufleet.domain import WORKER_TRANSITIONS, Worker, WorkerState
+from gpufleet.store.resp import RespClient
 from gpufleet.worker_auth import WorkerTokens
 
 logger = logging.getLogger(__name__)
@@ -348,8 +349,11 @@ class SlotBatcher:
     Consumer: ``gpufleet.proxy.waiting.SlotBroker`` (one slot per proxied request).
     """
 
-    def __init__(self, registry: WorkerRegistry) -> None:
+    def __init__(self, registry: WorkerRegistry, *, lean: bool = True) -> None:
         self.registry = registry
+        # The scripts go over one lean pipelined connection when Redis is a plain TCP or
+        # unix server (``store.resp``: ~11 µs of CPU a call instead of redis-py's ~85).
+        self._resp = RespClient.for_client(registry.redis) if lean else None
         self._pending: list[tuple[bool, str, str, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -409,6 +413,8 @@ class SlotBatcher:
         for *_, future in self._pending:
             future.cancel()
         self._pending = []
+        if self._resp is not None:
+            await self._resp.aclose()
 
     async def _run(self, batch: list[tuple[bool, str, str, asyncio.Future[bool]]]) -> list[Any]:
         reg = self.registry
@@ -420,10 +426,16 @@ class SlotBatcher:
                 calls.append((reg._acquire, keys_, [now, now + reg.slot_ttl_s, token]))
             else:
                 calls.append((reg._release, keys_, [now, token]))
-        async with reg.redis.pipeline(transaction=False) as pipe:
-            for script, keys_, args in calls:
-                pipe.evalsha(script.sha, len(keys_), *keys_, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
+        results: list[Any]
+        if self._resp is not None:
+            results = await self._resp.execute_many(
+                [("EVALSHA", script.sha, len(k), *k, *args) for script, k, args in calls]
+            )
+        else:
+            async with reg.redis.pipeline(transaction=False) as pipe:
+                for script, keys_, args in calls:
+                    pipe.evalsha(script.sha, len(keys_), *keys_, *args)
+                results = await pipe.execute(raise_on_error=False)
         for i, result in enumerate(results):
             if isinstance(result, NoScriptError):  # Redis restarted: load and run it alone
                 script, keys_, args = calls[i]
