@@ -217,6 +217,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as client:
             client.services = app.state.services  # type: ignore[attr-defined]
+            client.app = app  # type: ignore[attr-defined]
             yield client
 
 

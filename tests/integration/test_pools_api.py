@@ -45,7 +45,7 @@ async def client(redis_url: str, redis: Any) -> AsyncIterator[httpx.AsyncClient]
         async with httpx.AsyncClient(
             transport=transport, base_url="http://t", headers={"Authorization": f"Bearer {admin}"}
         ) as c:
-            c.components = app.state.services  # type: ignore[attr-defined]
+            c.services = app.state.services  # type: ignore[attr-defined]
             c.user = {"Authorization": f"Bearer {user}"}  # type: ignore[attr-defined]
             yield c
 
