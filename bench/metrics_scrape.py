@@ -85,10 +85,10 @@ async def bench(scrapes: int, n_pools: int, per_pool: int) -> None:
         await web.start()
         try:
             await asyncio.sleep(2.0)  # let the first health round (500 failing probes) finish
-            components = app.state.components
-            registry = components.registry
+            services = app.state.services
+            registry = services.registry
             workers = await registry.list_workers()
-            reconciler = components.extras["reconciler"]
+            reconciler = services.reconciler
             await reconciler.reconcile_once()  # leader: fleet gauges set from the registry
             models = [m for p in pools for m in p["models"]] + ["other"]
             _busy_fleet_series([p["name"] for p in pools], models)

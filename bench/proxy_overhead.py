@@ -235,7 +235,6 @@ def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from gpufleet.api.deps import Components
     from gpufleet.api.errors import install_error_handlers
     from gpufleet.app import SecurityHeadersMiddleware
     from gpufleet.domain import WorkerState
@@ -278,12 +277,7 @@ def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
         config = ProxySettings()
         http = make_http_client(config)
         service = ProxyService(settings, registry, redis, http, proxy_settings=config)
-        app.state.components = Components(
-            settings=settings,
-            redis=redis,
-            registry=registry,
-            extras={"proxy": service, "proxy_http": http},
-        )
+        app.state.proxy = service  # what the lifespan of create_app keeps there
         yield
         await service.aclose()
         await http.aclose()

@@ -299,23 +299,31 @@ PARTS = {"gpufleet": gpufleet_part, "saq": saq_part, "arq": arq_part}
 
 
 def serve_http(redis_url: str, port: int) -> None:
+    import contextlib
+    from collections.abc import AsyncIterator
+
     import uvicorn
     from fastapi import FastAPI
 
-    from gpufleet.api.deps import Components
     from gpufleet.api.errors import install_error_handlers
     from gpufleet.api.tasks import router
     from gpufleet.settings import load_settings
     from gpufleet.store.connection import connect
-    from gpufleet.store.queue import TaskQueue
+    from gpufleet.wiring import build_services
 
     settings = load_settings(env_file=None, auth={"enabled": False}, redis={"url": redis_url})
-    redis = connect(redis_url)
-    app = FastAPI()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = connect(redis_url)
+        async with contextlib.AsyncExitStack() as stack:
+            app.state.services = await build_services(settings, redis, stack)
+            yield
+        await redis.aclose()
+
+    app = FastAPI(lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
-    queue = TaskQueue(redis, settings.queue, "http")
-    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     uvicorn.Server(config).run()
 

@@ -107,7 +107,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
     """A full gpufleet app (``create_app``) on the test Redis, lifespan running.
 
     Yields an ``httpx.AsyncClient`` bound to it; ``api.app`` is the FastAPI app and
-    ``api.components`` what its lifespan built. Extra settings: ``api_settings``.
+    ``api.services`` what its lifespan built. Extra settings: ``api_settings``.
     """
     import httpx
 
@@ -119,7 +119,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        store = app.state.components.extras["apikeys"]
+        store = app.state.services.apikeys
         _, admin_key = await store.create("test-admin", role="admin")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
@@ -128,7 +128,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
             headers={"Authorization": f"Bearer {admin_key}"},
         ) as client:
             client.app = app  # type: ignore[attr-defined]
-            client.components = app.state.components  # type: ignore[attr-defined]
+            client.services = app.state.services  # type: ignore[attr-defined]
             client.admin_key = admin_key  # type: ignore[attr-defined]
             client.keys = store  # type: ignore[attr-defined]
             yield client

@@ -1,8 +1,9 @@
 """``create_app(settings)``: the FastAPI app and the lifespan that owns every resource.
 
 The lifespan opens Redis (starting an embedded ``redis-server`` when no URL is
-configured), builds the components from settings, starts the background loops,
-and on shutdown stops them and closes everything in reverse order. There are no
+configured), builds the typed ``Services`` (``gpufleet.wiring``) once from settings,
+starts the background loops, and on shutdown stops them and closes everything in
+reverse order. There are no
 module-level clients: tests build as many apps as they like.
 """
 
@@ -12,9 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
-import httpx
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,32 +21,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gpufleet import __version__
 from gpufleet.api import build_router
 from gpufleet.api.auth import authenticate, authenticate_work
-from gpufleet.api.cursors import CursorCodec
-from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.request_metrics import RequestMetricsMiddleware
-from gpufleet.dispatch import Dispatcher
 from gpufleet.errors import StoreError
-from gpufleet.health_checker import HealthChecker, register_static_workers
+from gpufleet.health_checker import register_static_workers
 from gpufleet.loops import spawn_loop
 from gpufleet.metrics import UP
-from gpufleet.providers import build_providers
-from gpufleet.providers.catalog import GpuCatalog
 from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
-from gpufleet.results import DirectoryResultStore
-from gpufleet.scaling.reconciler import Reconciler
 from gpufleet.settings import Settings, redact_url
-from gpufleet.store.apikeys import ApiKeyStore
-from gpufleet.store.connection import EmbeddedRedis, connect, default_data_dir
-from gpufleet.store.demand import DemandReader
-from gpufleet.store.events import EventLog
-from gpufleet.store.history import FLUSH_INTERVAL_S, HistoryStore
-from gpufleet.store.pools import PoolStateStore
-from gpufleet.store.queue import TaskQueue
-from gpufleet.store.teams import Periods, TeamStore
-from gpufleet.store.usage import UsageStore
-from gpufleet.store.workers import WorkerRegistry
-from gpufleet.worker_auth import WorkerAuth
+from gpufleet.store.connection import EmbeddedRedis, connect
+from gpufleet.store.history import FLUSH_INTERVAL_S
+from gpufleet.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
 # How long shutdown lets background loops finish their current tick before cancelling them.
@@ -65,46 +49,34 @@ async def _open_redis(settings: Settings, stack: contextlib.AsyncExitStack) -> s
     return url
 
 
-def results_dir(settings: Settings) -> Path:
-    """Where task outputs are copied: ``[results] dir``, else beside the embedded Redis."""
-    if settings.results.dir:
-        return settings.results.dir
-    base = settings.redis.data_dir or default_data_dir()
-    return base.parent / "results" if base.name == "redis" else base / "results"
-
-
-def start_background_loops(components: Components) -> None:
+def start_background_loops(services: Services) -> None:
     """The loops every replica runs. Each is one ``*_once`` coroutine plus a timer."""
-    queue: TaskQueue = components.extras["queue"]
-    settings = components.settings
+    settings = services.settings
     housekeeping_s = max(1.0, min(settings.queue.heartbeat_interval_s, 5.0))
-    components.loops.append(
-        spawn_loop("queue-housekeeping", queue.requeue_expired, housekeeping_s, components.stop)
+    services.loops.append(
+        spawn_loop("queue-housekeeping", services.queue.requeue_expired, housekeeping_s,
+                   services.stop)
     )
-    health: HealthChecker = components.extras["health_checker"]
-    components.loops.append(
-        spawn_loop("health", health.check_once, settings.workers.health_interval_s,
-                   components.stop)
+    services.loops.append(
+        spawn_loop("health", services.health_checker.check_once,
+                   settings.workers.health_interval_s, services.stop)
     )
-    dispatcher: Dispatcher = components.extras["dispatcher"]
-    components.loops.append(
+    dispatcher = services.dispatcher
+    services.loops.append(
         spawn_loop("dispatch", dispatcher.dispatch_once, settings.workers.dispatch_interval_s,
-                   components.stop, wake=dispatcher.wake)
+                   services.stop, wake=dispatcher.wake)
     )
-    history: HistoryStore | None = components.extras.get("history")
-    if history is not None:  # buffered arrivals / service / boot samples, one pipeline a flush
-        components.loops.append(
-            spawn_loop("history-flush", history.flush, FLUSH_INTERVAL_S, components.stop)
+    # buffered arrivals / service / boot samples, one pipeline a flush
+    services.loops.append(
+        spawn_loop("history-flush", services.history.flush, FLUSH_INTERVAL_S, services.stop)
+    )
+    if settings.usage.flush_interval_s > 0:  # buffered proxy usage
+        services.loops.append(
+            spawn_loop("usage-flush", services.usage.maybe_flush,
+                       settings.usage.flush_interval_s, services.stop)
         )
-    usage: UsageStore | None = components.extras.get("usage")
-    if usage is not None and settings.usage.flush_interval_s > 0:  # buffered proxy usage
-        components.loops.append(
-            spawn_loop("usage-flush", usage.maybe_flush, settings.usage.flush_interval_s,
-                       components.stop)
-        )
-    reconciler: Reconciler | None = components.extras.get("reconciler")
-    if reconciler is not None:  # every [scaling] interval_s, and at once on {prefix}:wake
-        components.loops.append(reconciler.spawn(components.stop))
+    # every [scaling] interval_s, and at once on {prefix}:wake
+    services.loops.append(services.reconciler.spawn(services.stop))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -118,119 +90,26 @@ def create_app(settings: Settings) -> FastAPI:
                 await redis.ping()
             except Exception as exc:
                 raise StoreError(f"cannot reach Redis at {redact_url(url)}: {exc}") from exc
-            prefix = settings.redis.key_prefix
-            registry = WorkerRegistry(redis, prefix=prefix, pool_tokens=settings.pool_tokens())
-            components = Components(
-                settings=settings,
-                redis=redis,
-                registry=registry,
-                events=EventLog(redis, prefix=prefix),
-            )
-            # One recorder of pool history for the queue, proxy, dispatcher and reconciler;
-            # closed after them (the stack is LIFO), so its last flush sees their samples.
-            history = HistoryStore(redis, prefix=prefix, pools=settings.pools)
-            stack.push_async_callback(history.aclose)
-            components.extras["history"] = history
-            # Teams and usage attribution; usage is closed (flushed) after the dispatcher and
-            # the proxy that record into it.
-            periods = Periods(settings.usage.timezone)
-            teams = TeamStore(
-                redis,
-                prefix=prefix,
-                cache_ttl_s=settings.auth.key_cache_ttl_s,
-                max_teams=settings.usage.max_teams,
-                periods=periods,
-            )
-            usage = UsageStore(
-                redis,
-                prefix=prefix,
-                periods=periods,
-                teams=teams,
-                retention_days=settings.usage.retention_days,
-                flush_interval_s=settings.usage.flush_interval_s,
-            )
-            stack.push_async_callback(usage.flush)
-            components.extras["teams"] = teams
-            components.extras["usage"] = usage
-            queue = TaskQueue(redis, settings.queue, key_prefix=prefix, history=history)
-            stack.push_async_callback(queue.aclose)
-            components.extras["queue"] = queue
-            components.extras["results"] = DirectoryResultStore(results_dir(settings))
-            components.providers = build_providers(settings)
-            for provider in components.providers.values():
-                stack.push_async_callback(provider.aclose)
-            # What each pool's GPUs offer (GPU requirements); reads Novita's products if needed.
-            catalog = components.extras["gpus"] = GpuCatalog(settings, components.providers)
-            catalog.start()
-            stack.push_async_callback(catalog.aclose)
+            services = await build_services(settings, redis, stack)
+            # The proxy's own state (upstream clients, slot broker); closed before the
+            # dispatcher, usage and history it records into (the stack is LIFO).
             proxy_http = make_http_client(settings.proxy)
             stack.push_async_callback(proxy_http.aclose)
-            proxy = ProxyService(settings, registry, redis, proxy_http, history=history)
-            proxy.attribution = usage
+            proxy = ProxyService(settings, services.registry, redis, proxy_http,
+                                 history=services.history)
+            proxy.attribution = services.usage
             stack.push_async_callback(proxy.aclose)
-            components.extras["proxy_http"] = proxy_http
-            components.extras["proxy"] = proxy
-            # Engines (health probes, queued runs) share one client; per-call timeouts are
-            # the engines' own. No pool cap: worker slots bound the concurrency. WorkerAuth
-            # adds each worker's secret to every call under its base_url.
-            engine_http = httpx.AsyncClient(
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-                trust_env=False,
-                auth=WorkerAuth(registry.tokens),
-            )
-            stack.push_async_callback(engine_http.aclose)
-            dispatcher = Dispatcher(settings, registry, queue, engine_http,
-                                    results=components.extras["results"], history=history,
-                                    usage=usage)
-            # Runs before the HTTP client, the queue and Redis close (the stack is LIFO), and
-            # after the loops stop (pushed later): leases of unfinished tasks are handed back.
-            stack.push_async_callback(dispatcher.aclose)
-            health = HealthChecker(settings, registry, engine_http, events=components.events,
-                                   on_change=dispatcher.wake.set)
-            stack.push_async_callback(health.aclose)
-            components.extras["dispatcher"] = dispatcher
-            components.extras["health_checker"] = health
-            await register_static_workers(settings, registry, components.events)
-            # The reconciler acts only while this replica holds the leader lock; its loop
-            # releases the lock when it stops, so another replica takes over at once.
-            # Demand as GET /pools shows it and as the reconciler scales on: one reader.
-            demand = DemandReader(redis, prefix=prefix, queue=queue, pools=settings.pools)
-            reconciler = Reconciler(
-                settings,
-                redis,
-                registry=registry,
-                events=components.events,
-                providers=components.providers,
-                queue=queue,
-                pool_state=PoolStateStore(
-                    redis,
-                    prefix=prefix,
-                    periods=periods,
-                    usage_retention_days=settings.usage.retention_days,
-                ),
-                history=history,
-                demand=demand,
-            )
-            components.extras["pool_state"] = reconciler.pool_state
-            components.extras["reconciler"] = reconciler
-            components.extras["wake"] = reconciler.wake
-            components.extras["demand"] = demand.pool_demand
-            secret = settings.auth.secret.get_secret_value() if settings.auth.secret else None
-            components.extras["apikeys"] = await ApiKeyStore.open(
-                redis, secret, prefix=prefix, cache_ttl_s=settings.auth.key_cache_ttl_s
-            )
-            components.extras["cursors"] = CursorCodec(
-                components.extras["apikeys"].derive_key("task-cursor")
-            )
+            await register_static_workers(settings, services.registry, services.events)
             if not settings.auth.enabled:
                 logger.warning(
                     "AUTH IS DISABLED ([auth] enabled = false): anyone who can reach this "
                     "port can spend your GPU budget. Use this for a local demo only."
                 )
-            app.state.components = components
+            app.state.services = services
+            app.state.proxy = proxy
             app.state.loop = asyncio.get_running_loop()
-            stack.push_async_callback(_stop_loops, components)
-            start_background_loops(components)
+            stack.push_async_callback(_stop_loops, services)
+            start_background_loops(services)
             UP.set(1)
             stack.callback(UP.set, 0)
             logger.info("gpufleet %s ready with %d pool(s)", __version__, len(settings.pools))
@@ -300,19 +179,19 @@ def request_shutdown(app: FastAPI) -> None:
 
     Safe to call from a signal handler; a no-op before the lifespan has started.
     """
-    components: Components | None = getattr(app.state, "components", None)
+    services: Services | None = getattr(app.state, "services", None)
     loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
-    if components is None or loop is None or loop.is_closed():
+    if services is None or loop is None or loop.is_closed():
         return
-    loop.call_soon_threadsafe(components.stop.set)
+    loop.call_soon_threadsafe(services.stop.set)
 
 
-async def _stop_loops(components: Components) -> None:
-    components.stop.set()
+async def _stop_loops(services: Services) -> None:
+    services.stop.set()
     # Each loop ends by itself once its tick returns; cancel only those that do not within
     # the grace period (cancelling a redis-py 8.1 call in flight can hang the caller).
-    if components.loops:
-        _, pending = await asyncio.wait(components.loops, timeout=LOOP_STOP_GRACE_S)
+    if services.loops:
+        _, pending = await asyncio.wait(services.loops, timeout=LOOP_STOP_GRACE_S)
         for task in pending:
             task.cancel()
-    await asyncio.gather(*components.loops, return_exceptions=True)
+    await asyncio.gather(*services.loops, return_exceptions=True)

@@ -388,7 +388,7 @@ class Demo:
         shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         self.url = f"http://{shown_host}:{port}"
         if self.settings.auth.enabled:
-            store = self.app.state.components.extras["apikeys"]
+            store = self.app.state.services.apikeys
             _, self.api_key = await store.create("demo", role="admin")
 
     async def stop(self) -> None:

@@ -60,7 +60,7 @@ class Fleet:
 
     @property
     def registry(self) -> Any:
-        return self.api.components.registry  # type: ignore[attr-defined]
+        return self.api.services.registry  # type: ignore[attr-defined]
 
     def server(self, sim: Any) -> LoopbackServer:
         return self.servers[[*self.comfy, *self.ollama].index(sim)]
@@ -91,12 +91,12 @@ async def fleet(redis: aioredis.Redis, redis_url: str, tmp_path: Path) -> AsyncI
     app = create_app(settings)
     try:
         async with app.router.lifespan_context(app):
-            _, key = await app.state.components.extras["apikeys"].create("chaos", role="admin")
+            _, key = await app.state.services.apikeys.create("chaos", role="admin")
             async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://gpufleet",
                 headers={"Authorization": f"Bearer {key}"}, timeout=30,
             ) as client:
-                client.components = app.state.components  # type: ignore[attr-defined]
+                client.services = app.state.services  # type: ignore[attr-defined]
                 f = Fleet(client, comfy, ollama, servers)
                 await until(lambda: all_ready(f))
                 yield f

@@ -76,8 +76,8 @@ async def live(redis_url: str, redis: Any, tmp_path: Path) -> AsyncIterator[Live
     app = create_app(settings)
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
-    components = app.state.components
-    _, key = await components.extras["apikeys"].create("cli", role="admin")
+    components = app.state.services
+    _, key = await components.apikeys.create("cli", role="admin")
     try:
         for _ in range(500):
             ready = {w.pool for w in await components.registry.list_workers()

@@ -100,12 +100,12 @@ async def gpufleet(fleet: Fleet, redis: aioredis.Redis, redis_url: str,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        _, key = await app.state.components.extras["apikeys"].create("e2e", role="admin")
+        _, key = await app.state.services.apikeys.create("e2e", role="admin")
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://gpufleet",
             headers={"Authorization": f"Bearer {key}"}, timeout=30,
         ) as client:
-            client.components = app.state.components  # type: ignore[attr-defined]
+            client.services = app.state.services  # type: ignore[attr-defined]
             yield client
 
 
@@ -174,7 +174,7 @@ async def test_static_fleet_end_to_end(gpufleet: httpx.AsyncClient, fleet: Fleet
         return victim.running is not None
 
     await until(victim_busy)
-    registry = api.components.registry  # type: ignore[attr-defined]
+    registry = api.services.registry  # type: ignore[attr-defined]
     assert await registry.transition("comfy-1", WorkerState.ready, "test: back in service")
     await fleet.servers[0].stop()  # comfy-0 dies with the task on it
 

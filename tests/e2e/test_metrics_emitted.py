@@ -80,7 +80,7 @@ async def test_every_collector_is_emitted_during_a_demo_day(demo: Demo) -> None:
         answer = await client.post("/api/v1/tasks", json={"kind": "comfyui", "payload": bad})
         assert answer.status_code in (201, 202), answer.text
 
-        reconciler = demo.app.state.components.extras["reconciler"]
+        reconciler = demo.app.state.services.reconciler
         spec = demo.settings.pool(NOVITA_POOL) if demo.settings else None
         assert spec is not None
         await reconciler.providers["novita"].create(spec, "retired-pool-1")  # no pool owns it

@@ -46,8 +46,8 @@ async def fleet(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncI
         )
         app = create_app(settings)
         async with serve(app) as url:
-            components = app.state.components
-            _, key = await components.extras["apikeys"].create("k", role="user")
+            components = app.state.services
+            _, key = await components.apikeys.create("k", role="user")
             for _ in range(500):  # the health checker brings both workers up
                 workers = await components.registry.list_workers()
                 if sum(w.state == "ready" for w in workers) == 2:

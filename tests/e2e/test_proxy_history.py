@@ -15,7 +15,6 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.proxy import ProxyService, ProxySettings, build_proxy_router
 from gpufleet.settings import load_settings
@@ -53,9 +52,7 @@ async def fleet(redis_url: str, redis: aioredis.Redis) -> AsyncIterator[Fleet]:
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(build_proxy_router(bearer_auth))
-    app.state.components = Components(
-        settings=settings, redis=redis, registry=registry, extras={"proxy": service}
-    )
+    app.state.proxy = service  # these requests carry no API key: no Services needed
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(service.aclose)
         url = await stack.enter_async_context(serve(app))

@@ -25,7 +25,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from starlette.types import Receive, Scope, Send
 
-from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.domain import WorkerState
 from gpufleet.errors import Unauthenticated
@@ -367,9 +366,7 @@ async def fleet(
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(build_proxy_router(bearer_auth))
-    app.state.components = Components(
-        settings=settings, redis=redis, registry=registry, extras={"proxy": service}
-    )
+    app.state.proxy = service  # these requests carry no API key: no Services needed
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(service.aclose)
         url = await stack.enter_async_context(serve(app))

@@ -68,12 +68,12 @@ async def test_page_shows_a_worker_booting_then_ready(
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
     try:
-        components = app.state.components
-        _, key = await components.extras["apikeys"].create("viewer", role="admin")
+        components = app.state.services
+        _, key = await components.apikeys.create("viewer", role="admin")
         await components.registry.register(
             pool="comfy", provider="novita", slots=1, worker_id="comfy-1", state=WorkerState.booting
         )
-        usage = components.extras["usage"]
+        usage = components.usage
         await usage.record(owner_team="ml", key="k1", pool="comfy", model="", kind="tasks",
                            gpu_s=7200.0, usd=1.5)
         await usage.flush()

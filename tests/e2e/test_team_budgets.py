@@ -82,7 +82,7 @@ async def gpufleet(
     try:
         async with serve(app) as url:
             fleet = Gpufleet(url, app)
-            store = app.state.components.extras["apikeys"]
+            store = app.state.services.apikeys
             _, fleet.keys["admin"] = await store.create("admin", role="admin")
             async with fleet.client("admin") as admin:
                 for team, budget in (("ml", 1e-6), ("art", 1e-6), ("ops", None)):

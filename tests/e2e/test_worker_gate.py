@@ -171,7 +171,7 @@ async def gated_fleet(redis: aioredis.Redis, redis_url: str,
     app = create_app(settings)
     try:
         async with app.router.lifespan_context(app):
-            _, key = await app.state.components.extras["apikeys"].create("e2e", role="admin")
+            _, key = await app.state.services.apikeys.create("e2e", role="admin")
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet",
                                          headers={"Authorization": f"Bearer {key}"},

@@ -5,6 +5,7 @@ endpoint."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,6 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from gpufleet.api.deps import Components
 from gpufleet.api.providers import router
 from gpufleet.providers import novita_models as wire
 from gpufleet.providers.base import RetryPolicy
@@ -31,6 +31,7 @@ from gpufleet.providers.static import StaticProvider
 from gpufleet.providers.surf import SurfProvider
 from gpufleet.scaling.actions import Create, Hold
 from gpufleet.settings import load_settings
+from gpufleet.wiring import build_services
 from tests.reconciler_harness import COMFY, Fleet
 
 BALANCE = ("GET", "/openapi/v1/billing/balance/detail")
@@ -153,7 +154,7 @@ async def test_balance_is_cached_and_a_failed_read_holds_nothing(
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[Any]:
+async def client(redis: aioredis.Redis) -> AsyncIterator[Any]:
     clock = FakeClock()
     settings = load_settings(env_file=None, pools=[
         {"name": "comfy", "provider": "novita", "engine": "comfyui", "product_id": "4090.sim",
@@ -174,12 +175,12 @@ async def client() -> AsyncIterator[Any]:
     }
     app = FastAPI()
     app.include_router(router)
-    app.state.components = Components(settings=settings, redis=None,  # type: ignore[arg-type]
-                                      providers=providers)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://gpufleet") as c:
-        c.novita = novita_app.state.sim  # type: ignore[attr-defined]
-        yield c
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.services = await build_services(settings, redis, stack, providers=providers)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gpufleet") as c:
+            c.novita = novita_app.state.sim  # type: ignore[attr-defined]
+            yield c
     for provider in providers.values():
         await provider.aclose()
 

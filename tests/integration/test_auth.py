@@ -118,7 +118,7 @@ async def test_rate_limit_is_shared_across_two_replicas(
 ) -> None:
     apps = two_replicas(redis_url)
     async with apps[0].router.lifespan_context(apps[0]), apps[1].router.lifespan_context(apps[1]):
-        store: ApiKeyStore = apps[0].state.components.extras["apikeys"]
+        store: ApiKeyStore = apps[0].state.services.apikeys
         _, key = await store.create("limited", rate_limit_per_min=5)
         answers = []
         for i in range(8):

@@ -56,7 +56,7 @@ async def live(redis_url: str, redis: Any) -> AsyncIterator[tuple[str, str, str]
     app = create_app(settings)
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
-    keys = app.state.components.extras["apikeys"]
+    keys = app.state.services.apikeys
     _, admin = await keys.create("cli", role="admin")
     _, user = await keys.create("someone", role="user")
     try:

@@ -42,8 +42,8 @@ async def live(redis_url: str, redis: Any, tmp_path: Path) -> AsyncIterator[tupl
     )
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
-    components = app.state.components
-    _, key = await components.extras["apikeys"].create("cli", role="admin")
+    components = app.state.services
+    _, key = await components.apikeys.create("cli", role="admin")
     try:
         yield server.url, key, components
     finally:

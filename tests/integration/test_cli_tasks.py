@@ -26,7 +26,7 @@ async def live(redis_url: str, redis: Any) -> AsyncIterator[tuple[str, str]]:
     app = create_app(load_settings(env_file=None, redis={"url": redis_url}, pools=POOLS))
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
-    _, key = await app.state.components.extras["apikeys"].create("cli", role="admin")
+    _, key = await app.state.services.apikeys.create("cli", role="admin")
     try:
         yield server.url, key
     finally:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +15,10 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from gpufleet.api.comfyless import router
-from gpufleet.api.deps import Components
 from gpufleet.domain import WorkerState
 from gpufleet.settings import load_settings
 from gpufleet.store.workers import WorkerRegistry
+from gpufleet.wiring import build_services
 
 EXAMPLE = {"provider": "novita", "metrics": {
     "total_workers": 3, "pending_workers": 0, "starting_workers": 1, "running_workers": 1,
@@ -31,14 +32,14 @@ async def client(redis: aioredis.Redis) -> AsyncIterator[Any]:
          "image": "i"},
         {"name": "home", "provider": "static", "engine": "ollama", "urls": ["http://box"]},
     ])
-    registry = WorkerRegistry(redis, prefix=settings.redis.key_prefix)
     app = FastAPI()
     app.include_router(router)
-    app.state.components = Components(settings=settings, redis=redis, registry=registry)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://gpufleet") as c:
-        c.registry = registry  # type: ignore[attr-defined]
-        yield c
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.services = services = await build_services(settings, redis, stack)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gpufleet") as c:
+            c.registry = services.registry  # type: ignore[attr-defined]
+            yield c
 
 
 async def _register(registry: WorkerRegistry, pool: str, state: WorkerState, n: int = 1) -> None:

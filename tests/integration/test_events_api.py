@@ -14,8 +14,8 @@ from gpufleet.settings import load_settings
 
 
 async def test_recent_events_newest_first(api: Any) -> None:
-    await api.components.events.emit("scale", pool="a", action="Create", reason="3 queued")
-    await api.components.events.emit("scale", pool="b", action="Stop", reason="idle")
+    await api.services.events.emit("scale", pool="a", action="Create", reason="3 queued")
+    await api.services.events.emit("scale", pool="b", action="Stop", reason="idle")
     listed = (await api.get("/api/v1/events")).json()
     assert [e["pool"] for e in listed] == ["b", "a"]
     assert [e["pool"] for e in (await api.get("/api/v1/events?pool=a")).json()] == ["a"]
@@ -29,8 +29,8 @@ async def test_sse_stream_delivers_new_events(redis_url: str, redis: Any) -> Non
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
     try:
-        components = app.state.components
-        _, key = await components.extras["apikeys"].create("admin", role="admin")
+        components = app.state.services
+        _, key = await components.apikeys.create("admin", role="admin")
         headers = {"Authorization": f"Bearer {key}"}
         async with (
             httpx.AsyncClient(base_url=server.url, headers=headers) as client,

@@ -4,8 +4,8 @@ pool is started for it, the cheapest per slot-hour among them)."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,16 +13,15 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.tasks import router
 from gpufleet.providers.novita import NovitaProvider
 from gpufleet.providers.simulated import create_novita_app
-from gpufleet.results import DirectoryResultStore
 from gpufleet.scaling.actions import Create
 from gpufleet.settings import load_settings
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import TaskSubmit
+from gpufleet.wiring import build_services
 from tests.reconciler_harness import COMFY, GRAPH, Fleet
 
 CHAT = {"api": "chat", "body": {"model": "llama3.1:70b", "messages": []}}
@@ -50,9 +49,8 @@ def _settings() -> Any:
 
 
 @pytest.fixture
-async def client(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def client(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
     settings = _settings()
-    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
     novita_app = create_novita_app()
     novita = NovitaProvider(
         settings.providers.novita, pools=settings.pools,
@@ -61,17 +59,15 @@ async def client(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[httpx.A
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    extras = {"queue": queue, "results": DirectoryResultStore(tmp_path / "results")}
-    app.state.components = Components(
-        settings=settings, redis=redis, extras=extras, providers={"novita": novita}
-    )
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
-        c.queue = queue  # type: ignore[attr-defined]
-        c.novita = novita_app.state.sim  # type: ignore[attr-defined]
-        yield c
-    await queue.aclose()
-    await novita.aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(novita.aclose)
+        services = await build_services(settings, redis, stack, providers={"novita": novita})
+        app.state.services = services
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
+            c.queue = services.queue  # type: ignore[attr-defined]
+            c.novita = novita_app.state.sim  # type: ignore[attr-defined]
+            yield c
 
 
 async def _submit(client: httpx.AsyncClient, **extra: Any) -> httpx.Response:

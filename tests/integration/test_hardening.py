@@ -107,8 +107,8 @@ async def live(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIt
         worker_url = await stack.enter_async_context(serve(worker, name="worker"))
         decoy_url = await stack.enter_async_context(serve(decoy, name="decoy"))
         url = await stack.enter_async_context(serve(app, name="gpufleet"))
-        components = app.state.components
-        _, key = await components.extras["apikeys"].create("user", role="user")
+        components = app.state.services
+        _, key = await components.apikeys.create("user", role="user")
         await components.registry.register(
             pool="llm", provider="simulated", slots=2, state=WorkerState.ready,
             worker_id="llm-w1", base_url=worker_url, engine="ollama",
@@ -353,8 +353,8 @@ async def test_max_concurrent_is_exact_across_two_replicas(
         apps = [replica(), replica()]
         urls = [await stack.enter_async_context(serve(a, name=f"r{i}"))
                 for i, a in enumerate(apps)]
-        components = apps[0].state.components
-        _, key = await components.extras["apikeys"].create("c", max_concurrent=2)
+        components = apps[0].state.services
+        _, key = await components.apikeys.create("c", max_concurrent=2)
         await components.registry.register(
             pool="llm", provider="simulated", slots=8, state=WorkerState.ready,
             worker_id="llm-w1", base_url=worker_url, engine="ollama",
@@ -375,7 +375,7 @@ async def test_max_concurrent_is_exact_across_two_replicas(
             assert over.headers["retry-after"] == "1"
         held.release.set()
         assert [(await t).status_code for t in first] == [200, 200]
-        (stored,) = [k for k in await components.extras["apikeys"].list_keys() if k.name == "c"]
+        (stored,) = [k for k in await components.apikeys.list_keys() if k.name == "c"]
         places = f"gpufleet:concurrent:{stored.id}"
         for _ in range(500):  # given back just after the last byte went out
             if await redis.zcard(places) == 0:
@@ -451,7 +451,7 @@ async def test_a_body_that_never_completes_is_408(
 
 
 async def test_proxy_refuses_a_priority_above_the_keys_limit_like_rest(live: Live) -> None:
-    store = live.app.state.components.extras["apikeys"]
+    store = live.app.state.services.apikeys
     _, key = await store.create("capped", role="user", max_priority=3)
     auth = {"Authorization": f"Bearer {key}"}
     for path, shape in (("/api/chat", "ollama"), ("/v1/chat/completions", "openai")):
@@ -484,7 +484,7 @@ async def test_a_huge_keep_alive_is_clamped_not_a_500(live: Live, value: str) ->
     assert answer.status_code == 200, answer.text
     (seen,) = live.worker.seen
     sent = json.loads(seen["body"])["keep_alive"]
-    assert sent == int(live.app.state.components.settings.proxy.keep_alive_max_s)
+    assert sent == int(live.app.state.services.settings.proxy.keep_alive_max_s)
 
 
 async def test_proxy_answers_name_workers_by_alias_for_user_keys(live: Live) -> None:
@@ -496,7 +496,7 @@ async def test_proxy_answers_name_workers_by_alias_for_user_keys(live: Live) -> 
     assert alias.startswith("w-")
     listed = (await live.client.get("/api/v1/workers")).json()
     assert [w["id"] for w in listed] == [alias]
-    store = live.app.state.components.extras["apikeys"]
+    store = live.app.state.services.apikeys
     _, admin = await store.create("ops", role="admin")
     seen = await live.client.post("/api/chat", json=chat_body(),
                                   headers={"Authorization": f"Bearer {admin}"})

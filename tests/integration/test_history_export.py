@@ -53,7 +53,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        store = app.state.components.extras["apikeys"]
+        store = app.state.services.apikeys
         _, admin_key = await store.create("admin", role="admin")
         _, user_key = await store.create("user", role="user")
         transport = httpx.ASGITransport(app=app)
@@ -61,7 +61,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
             transport=transport, base_url="http://gpufleet",
             headers={"Authorization": f"Bearer {admin_key}"},
         ) as client:
-            client.components = app.state.components  # type: ignore[attr-defined]
+            client.services = app.state.services  # type: ignore[attr-defined]
             client.user_key = user_key  # type: ignore[attr-defined]
             yield client
 
@@ -69,7 +69,7 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
 async def test_admins_get_the_recorded_traffic_as_a_trace_read_trace_parses(
     api: Any, tmp_path: Path
 ) -> None:
-    history: HistoryStore = api.components.extras["history"]
+    history: HistoryStore = api.services.history
     for _ in range(5):
         answer = await api.post("/api/v1/tasks", json={"kind": "comfyui", "payload": GRAPH,
                                                        "pool": "comfy"})
@@ -131,13 +131,13 @@ async def test_the_cli_prints_the_csv(
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
     try:
-        components = app.state.components
-        history: HistoryStore = components.extras["history"]
+        components = app.state.services
+        history: HistoryStore = components.history
         history.note_arrival("comfy", 2)
         history.note_service("comfy", 5.0)
         await history.flush()
-        _, admin = await components.extras["apikeys"].create("cli", role="admin")
-        _, user = await components.extras["apikeys"].create("cli-user", role="user")
+        _, admin = await components.apikeys.create("cli", role="admin")
+        _, user = await components.apikeys.create("cli-user", role="user")
         args = ["history", "export", "--url", server.url, "--pool", "comfy", "--since", "2h"]
         result = await asyncio.to_thread(runner.invoke, cli, [*args, "--key", admin])
         assert result.exit_code == 0, result.output

@@ -216,19 +216,20 @@ async def api(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> AsyncIte
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as client:
-            client.components = app.state.components  # type: ignore[attr-defined]
+            client.services = app.state.services  # type: ignore[attr-defined]
+            client.app = app  # type: ignore[attr-defined]
             yield client
 
 
 async def test_an_accepted_task_is_an_arrival_once_and_a_history_outage_fails_nothing(
     api: Any,
 ) -> None:
-    history: HistoryStore = api.components.extras["history"]
-    queue: TaskQueue = api.components.extras["queue"]
+    history: HistoryStore = api.services.history
+    queue: TaskQueue = api.services.queue
     assert queue.history is history  # one recorder for the whole app
-    assert api.components.extras["proxy"].history is history
-    assert api.components.extras["dispatcher"].history is history
-    assert api.components.extras["reconciler"].history is history
+    assert api.app.state.proxy.history is history
+    assert api.services.dispatcher.history is history
+    assert api.services.reconciler.history is history
     body = {"kind": "comfyui", "payload": GRAPH}
     first = await api.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": "k1"})
     again = await api.post("/api/v1/tasks", json=body, headers={"Idempotency-Key": "k1"})
@@ -273,7 +274,7 @@ async def test_recording_on_an_unreachable_redis_never_raises_into_enqueue(
 
 
 async def test_get_pool_shows_what_its_history_says(api: Any) -> None:
-    history: HistoryStore = api.components.extras["history"]
+    history: HistoryStore = api.services.history
     for seconds in (2.0, 2.0, 2.0, 40.0):
         history.note_service("llm", seconds, model="llama3.2")
     history.note_boot("llm", "revive", 30.0)

@@ -38,20 +38,20 @@ POOLS = [
 async def client(redis_url: str, redis: Any) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(load_settings(env_file=None, redis={"url": redis_url}, pools=POOLS))
     async with app.router.lifespan_context(app):
-        store = app.state.components.extras["apikeys"]
+        store = app.state.services.apikeys
         _, admin = await store.create("a", role="admin")
         _, user = await store.create("u")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://t", headers={"Authorization": f"Bearer {admin}"}
         ) as c:
-            c.components = app.state.components  # type: ignore[attr-defined]
+            c.services = app.state.services  # type: ignore[attr-defined]
             c.user = {"Authorization": f"Bearer {user}"}  # type: ignore[attr-defined]
             yield c
 
 
 async def test_list_and_describe(client: Any) -> None:
-    registry = client.components.registry
+    registry = client.services.registry
     # The static URL was registered at startup as comfy-0 (booting); bring it up by hand.
     assert await registry.transition("comfy-0", WorkerState.ready)
     await registry.acquire_slot("comfy-0")
@@ -69,7 +69,7 @@ async def test_list_and_describe(client: Any) -> None:
 async def test_burn_rate_counts_every_live_worker_like_the_spend_does(client: Any) -> None:
     """A provisioning instance bills (the reconciler adds its price to the spend and to the
     burn-rate gauge), so the pool's burn rate counts it; a parked or failed one does not."""
-    registry = client.components.registry
+    registry = client.services.registry
     before = (await client.get("/api/v1/pools/llm")).json()["burn_rate_per_hour"]
     await registry.register(pool="llm", provider="novita", slots=1, worker_id="new-1",
                             state=WorkerState.provisioning, price_per_hour=1.25)
@@ -102,8 +102,8 @@ async def test_patch_persists_over_config_and_needs_admin(client: Any, redis_url
     # Another replica (a second app on the same Redis) sees the override.
     other = create_app(load_settings(env_file=None, redis={"url": redis_url}, pools=POOLS))
     async with other.router.lifespan_context(other):
-        store = PoolStateStore(other.state.components.redis)
-        effective, _ = await store.effective(other.state.components.settings.pool("comfy"))
+        store = PoolStateStore(other.state.services.redis)
+        effective, _ = await store.effective(other.state.services.settings.pool("comfy"))
         assert (effective.min_workers, effective.max_workers) == (1, 5)
 
 
@@ -147,9 +147,9 @@ ADMIN_ONLY = ("provider", "price_per_hour", "spend_usd", "spend_today_usd",
 
 
 async def test_user_keys_see_pool_counts_not_spend_or_scale_reasons(client: Any) -> None:
-    pool_state = client.components.extras["pool_state"]
+    pool_state = client.services.pool_state
     await pool_state.back_off("comfy", "boot timeout on inst-9", base_s=60, cap_s=60)
-    await client.components.events.emit("scale", pool="comfy", action="create", reason="demand 3")
+    await client.services.events.emit("scale", pool="comfy", action="create", reason="demand 3")
     admin = (await client.get("/api/v1/pools/comfy")).json()
     assert admin["backoff"]["reason"] == "boot timeout on inst-9"
     assert admin["last_actions"]
@@ -171,7 +171,7 @@ async def test_user_keys_see_pool_counts_not_spend_or_scale_reasons(client: Any)
 
 
 async def test_api_ps_shows_users_counts_not_worker_ids(client: Any) -> None:
-    registry = client.components.registry
+    registry = client.services.registry
     await registry.register(pool="llm", provider="static", slots=4, worker_id="llm-secret-1",
                             state=WorkerState.ready, base_url="http://h:11434",
                             models_loaded=["llama3.1:8b"])

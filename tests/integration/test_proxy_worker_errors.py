@@ -42,8 +42,8 @@ async def broken(redis_url: str, redis: aioredis.Redis, tmp_path: Path) -> Async
         )
         app = create_app(settings)
         async with serve(app) as url:
-            components = app.state.components
-            _, key = await components.extras["apikeys"].create("k", role="user")
+            components = app.state.services
+            _, key = await components.apikeys.create("k", role="user")
             for _ in range(500):  # the health checker brings the worker up
                 if any(w.state == "ready" for w in await components.registry.list_workers()):
                     break
@@ -91,9 +91,9 @@ async def test_a_dead_workers_address_is_not_told_to_user_keys(
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        components = app.state.components
+        components = app.state.services
         assert await components.registry.transition("llm-0", WorkerState.ready, "test")
-        store = components.extras["apikeys"]
+        store = components.apikeys
         _, user = await store.create("u", role="user")
         _, admin = await store.create("a", role="admin")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from gpufleet.api.deps import Components
 from gpufleet.api.pools import describe
 from gpufleet.domain import WorkerState
 from gpufleet.providers.simulated import Fault, SimNovitaConfig
@@ -60,14 +59,13 @@ async def test_burst_scales_from_zero_to_ceil_d_over_slots_and_no_second_wave(
     creates = [e for e in events if e.get("action") == "create"]
     assert len(creates) == 3
     assert all(e["outcome"] == "ok" and "uncovered" in e["reason"] for e in creates)
-    components = Components(
-        settings=fleet.settings,
-        redis=fleet.redis,
+    pool = await describe(
+        fleet.settings.pool("comfy"),
+        store=fleet.pool_state,
         registry=fleet.registry,
         events=fleet.events,
-        extras={"demand": r.demand.pool_demand},
+        demand=r.demand,
     )
-    pool = await describe(components, fleet.pool_state, fleet.settings.pool("comfy"))
     assert pool["workers_by_state"] == {"booting": 3}
     assert pool["demand"]["queued"] == 5
     assert any(a.get("action") == "create" for a in pool["last_actions"])

@@ -28,7 +28,7 @@ async def test_metrics_and_error_bodies_carry_no_secret(
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        _, key = await app.state.components.extras["apikeys"].create("a", role="admin")
+        _, key = await app.state.services.apikeys.create("a", role="admin")
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             auth = {"Authorization": f"Bearer {key}"}

@@ -37,7 +37,7 @@ async def live(redis_url: str, redis: Any, tmp_path: Path) -> AsyncIterator[tupl
     server = LoopbackServer(app, name="gpufleet")
     await server.start()
     try:
-        yield server.url, app.state.components
+        yield server.url, app.state.services
     finally:
         await server.stop()
 
@@ -71,7 +71,7 @@ async def until_accepted(
 
 async def test_streams_over_the_cap_are_429_until_one_closes(live: tuple[str, Any]) -> None:
     url, components = live
-    keys = components.extras["apikeys"]
+    keys = components.apikeys
     admin, admin_key = await keys.create("ops", role="admin")
     _, user_key = await keys.create("alice", role="user")
     async with (
@@ -118,7 +118,7 @@ async def test_streams_over_the_cap_are_429_until_one_closes(live: tuple[str, An
 
 async def test_a_finished_task_stream_gives_its_place_back(live: tuple[str, Any]) -> None:
     url, components = live
-    key, secret = await components.extras["apikeys"].create("bob", role="user")
+    key, secret = await components.apikeys.create("bob", role="user")
     places = StreamPlaces(components.redis, prefix="gpufleet")
     async with httpx.AsyncClient(base_url=url, timeout=10,
                                  headers={"Authorization": f"Bearer {secret}"}) as client:

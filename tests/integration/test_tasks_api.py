@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,14 +15,14 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException
 
 from gpufleet.api.auth import Principal, authenticate
-from gpufleet.api.deps import Components
 from gpufleet.api.errors import install_error_handlers
 from gpufleet.api.tasks import router
-from gpufleet.results import DirectoryResultStore
 from gpufleet.settings import load_settings
 from gpufleet.store.apikeys import ApiKey
 from gpufleet.store.queue import TaskQueue
+from gpufleet.wiring import build_services
 
+SECRET = "tasks-api-test-secret-0123456789"
 GRAPH = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 7, "model": ["4", 0]}},
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},
@@ -32,22 +33,22 @@ GRAPH = {
 async def client(redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     settings = load_settings(
         env_file=None,
-        auth={"enabled": False},
+        # A configured secret: the key store keeps none in Redis (tests count its keys).
+        auth={"enabled": False, "secret": SECRET},
         server={"max_body_bytes": 4096},
         queue={"heartbeat_interval_s": 1},
+        results={"dir": tmp_path / "results"},
     )
-    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    extras = {"queue": queue, "results": DirectoryResultStore(tmp_path / "results")}
-    app.state.components = Components(settings=settings, redis=redis, extras=extras)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
-        c.queue = queue  # type: ignore[attr-defined]
-        c.app = app  # type: ignore[attr-defined]
-        yield c
-    await queue.aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.services = services = await build_services(settings, redis, stack)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gpufleet") as c:
+            c.queue = services.queue  # type: ignore[attr-defined]
+            c.app = app  # type: ignore[attr-defined]
+            yield c
 
 
 def queue_of(client: httpx.AsyncClient) -> TaskQueue:
@@ -329,24 +330,23 @@ async def pooled(redis: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
     """The tasks router with two configured pools and a small default max_queued."""
     settings = load_settings(
         env_file=None,
-        auth={"enabled": False, "default_max_queued": 3},
+        auth={"enabled": False, "default_max_queued": 3, "secret": SECRET},
         pools=[
             {"name": "comfy", "provider": "static", "engine": "comfyui", "urls": ["http://h:1"]},
             {"name": "llm", "provider": "static", "engine": "ollama", "urls": ["http://h:2"],
              "models": ["llama3.2", "qwen2.5:7b"]},
         ],
     )
-    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://gpufleet") as c:
-        c.queue = queue  # type: ignore[attr-defined]
-        c.app = app  # type: ignore[attr-defined]
-        yield c
-    await queue.aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.services = services = await build_services(settings, redis, stack)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gpufleet") as c:
+            c.queue = services.queue  # type: ignore[attr-defined]
+            c.app = app  # type: ignore[attr-defined]
+            yield c
 
 
 def chat(model: str, **extra: Any) -> dict[str, Any]:
@@ -377,19 +377,18 @@ async def test_a_task_nothing_serves_is_422_naming_what_is_missing(
 async def test_a_kind_no_pool_runs_is_422(redis: aioredis.Redis) -> None:
     settings = load_settings(env_file=None, auth={"enabled": False}, pools=[
         {"name": "llm", "provider": "static", "engine": "ollama", "urls": ["http://h:2"]}])
-    queue = TaskQueue(redis, settings.queue, settings.redis.key_prefix)
     app = FastAPI()
     install_error_handlers(app)
     app.include_router(router)
-    app.state.components = Components(settings=settings, redis=redis, extras={"queue": queue})
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://gpufleet") as c:
-        refused = await c.post("/api/v1/tasks", json={"payload": GRAPH})
-        assert refused.status_code == 422
-        assert "no pool runs comfyui tasks" in refused.text
-        # An Ollama pool without a models list serves any model.
-        assert (await c.post("/api/v1/tasks", json=chat("anything:1b"))).status_code == 202
-    await queue.aclose()
+    async with contextlib.AsyncExitStack() as stack:
+        app.state.services = await build_services(settings, redis, stack)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gpufleet") as c:
+            refused = await c.post("/api/v1/tasks", json={"payload": GRAPH})
+            assert refused.status_code == 422
+            assert "no pool runs comfyui tasks" in refused.text
+            # An Ollama pool without a models list serves any model.
+            assert (await c.post("/api/v1/tasks", json=chat("anything:1b"))).status_code == 202
 
 
 async def test_keys_without_their_own_max_queued_get_the_default(

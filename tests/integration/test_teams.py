@@ -62,7 +62,7 @@ async def replicas(
         for i in range(2)
     ]
     async with apps[0].router.lifespan_context(apps[0]), apps[1].router.lifespan_context(apps[1]):
-        store: ApiKeyStore = apps[0].state.components.extras["apikeys"]
+        store: ApiKeyStore = apps[0].state.services.apikeys
         _, admin = await store.create("admin", role="admin")
         r = Replicas(apps, admin)
         try:
@@ -174,7 +174,7 @@ async def test_budget_spent_is_402_on_every_replica_and_resets(
     _, ml = await replicas.key("ml1", team="ml")
     _, ops = await replicas.key("ops1", team="ops")
     assert (await replicas.as_(ml, 0).post("/api/v1/tasks", json=TASK)).status_code == 202
-    teams: TeamStore = replicas.apps[0].state.components.extras["teams"]
+    teams: TeamStore = replicas.apps[0].state.services.teams
     day_key, month_key = teams.spend_keys("ml")
     await redis.incrbyfloat(day_key, 1.25)
     for i in (0, 1):

@@ -8,7 +8,7 @@ from gpufleet.domain import WorkerState
 
 
 async def test_list_get_metrics_and_drain(api: Any) -> None:
-    registry = api.components.registry
+    registry = api.services.registry
     await registry.register(pool="a", provider="static", slots=2, worker_id="w1",
                             state=WorkerState.ready, base_url="http://h:1")
     await registry.register(pool="a", provider="static", slots=1, worker_id="w2",
@@ -44,7 +44,7 @@ async def test_list_get_metrics_and_drain(api: Any) -> None:
     conflict = await api.post("/api/v1/workers/w2/drain")
     assert conflict.status_code == 409
     assert "booting" in conflict.json()["error"]["message"]
-    events = await api.components.events.recent()
+    events = await api.services.events.recent()
     assert events[0]["worker"] == "w1"
     assert events[0]["state"] == "draining"
 
@@ -55,7 +55,7 @@ async def _user(api: Any) -> dict[str, str]:
 
 
 async def test_user_keys_never_see_worker_urls_instance_ids_or_costs(api: Any) -> None:
-    registry = api.components.registry
+    registry = api.services.registry
     await registry.register(
         pool="gpu", provider="novita", slots=1, worker_id="inst-4f2a9c", state=WorkerState.ready,
         instance_id="inst-4f2a9c", base_url="https://inst-4f2a9c-8188.gpu.example",
@@ -89,7 +89,7 @@ async def test_user_keys_never_see_worker_urls_instance_ids_or_costs(api: Any) -
 
 
 async def test_user_key_cannot_drain_a_worker(api: Any) -> None:
-    registry = api.components.registry
+    registry = api.services.registry
     await registry.register(pool="a", provider="static", slots=1, worker_id="w1",
                             state=WorkerState.ready, base_url="http://h:1")
     user = await _user(api)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import fakeredis
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from gpufleet.api.deps import Components
 from gpufleet.api.providers import router
 from gpufleet.providers.base import RetryPolicy
 from gpufleet.providers.novita import NovitaProvider
@@ -24,6 +25,7 @@ from gpufleet.providers.simulated import (
 from gpufleet.providers.static import StaticProvider
 from gpufleet.providers.surf import SurfProvider
 from gpufleet.settings import Settings, load_settings
+from gpufleet.wiring import build_services
 
 
 @pytest.fixture
@@ -52,12 +54,15 @@ async def client(clock: FakeClock) -> AsyncIterator[Any]:
     }
     app = FastAPI()
     app.include_router(router)
-    app.state.components = Components(settings=settings, redis=None, providers=providers)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://gpufleet") as c:
-        c.novita = novita_app.state.sim  # type: ignore[attr-defined]
-        c.surf = surf_app.state.sim  # type: ignore[attr-defined]
-        yield c
+    async with contextlib.AsyncExitStack() as stack:
+        redis = fakeredis.FakeAsyncRedis(decode_responses=True)
+        stack.push_async_callback(redis.aclose)
+        app.state.services = await build_services(settings, redis, stack, providers=providers)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://gpufleet") as c:
+            c.novita = novita_app.state.sim  # type: ignore[attr-defined]
+            c.surf = surf_app.state.sim  # type: ignore[attr-defined]
+            yield c
     for provider in providers.values():
         await provider.aclose()
 

@@ -19,7 +19,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_apikeys, get_settings, get_teams
 from gpufleet.errors import (
     BudgetExhausted,
     Forbidden,
@@ -89,15 +89,11 @@ def presented_key(request: Request) -> str | None:
 
 
 def get_key_store(request: Request) -> ApiKeyStore:
-    store = get_components(request).extras.get("apikeys")
-    assert isinstance(store, ApiKeyStore), "create_app builds the key store"
-    return store
+    return get_apikeys(request)
 
 
 def get_team_store(request: Request) -> TeamStore:
-    store = get_components(request).extras.get("teams")
-    assert isinstance(store, TeamStore), "create_app builds the team store"
-    return store
+    return get_teams(request)
 
 
 # Declared so /docs and the OpenAPI document show how to authenticate (and an
@@ -117,7 +113,7 @@ async def authenticate(
     cached = getattr(request.state, "principal", None)
     if isinstance(cached, Principal):
         return cached
-    settings = get_components(request).settings.auth
+    settings = get_settings(request).auth
     if not settings.enabled:
         principal = Principal(None)
         request.state.principal = principal
@@ -208,7 +204,7 @@ async def check_budget(request: Request, principal: Principal) -> None:
     try:
         day, month = await teams.spent(team.name, now)
     except RedisError as exc:
-        if get_components(request).settings.auth.fail_open:
+        if get_settings(request).auth.fail_open:
             return
         raise StoreError("cannot check the team's budget: Redis unavailable") from exc
     if team.budget_day_usd is not None and day >= team.budget_day_usd:

@@ -29,7 +29,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
-from gpufleet.api.deps import get_components, get_registry
+from gpufleet.api.deps import get_registry, get_settings
 from gpufleet.domain import ProviderKind, Worker, WorkerState
 from gpufleet.store.workers import WorkerRegistry
 
@@ -64,7 +64,7 @@ def comfyless_bucket(worker: Worker) -> str | None:
 async def novita_status(
     request: Request, registry: WorkerRegistry = Depends(get_registry)
 ) -> dict[str, Any]:
-    settings = get_components(request).settings
+    settings = get_settings(request)
     novita = {p.name for p in settings.pools if p.provider is ProviderKind.novita}
     metrics = dict.fromkeys(METRICS, 0)
     for worker in await registry.list_workers():

@@ -14,7 +14,7 @@ from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from gpufleet import __version__
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_services
 from gpufleet.api.errors import error_body
 from gpufleet.errors import Unauthenticated
 
@@ -28,26 +28,26 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", summary="Redis answers and background loops run", response_model=None)
 async def ready(request: Request) -> dict[str, Any] | JSONResponse:
-    components = get_components(request)
+    services = get_services(request)
     try:
-        await asyncio.wait_for(components.redis.ping(), timeout=2.0)
+        await asyncio.wait_for(services.redis.ping(), timeout=2.0)
     except Exception as exc:  # any failure to answer means not ready
         return JSONResponse(
             error_body("not_ready", f"redis not answering: {type(exc).__name__}"),
             status_code=503,
         )
-    dead = [t.get_name() for t in components.loops if t.done()]
+    dead = [t.get_name() for t in services.loops if t.done()]
     if dead:
         return JSONResponse(
             error_body("not_ready", f"background loops stopped: {', '.join(dead)}"),
             status_code=503,
         )
-    return {"status": "ready", "redis": "ok", "loops": [t.get_name() for t in components.loops]}
+    return {"status": "ready", "redis": "ok", "loops": [t.get_name() for t in services.loops]}
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    token = get_components(request).settings.auth.metrics_token
+    token = get_services(request).settings.auth.metrics_token
     if token is not None:
         expected = f"Bearer {token.get_secret_value()}".encode()
         given = request.headers.get("authorization", "").encode()

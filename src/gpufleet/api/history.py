@@ -20,9 +20,9 @@ from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
 from gpufleet.api.auth import require_admin
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_services
 from gpufleet.errors import NotFound, StoreError
-from gpufleet.store.history import EXPORT_MAX_S, ExportRow, HistoryStore, trace_csv
+from gpufleet.store.history import EXPORT_MAX_S, ExportRow, trace_csv
 
 router = APIRouter(
     prefix="/api/v1/history", tags=["history"], dependencies=[Depends(require_admin)]
@@ -94,12 +94,10 @@ async def export_history(
         raise RequestValidationError(
             [{"loc": ("query", "since"), "msg": str(exc), "type": "value_error"}]
         ) from None
-    components = get_components(request)
-    if pool is not None and pool not in {p.name for p in components.settings.pools}:
+    services = get_services(request)
+    if pool is not None and pool not in {p.name for p in services.settings.pools}:
         raise NotFound(f"pool {pool!r} not found")
-    history = components.extras.get("history")
-    if not isinstance(history, HistoryStore):
-        raise StoreError("pool history is not recorded by this server")
+    history = services.history
     try:
         days = await history.export_days(pool, since_s)
     except RedisError as exc:

@@ -14,13 +14,16 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gpufleet.api.auth import Principal, authenticate, require_admin
-from gpufleet.api.deps import Components, get_components
+from gpufleet.api.deps import get_pool_state, get_services
 from gpufleet.domain import LIVE_WORKER_STATES, WorkerState
 from gpufleet.errors import Conflict, NotFound
 from gpufleet.scaling.history import Histogram, PoolHistory
-from gpufleet.settings import PoolSpec
-from gpufleet.store.history import HistoryStore
+from gpufleet.settings import PoolSpec, Settings
+from gpufleet.store.demand import DemandReader
+from gpufleet.store.events import EventLog
 from gpufleet.store.pools import AUTO_OVERRIDE, PoolStateStore
+from gpufleet.store.workers import WorkerRegistry
+from gpufleet.wiring import Services
 
 router = APIRouter(prefix="/api/v1/pools", tags=["pools"])
 
@@ -77,33 +80,27 @@ class PoolScale(BaseModel):
     duration_s: float = Field(3600, gt=0, le=7 * 86400, description="For this long.")
 
 
-def get_pool_state(request: Request) -> PoolStateStore:
-    components = get_components(request)
-    store = components.extras.get("pool_state")
-    if store is None:
-        store = PoolStateStore(components.redis, prefix=components.settings.redis.key_prefix)
-        components.extras["pool_state"] = store
-    assert isinstance(store, PoolStateStore)
-    return store
-
-
-def _spec(components: Components, name: str) -> PoolSpec:
+def _spec(settings: Settings, name: str) -> PoolSpec:
     try:
-        return components.settings.pool(name)
+        return settings.pool(name)
     except KeyError:
         raise NotFound(f"pool {name!r} not found") from None
 
 
-async def describe(components: Components, store: PoolStateStore, spec: PoolSpec) -> dict[str, Any]:
+async def describe(
+    spec: PoolSpec,
+    *,
+    store: PoolStateStore,
+    registry: WorkerRegistry,
+    events: EventLog,
+    demand: DemandReader,
+) -> dict[str, Any]:
     effective, runtime = await store.effective(spec)
-    assert components.registry is not None
-    workers = await components.registry.list_workers(spec.name)
+    workers = await registry.list_workers(spec.name)
     by_state = Counter(w.state.value for w in workers)
     # What bills now: the same live workers the spend accounting and the burn-rate gauge count.
     running = [w for w in workers if w.state in LIVE_WORKER_STATES]
-    demand_of = components.extras.get("demand")
-    demand = await demand_of(spec.name) if demand_of else {}
-    recent = await components.events.recent(10, pool=spec.name) if components.events else []
+    recent = await events.recent(10, pool=spec.name)
     return {
         "name": spec.name,
         "provider": spec.provider.value,
@@ -122,7 +119,7 @@ async def describe(components: Components, store: PoolStateStore, spec: PoolSpec
         "workers_by_state": dict(by_state),
         "slots_busy": sum(w.busy_slots for w in workers if w.state is WorkerState.ready),
         "slots_free": sum(w.free_slots for w in workers),
-        "demand": demand,
+        "demand": await demand.pool_demand(spec.name),
         "spend_usd": round(runtime.spend_usd, 6),
         "spend_today_usd": round(runtime.spend_today_usd, 6),
         "burn_rate_per_hour": round(sum(w.price_per_hour for w in running), 6),
@@ -137,16 +134,21 @@ async def describe(components: Components, store: PoolStateStore, spec: PoolSpec
     }
 
 
+async def _describe(services: Services, store: PoolStateStore, spec: PoolSpec) -> dict[str, Any]:
+    return await describe(spec, store=store, registry=services.registry, events=services.events,
+                          demand=services.demand)
+
+
 @router.get("", summary="Every pool with workers, demand, spend and backoff")
 async def list_pools(
     request: Request,
     store: PoolStateStore = Depends(get_pool_state),
     principal: Principal = Depends(authenticate),
 ) -> list[dict[str, Any]]:
-    components = get_components(request)
+    services = get_services(request)
     return [
-        shown_to(await describe(components, store, spec), principal)
-        for spec in components.settings.pools
+        shown_to(await _describe(services, store, spec), principal)
+        for spec in services.settings.pools
     ]
 
 
@@ -157,11 +159,11 @@ async def get_pool(
     store: PoolStateStore = Depends(get_pool_state),
     principal: Principal = Depends(authenticate),
 ) -> dict[str, Any]:
-    components = get_components(request)
-    spec = _spec(components, name)
-    out = shown_to(await describe(components, store, spec), principal)
-    history = components.extras.get("history")
-    if principal.is_admin and isinstance(history, HistoryStore):
+    services = get_services(request)
+    spec = _spec(services.settings, name)
+    out = shown_to(await _describe(services, store, spec), principal)
+    history = services.history
+    if principal.is_admin:
         summary = (await history.summary([spec.name]))[spec.name]
         out["history"] = history_view(summary, await history.model_service(spec.name))
     return out
@@ -198,8 +200,8 @@ async def patch_pool(
     request: Request,
     store: PoolStateStore = Depends(get_pool_state),
 ) -> dict[str, Any]:
-    components = get_components(request)
-    spec = _spec(components, name)
+    services = get_services(request)
+    spec = _spec(services.settings, name)
     effective, _ = await store.effective(spec)
     low = body.min_workers if body.min_workers is not None else effective.min_workers
     high = body.max_workers if body.max_workers is not None else effective.max_workers
@@ -209,14 +211,11 @@ async def patch_pool(
     if values.get("idle_timeout_s") == "auto":
         values["idle_timeout_s"] = AUTO_OVERRIDE  # stored as a number, read back as "auto"
     await store.set_overrides(name, **values)
-    if components.events:
-        await components.events.emit(
-            "pool", pool=name, action="patch", reason=str(body.model_dump(exclude_unset=True))
-        )
-    wake = components.extras.get("wake")
-    if wake is not None:
-        wake.set()
-    return await describe(components, store, spec)
+    await services.events.emit(
+        "pool", pool=name, action="patch", reason=str(body.model_dump(exclude_unset=True))
+    )
+    services.scale_wake.set()
+    return await _describe(services, store, spec)
 
 
 @router.post(
@@ -230,14 +229,11 @@ async def scale_pool(
     request: Request,
     store: PoolStateStore = Depends(get_pool_state),
 ) -> dict[str, Any]:
-    components = get_components(request)
-    spec = _spec(components, name)
+    services = get_services(request)
+    spec = _spec(services.settings, name)
     until = await store.set_floor(name, body.workers, body.duration_s)
-    if components.events:
-        await components.events.emit(
-            "pool", pool=name, action="scale", reason=f"floor {body.workers} until {until:.0f}"
-        )
-    wake = components.extras.get("wake")
-    if wake is not None:
-        wake.set()
-    return await describe(components, store, spec)
+    await services.events.emit(
+        "pool", pool=name, action="scale", reason=f"floor {body.workers} until {until:.0f}"
+    )
+    services.scale_wake.set()
+    return await _describe(services, store, spec)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from gpufleet import errors
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_providers, get_settings
 from gpufleet.providers.base import (
     ACTIONS,
     Capability,
@@ -73,7 +73,7 @@ def _provider_error(exc: errors.ProviderError) -> JSONResponse:
 
 
 def _provider(request: Request, name: str) -> Provider | JSONResponse:
-    provider: Provider | None = get_components(request).providers.get(name)
+    provider: Provider | None = get_providers(request).get(name)
     if provider is None:
         return _error(404, "not_found", f"no provider {name!r} is configured")
     return provider
@@ -106,7 +106,7 @@ async def list_instances(request: Request, name: str, pool: str | None = None) -
         return provider
     spec = None
     if pool is not None:
-        spec = next((p for p in get_components(request).settings.pools if p.name == pool), None)
+        spec = next((p for p in get_settings(request).pools if p.name == pool), None)
         if spec is None or spec.provider != name:
             return _error(404, "not_found", f"no {name} pool {pool!r}")
     try:
@@ -164,7 +164,7 @@ async def create_instance(request: Request, name: str, body: CreateInstance) -> 
         return provider
     if (lacking := _lacks(provider, Capability.create)) is not None:
         return lacking
-    spec = next((p for p in get_components(request).settings.pools if p.name == body.pool), None)
+    spec = next((p for p in get_settings(request).pools if p.name == body.pool), None)
     if spec is None or spec.provider != name:
         return _error(404, "not_found", f"no {name} pool {body.pool!r}")
     instance_name = body.name or f"{spec.name}-manual-{secrets.token_hex(3)}"

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_gpus, get_settings
 from gpufleet.gpus import fitting, no_fit_message
 from gpufleet.providers.catalog import GpuCatalog
 from gpufleet.routing import normalize_model, pool_serves
@@ -23,21 +23,15 @@ from gpufleet.tasks import TaskSubmit
 
 
 def get_catalog(request: Request) -> GpuCatalog:
-    """The app's ``GpuCatalog`` (built by the lifespan, or here on first use)."""
-    components = get_components(request)
-    catalog = components.extras.get("gpus")
-    if not isinstance(catalog, GpuCatalog):
-        catalog = components.extras["gpus"] = GpuCatalog(
-            components.settings, components.providers
-        )
-    return catalog
+    """The app's ``GpuCatalog`` (built by the lifespan)."""
+    return get_gpus(request)
 
 
 async def gpu_fit(request: Request, spec: TaskSubmit) -> tuple[list[str], dict[str, Any] | None]:
     """``(fit set, requirement)`` for the queue: the fit set is empty when every pool that
     could take the task fits (nothing to narrow), the requirement None when there is none.
     Raises 422 when no pool fits."""
-    settings = get_components(request).settings
+    settings = get_settings(request)
     need = spec.gpu_requirement
     if spec.model is not None:
         need = need.merged(settings.models.get(normalize_model(spec.model)))

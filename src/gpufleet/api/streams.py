@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from gpufleet.api.auth import Principal
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_settings, get_stream_places
 from gpufleet.errors import LimitExceeded, StoreError
 from gpufleet.store.streams import StreamPlaces
 
@@ -31,16 +31,6 @@ STREAM_LEASE_S = 60.0
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 # The bucket every caller shares when auth is off (or failed open).
 ANONYMOUS = "anonymous"
-
-
-def get_stream_places(request: Request) -> StreamPlaces:
-    components = get_components(request)
-    places = components.extras.get("stream_places")
-    if not isinstance(places, StreamPlaces):
-        places = components.extras["stream_places"] = StreamPlaces(
-            components.redis, prefix=components.settings.redis.key_prefix
-        )
-    return places
 
 
 class HeldStreamingResponse(StreamingResponse):
@@ -80,7 +70,7 @@ async def event_stream(
 ) -> StreamingResponse:
     """``content`` as ``text/event-stream`` if the caller's key may open one more stream;
     ``LimitExceeded`` (429) if it holds ``[auth] max_streams_per_key`` already."""
-    auth = get_components(request).settings.auth
+    auth = get_settings(request).auth
     limit = auth.max_streams_per_key
     if not limit:
         return StreamingResponse(content, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -7,7 +7,7 @@ anything is parsed or written; validation errors are 422 naming the field. Nothi
 written to Redis for a rejected request.
 
 Callers see their own tasks; admin keys (and everyone when auth is off) see all.
-The queue itself is built by ``create_app`` (``components.extras["queue"]``).
+The queue itself is built by ``create_app`` (``Services.queue``, ``gpufleet.wiring``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect
 
 from gpufleet.api.auth import Principal, authenticate, require_budget
 from gpufleet.api.cursors import BadCursor, CursorCodec
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_cursors, get_queue, get_results, get_settings
 from gpufleet.api.requirements import gpu_fit
 from gpufleet.api.streams import event_stream
 from gpufleet.domain import Engine, TaskStatus, public_worker_id
@@ -60,27 +60,11 @@ class TaskList(BaseModel):
     )
 
 
-def get_cursors(request: Request) -> CursorCodec:
-    """``create_app`` derives the cursor key from the auth secret (one key for all replicas);
-    an app built without it (a test's) gets a throw-away one."""
-    extras = get_components(request).extras
-    codec = extras.get("cursors")
-    if not isinstance(codec, CursorCodec):
-        codec = extras["cursors"] = CursorCodec.random()
-    return codec
-
-
-def get_queue(request: Request) -> TaskQueue:
-    queue = get_components(request).extras.get("queue")
-    assert isinstance(queue, TaskQueue), "create_app builds the task queue"
-    return queue
-
-
 async def read_limited_body(request: Request) -> bytes:
     """The request body, or 413 as soon as it is known to pass ``server.max_body_bytes``,
     or 408 if it is not complete within ``server.body_timeout_s`` (the key was checked
     before: ``authenticate`` runs first and reads no body)."""
-    server = get_components(request).settings.server
+    server = get_settings(request).server
     limit = server.max_body_bytes
     too_large = HTTPException(413, f"request body is larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
@@ -111,7 +95,7 @@ def _invalid(errors: list[Any]) -> RequestValidationError:
 
 
 def _check_submit(request: Request, spec: TaskSubmit, principal: Principal) -> None:
-    settings = get_components(request).settings
+    settings = get_settings(request)
     if spec.pool is not None and settings.pools:
         pool = next((p for p in settings.pools if p.name == spec.pool), None)
         if pool is None:
@@ -197,7 +181,7 @@ def _max_queued(request: Request, principal: Principal) -> int | None:
         return min(limits)
     if principal.is_admin:
         return None
-    return get_components(request).settings.auth.default_max_queued or None
+    return get_settings(request).auth.default_max_queued or None
 
 
 @router.get(
@@ -292,12 +276,6 @@ async def get_task(
     queue: TaskQueue = Depends(get_queue),
 ) -> Task:
     return shown(await _visible(queue, task_id, principal), principal)
-
-
-def get_results(request: Request) -> ResultStore:
-    results = get_components(request).extras.get("results")
-    assert isinstance(results, ResultStore), "create_app builds the result store"
-    return results
 
 
 @router.get("/{task_id}/outputs", summary="The output files gpufleet keeps for a task")

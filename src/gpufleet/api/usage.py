@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from gpufleet.api.auth import Principal, authenticate
-from gpufleet.api.deps import get_components
+from gpufleet.api.deps import get_usage
 from gpufleet.errors import Forbidden
 from gpufleet.store.usage import GROUPS, GroupBy, UsageStore, summarize
 
@@ -31,12 +31,6 @@ class UsageOut(BaseModel):
     overhead: list[dict[str, Any]] | None = Field(
         None, description="Admins only: per pool, spend, attributed and spend - attributed."
     )
-
-
-def get_usage(request: Request) -> UsageStore:
-    store = get_components(request).extras.get("usage")
-    assert isinstance(store, UsageStore), "create_app builds the usage store"
-    return store
 
 
 def _scope(principal: Principal, team: str | None, key: str | None) -> tuple[list[str] | None,

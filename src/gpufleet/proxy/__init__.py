@@ -3,7 +3,7 @@
 ``build_proxy_router(auth=…)`` returns one router with both. ``auth`` is the API's
 ``authenticate`` dependency (passed in, because ``gpufleet.proxy`` and
 ``gpufleet.api`` must not import each other); ``None`` serves without keys.
-The per-app state lives in ``Components.extras["proxy"]`` (a ``ProxyService``,
+The per-app state lives in ``app.state.proxy`` (a ``ProxyService``,
 built by the lifespan; closed with ``await service.aclose()``).
 """
 

@@ -172,7 +172,7 @@ class ForwardEndpoint:
         # The key's (and its team's) max_concurrent, exact across replicas: a place in a
         # Redis ZSET (Lua), held for the whole request; a replica that dies frees it after
         # the TTL.
-        limiter = scope["app"].state.components.extras.get("apikeys") if key else None
+        limiter = scope["app"].state.services.apikeys if key else None
         limit = getattr(key, "max_concurrent", None)
         team_limit = getattr(team, "max_concurrent", None)
         if limiter is None or not (limit or team_limit):

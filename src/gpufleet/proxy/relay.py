@@ -1,7 +1,7 @@
 """Relaying one proxied request to a worker, shared by the Ollama and OpenAI front doors.
 
 ``ProxyService`` is the proxy's per-app state (built by the lifespan, kept in
-``Components.extras["proxy"]``): the upstream clients (``upstream.UpstreamClient`` for
+``app.state.proxy``): the upstream clients (``upstream.UpstreamClient`` for
 the inference POSTs, an ``httpx.AsyncClient`` for the rest), the ``SlotBroker`` and
 the usage meter. ``ProxyService.forward`` is a raw ASGI
 handler so bytes pass through untouched:
@@ -546,20 +546,8 @@ def model_of(payload: dict[str, Any]) -> str:
 
 
 def get_service(app: Any) -> ProxyService:
-    """The app's ``ProxyService`` (``Components.extras["proxy"]``), built on first use
-    if the lifespan did not build one (it then owns its own upstream client)."""
-    components = app.state.components
-    service = components.extras.get("proxy")
-    if service is None:
-        service = ProxyService(
-            components.settings,
-            components.registry,
-            components.redis,
-            components.extras.get("proxy_http"),
-            history=components.extras.get("history"),
-        )
-        components.extras["proxy"] = service
-    assert isinstance(service, ProxyService)
+    """The app's ``ProxyService`` (``app.state.proxy``, built by the lifespan)."""
+    service: ProxyService = app.state.proxy
     return service
 
 
