@@ -58,6 +58,7 @@ from gpufleet.settings import Settings
 from gpufleet.store.demand import DemandReader
 from gpufleet.store.events import EventLog
 from gpufleet.store.history import HistoryStore
+from gpufleet.store.keys import Keys
 from gpufleet.store.leader import LeaderLock
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.queue import TaskQueue
@@ -127,8 +128,9 @@ class Reconciler:
         )
         self.budget = budget or GlobalBudget()
         self.wake = asyncio.Event()
-        self.wake_channel = f"{self.prefix}:wake"
-        self.intents_key = f"{self.prefix}:scaling:creates"
+        self.keys = Keys(self.prefix)
+        self.wake_channel = self.keys.wake()
+        self.intents_key = self.keys.create_intents()
         # The rooms of one tick: observe -> (policy.plan) -> apply -> account, recorded.
         self.fence = Fence(self.lock)
         self.recorder = Recorder(self.events, self.lock)

@@ -23,6 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gpufleet.settings import PoolSpec
+from gpufleet.store.keys import Keys
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import QueueStats
 
@@ -41,6 +42,7 @@ class DemandReader:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.queue = queue
         self.specs = {p.name: p for p in pools}
         self.clock = clock
@@ -50,7 +52,7 @@ class DemandReader:
 
     def waiting_key(self, pool: str) -> str:
         """ZSET of the proxy's requests waiting for a slot of ``pool``, scored by deadline."""
-        return f"{self.prefix}:proxy:waiting:{pool}"
+        return self.keys.proxy_waiting(pool)
 
     async def stats(self) -> QueueStats | None:
         """The queue's counters (None when this process has no queue)."""

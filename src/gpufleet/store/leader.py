@@ -15,6 +15,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from gpufleet.store.keys import Keys
+
 logger = logging.getLogger(__name__)
 
 # KEYS: lock hash, epoch counter. ARGV: replica id, ttl ms. Returns epoch, or 0 if held by another.
@@ -58,8 +60,9 @@ class LeaderLock:
         ttl_s: float = 15.0,
     ) -> None:
         self.redis = redis
-        self.key = f"{prefix}:leader:{name}"
-        self.epoch_key = f"{prefix}:leader:{name}:epoch"
+        keys = Keys(prefix)
+        self.key = keys.leader(name)
+        self.epoch_key = keys.leader_epoch(name)
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.ttl_s = ttl_s
         self.token: int | None = None

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
+from gpufleet.store.keys import Keys
+
 # KEYS: the bucket's zset. ARGV: now ms, deadline ms, token, max, ttl ms.
 # Returns 1 if a place was taken, 0 if the bucket is full.
 _TAKE = """
@@ -42,12 +44,13 @@ class StreamPlaces:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.clock = clock
         self._take = redis.register_script(_TAKE)
         self._renew = redis.register_script(_RENEW)
 
     def key(self, bucket: str) -> str:
-        return f"{self.prefix}:streams:{bucket}"
+        return self.keys.streams(bucket)
 
     async def take(self, bucket: str, token: str, *, limit: int, lease_s: float) -> bool:
         now_ms = int(self.clock() * 1000)
