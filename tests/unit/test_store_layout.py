@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
+from gpufleet.store import scripts
 from gpufleet.store.keys import Keys
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "gpufleet"
@@ -60,3 +63,44 @@ def test_no_module_but_keys_builds_a_name() -> None:
         if path.name != "keys.py" and _KEY_FSTRING.search(path.read_text())
     }
     assert building == PENDING
+
+
+LUA = SRC / "store" / "lua"
+_KEYS_USED = re.compile(r"KEYS\[(\d+)\]")
+_HEADER_KEYS = re.compile(r"^-- KEYS: (.+?)\.", re.MULTILINE)
+
+
+def test_every_lua_file_is_declared_with_its_keys() -> None:
+    files = {path.stem for path in LUA.glob("*.lua")} - {"lib"}
+    assert files == set(scripts.KEYS_OF)
+    for name, declared in scripts.KEYS_OF.items():
+        text = (LUA / f"{name}.lua").read_text()
+        used = {int(n) for n in _KEYS_USED.findall(text)}
+        # each script uses exactly the keys its caller passes: KEYS[1] .. KEYS[n], no more
+        assert used == set(range(1, len(declared) + 1)), name
+        header = _HEADER_KEYS.search(text)
+        if declared:  # the header says what the caller passes, as many as declared
+            assert header is not None, name
+            assert len(header.group(1).split(",")) == len(declared), name
+        assert "KEYS" not in scripts.source(name).replace(text, ""), name  # lib.lua uses none
+        # every declared key is one ``Keys`` method: the script's keys live in store/keys.py
+        assert all(callable(getattr(Keys, key, None)) for key in declared), name
+
+
+def test_every_declared_script_is_registered_by_a_store() -> None:
+    source = "\n".join(p.read_text() for p in SRC.rglob("*.py"))
+    registered = set(re.findall(r'scripts\.register\(\w+, "(\w+)"\)', source))
+    assert registered | set(scripts.QUEUE_SCRIPTS) == set(scripts.KEYS_OF)
+    assert "scripts.QUEUE_SCRIPTS" in (SRC / "store" / "queue.py").read_text()
+    # and no module outside store/scripts.py loads Lua of its own (apikeys.py: pending)
+    own = {
+        str(p.relative_to(SRC))
+        for p in SRC.rglob("*.py")
+        if "register_script(" in p.read_text() and p.name != "scripts.py"
+    }
+    assert own == {"store/apikeys.py"}
+
+
+def test_an_undeclared_script_is_refused() -> None:
+    with pytest.raises(KeyError, match="nope"):
+        scripts.source("nope")

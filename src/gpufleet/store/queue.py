@@ -30,7 +30,6 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -47,6 +46,7 @@ from gpufleet.errors import (
 )
 from gpufleet.metrics import TASKS_SUBMITTED
 from gpufleet.settings import QueueSettings
+from gpufleet.store import scripts
 from gpufleet.store.history import HistoryStore
 from gpufleet.store.keys import Keys
 from gpufleet.tasks import (
@@ -61,19 +61,6 @@ from gpufleet.tasks import (
 
 logger = logging.getLogger(__name__)
 
-SCRIPTS = (
-    "enqueue",
-    "lease",
-    "heartbeat",
-    "ack",
-    "fail",
-    "release",
-    "progress",
-    "cancel",
-    "requeue_expired",
-    "stats",
-    "keynames",
-)
 # Hash fields a listing returns: everything but the payload, which may be megabytes.
 SUMMARY_FIELDS = [
     "id",
@@ -117,11 +104,6 @@ def new_task_id(now: float) -> str:
     return "".join(reversed(chars))
 
 
-def _load_script(name: str) -> str:
-    lua = resources.files("gpufleet.store") / "lua"
-    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-
-
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -160,7 +142,7 @@ class TaskQueue:
         self.clock = clock
         self.jitter = jitter
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(_load_script(name)) for name in SCRIPTS
+            name: scripts.register(redis, name) for name in scripts.QUEUE_SCRIPTS
         }
         self._notifier = _Notifier(redis, self.keys.task_channel())
 

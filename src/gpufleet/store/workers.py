@@ -21,61 +21,19 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from gpufleet.domain import WORKER_TRANSITIONS, Worker, WorkerState
+from gpufleet.store import scripts
 from gpufleet.store.keys import Keys
 from gpufleet.worker_auth import WorkerTokens
 
 logger = logging.getLogger(__name__)
 
-# KEYS: worker hash, slot zset. ARGV: now, deadline, token.
-# Returns 1 if a slot was taken, 0 if the worker is full or not ready.
-_ACQUIRE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'ready' then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '0')
-if redis.call('ZCARD', KEYS[2]) >= slots then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'last_busy_at', ARGV[1])
-return 1
-"""
-
-# KEYS: worker hash, slot zset. ARGV: now, token. Returns 1 if the token held a slot.
-_RELEASE = """
-local removed = redis.call('ZREM', KEYS[2], ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'last_busy_at', ARGV[1])
-end
-return removed
-"""
-
-# KEYS: worker hash. ARGV: new state, now, reason, allowed old states...
-# Returns the old state on success, or false (nil) if the current state is not allowed.
-_TRANSITION = """
-local old = redis.call('HGET', KEYS[1], 'state')
-if not old then return false end
-local ok = false
-for i = 4, #ARGV do if ARGV[i] == old then ok = true end end
-if not ok then return false end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'state_since', ARGV[2], 'last_error', ARGV[3])
-if ARGV[1] == 'ready' and old ~= 'ready' then
-  redis.call('HSET', KEYS[1], 'ready_since', ARGV[2], 'last_busy_at', ARGV[2],
-             'health_failures', 0)
-end
-return old
-"""
-
 _LIST_FIELDS = ("models_present", "models_loaded")
-
-
-def _script(name: str) -> str:
-    """A script of ``store/lua/`` (shipped in the wheel as package data)."""
-    return (resources.files("gpufleet.store") / "lua" / f"{name}.lua").read_text()
 
 
 class keys:
@@ -152,10 +110,10 @@ class WorkerRegistry:
         # base_url to its secret, for ``gpufleet.worker_auth.WorkerAuth``.
         self.pool_tokens = dict(pool_tokens or {})
         self.tokens = WorkerTokens()
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._release = redis.register_script(_RELEASE)
-        self._transition = redis.register_script(_TRANSITION)
-        self._add_cost = redis.register_script(_script("add_cost"))
+        self._acquire = scripts.register(redis, "worker_acquire")
+        self._release = scripts.register(redis, "worker_release")
+        self._transition = scripts.register(redis, "worker_transition")
+        self._add_cost = scripts.register(redis, "add_cost")
 
     def __repr__(self) -> str:
         return f"<WorkerRegistry prefix={self.prefix}>"
