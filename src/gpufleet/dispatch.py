@@ -47,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -69,6 +68,7 @@ from gpufleet.routing import normalize_model
 from gpufleet.settings import PoolSpec, Settings
 from gpufleet.store.history import HistoryStore
 from gpufleet.store.pools import PoolStateStore
+from gpufleet.store.pubsub import Subscriber
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.teams import team_of_owner
 from gpufleet.store.usage import UsageStore, attributed_usd
@@ -91,7 +91,7 @@ RECORDED_EVENTS = frozenset(
 )
 LISTEN_RETRY_MAX_S = 5.0
 NOTES_FLUSH_S = 2.0
-# The wake/cancel listener reads with this timeout so that it notices shutdown by itself.
+# The wake/cancel subscription reads with this timeout so that it notices shutdown by itself.
 LISTEN_POLL_S = 0.5
 
 
@@ -152,9 +152,14 @@ class Dispatcher:
         self.name = uuid.uuid4().hex[:8]
         self.wake = asyncio.Event()
         self._runs: dict[str, _Run] = {}
-        self._listener: asyncio.Task[None] | None = None
-        self._listening = asyncio.Event()
-        self._stopping = asyncio.Event()
+        self._subscriber = Subscriber(
+            queue.redis,
+            [queue.keys.wake(), queue.keys.cancel_channel()],
+            self._on_message,
+            name=f"dispatch-{self.name}",
+            poll_s=LISTEN_POLL_S,
+            backoff_max_s=LISTEN_RETRY_MAX_S,
+        )
         self._closing = False
         self.pool_state = PoolStateStore(queue.redis, prefix=queue.keys.prefix, clock=clock)
         self._warm_since: dict[str, float] = {}  # pool -> earliest ready_since of its ready workers
@@ -546,67 +551,30 @@ class Dispatcher:
     # -- wake-ups and cancels ------------------------------------------------------------
 
     def _ensure_listener(self) -> None:
-        if self._listener is None or self._listener.done():
-            self._listener = asyncio.create_task(self._listen(), name=f"dispatch-{self.name}")
+        self._subscriber.start()
 
     async def listening(self, timeout_s: float = 5.0) -> None:
         """Wait until the wake/cancel subscription is live (tests)."""
-        self._ensure_listener()
-        await asyncio.wait_for(self._listening.wait(), timeout_s)
+        await self._subscriber.listening(timeout_s)
 
-    async def _listen(self) -> None:
+    def _on_message(self, channel: str, data: str) -> None:
         """``P:wake`` sets ``wake``; ``P:cancel`` stops the named run at once."""
-        keys = self.queue.keys
-        redis: aioredis.Redis = self.queue.redis
-        backoff_s = 0.1
-        while not self._stopping.is_set():
-            pubsub = redis.pubsub()
-            try:
-                await pubsub.subscribe(keys.wake(), keys.cancel_channel())
-                self._listening.set()
-                backoff_s = 0.1
-                while not self._stopping.is_set():
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_S
-                    )
-                    if message is None or message["type"] != "message":
-                        continue
-                    channel, data = _text(message["channel"]), _text(message["data"])
-                    if channel == keys.cancel_channel():
-                        run = self._runs.get(data)
-                        if run is not None:
-                            logger.info("task %s cancelled; stopping it on %s",
-                                        data, run.worker.id)
-                            self._stop_run(run, CANCELLED)
-                    else:
-                        self.wake.set()
-            except RedisError as exc:
-                self._listening.clear()
-                if self._stopping.is_set():
-                    return
-                logger.warning("dispatcher: wake/cancel subscription lost (%s); reconnecting",
-                               exc)
-            finally:
-                with contextlib.suppress(RedisError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), backoff_s)
-            backoff_s = min(LISTEN_RETRY_MAX_S, backoff_s * 2)
+        if channel == self.queue.keys.cancel_channel():
+            run = self._runs.get(data)
+            if run is not None:
+                logger.info("task %s cancelled; stopping it on %s", data, run.worker.id)
+                self._stop_run(run, CANCELLED)
+        else:
+            self.wake.set()
 
     # -- shutdown ------------------------------------------------------------------------
 
     async def aclose(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop taking work; stop every run and hand its lease back (attempt refunded)."""
         self._closing = True
-        self._stopping.set()
-        if self._listener is not None:
-            # The listener polls and sees ``_stopping`` within LISTEN_POLL_S; cancelling a read
-            # in flight instead can hang (redis-py 8.1), so that is only the last resort.
-            _, pending = await asyncio.wait([self._listener], timeout=grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
-            self._listener = None
+        # The subscription polls and stops within LISTEN_POLL_S; cancelling a read in flight
+        # instead can hang (redis-py 8.1), so that is only the last resort.
+        await self._subscriber.aclose(grace_s)
         runs = list(self._runs.values())
         for run in runs:
             self._stop_run(run, SHUTDOWN)
@@ -639,7 +607,3 @@ def _warm_since(workers: list[Worker]) -> dict[str, float]:
         if w.state is WorkerState.ready and w.ready_since is not None:
             out[w.pool] = min(out.get(w.pool, w.ready_since), w.ready_since)
     return out
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from gpufleet.engines.simulated import OllamaConfig, SimulatedOllama
 from gpufleet.results import DirectoryResultStore
 from gpufleet.settings import load_settings
-from gpufleet.store.history import HistoryStore, keys
+from gpufleet.store.history import HistoryStore
+from gpufleet.store.keys import Keys
 from gpufleet.store.queue import TaskQueue
 from gpufleet.tasks import TaskSubmit
 from tests.integration import test_dispatch as dispatch_harness
@@ -96,9 +97,9 @@ async def test_two_replicas_record_concurrently_and_a_restart_keeps_every_sample
         )
         assert again == got
         # and the keys carry their window as a TTL: nothing lives forever
-        day_ttl = await fresh.ttl(keys.day("h", "llm", int(clock.now // 86400)))
+        day_ttl = await fresh.ttl(Keys("h").history_day("llm", int(clock.now // 86400)))
         assert 7 * 86400 < day_ttl <= 8 * 86400
-        minute_ttl = await fresh.ttl(keys.arrivals("h", "llm", int(clock.now // 60)))
+        minute_ttl = await fresh.ttl(Keys("h").history_arrivals("llm", int(clock.now // 60)))
         assert 0 < minute_ttl <= 720
     finally:
         await fresh.aclose()
@@ -193,7 +194,7 @@ async def test_reconciler_records_boots_per_source_and_idle_gaps_into_the_snapsh
     # opened at the tick after 121 s, closed 10 s later (gaps under 5 s are not recorded)
     assert 8 < seen.gaps(1).mean() < 12
     # the leader keeps the gap clocks in Redis, so the next leader carries on
-    state = await fleet.redis.hgetall(keys.levels("rt", "comfy"))
+    state = await fleet.redis.hgetall(Keys("rt").history_levels("comfy"))
     assert state == {"level": "1"}
 
 

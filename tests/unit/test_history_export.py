@@ -18,11 +18,11 @@ from gpufleet.store.history import (
     EXPORT_MAX_S,
     TRACE_HEADER,
     HistoryStore,
-    keys,
     quantile_order,
     service_quantiles,
     trace_csv,
 )
+from gpufleet.store.keys import Keys
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 DAY0 = int(T0 // DAY_S)
@@ -162,10 +162,10 @@ async def test_minute_hashes_are_bounded_and_expire_with_the_window(
     fake_redis: aioredis.Redis,
 ) -> None:
     store, clock = await recorded(fake_redis)
-    key = keys.minutes("h", "comfy", DAY0)
+    key = Keys("h").history_minutes("comfy", DAY0)
     assert key == "h:history:comfy:minutes:2026-01-01"
     assert await fake_redis.hgetall(key) == {"0": "4", "2": "2"}
-    assert await fake_redis.hgetall(keys.minutes("h", "comfy", DAY0 + 1)) == {
+    assert await fake_redis.hgetall(Keys("h").history_minutes("comfy", DAY0 + 1)) == {
         "1": "4", "120": "2"
     }
     assert 7 * DAY_S < await fake_redis.ttl(key) <= 8 * DAY_S
@@ -174,8 +174,8 @@ async def test_minute_hashes_are_bounded_and_expire_with_the_window(
         clock.now = T0 + 2 * DAY_S + minute * 60.0
         store.note_arrival("comfy")
     await store.flush()
-    assert await fake_redis.hlen(keys.minutes("h", "comfy", DAY0 + 2)) <= 1440
-    assert await fake_redis.hlen(keys.minutes("h", "comfy", DAY0 + 3)) <= 1440
+    assert await fake_redis.hlen(Keys("h").history_minutes("comfy", DAY0 + 2)) <= 1440
+    assert await fake_redis.hlen(Keys("h").history_minutes("comfy", DAY0 + 3)) <= 1440
 
 
 async def test_the_summary_is_unchanged_by_the_minute_hashes(fake_redis: aioredis.Redis) -> None:

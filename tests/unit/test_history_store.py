@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 
 from gpufleet.scaling.history import DAY_S, HistoryBook, PoolHistory
 from gpufleet.settings import load_settings
-from gpufleet.store.history import HistoryStore, keys, pool_for_engine
+from gpufleet.store.history import HistoryStore, pool_for_engine
+from gpufleet.store.keys import Keys
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -115,7 +116,7 @@ async def test_demand_levels_open_and_close_gaps_like_the_book(
     # (history.MIN_GAP_S); level 2 60 s; level 3 95 s
     assert [h.total for h in summary.idle_gaps_s] == [1, 1, 1]
     assert summary.gaps(2).quantile(0.5) == pytest.approx(60, rel=0.1)
-    state = await fake_redis.hgetall(keys.levels("h", "comfy"))
+    state = await fake_redis.hgetall(Keys("h").history_levels("comfy"))
     assert state["level"] == "1"
     assert "open:1" not in state
     assert sorted(state) == ["level", *(f"open:{k}" for k in range(2, 8))]

@@ -58,6 +58,7 @@ from gpufleet.proxy.waiting import Lease, ModelNotServed, QueueFull, SlotBroker,
 from gpufleet.routing import gpu_unfit_message, normalize_model, pick_worker
 from gpufleet.settings import Settings
 from gpufleet.store.history import HistoryStore
+from gpufleet.store.keys import Keys
 from gpufleet.store.usage import UsageStore, attributed_usd
 from gpufleet.store.workers import WorkerRegistry
 
@@ -131,7 +132,7 @@ class UsageMeter:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for (key, model, name), value in pending.items():
                     field = f"{model}|{name}"
-                    target = f"{self.prefix}:proxy:usage:{key}"
+                    target = Keys(self.prefix).proxy_usage(key)
                     if name == "seconds":
                         pipe.hincrbyfloat(target, field, value)
                     else:
@@ -141,7 +142,7 @@ class UsageMeter:
             logger.warning("proxy usage: flush of %d counters failed (%s)", len(pending), exc)
 
     async def read(self, key: str) -> dict[str, float]:
-        raw = await self.redis.hgetall(f"{self.prefix}:proxy:usage:{key}")
+        raw = await self.redis.hgetall(Keys(self.prefix).proxy_usage(key))
         return {str(k): float(v) for k, v in raw.items()}
 
 

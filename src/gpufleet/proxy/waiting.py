@@ -50,6 +50,7 @@ from gpufleet.proxy.config import ProxySettings
 from gpufleet.routing import pick_worker, pools_serving
 from gpufleet.settings import PoolSpec
 from gpufleet.store.history import HistoryStore
+from gpufleet.store.keys import Keys
 from gpufleet.store.workers import SlotBatcher, WorkerRegistry
 from gpufleet.store.workers import keys as worker_keys
 
@@ -83,12 +84,12 @@ class WaitTimeout(Exception):
 
 def waiting_key(prefix: str, pool: str) -> str:
     """ZSET of waiting proxy requests of one pool: request id -> deadline (epoch s)."""
-    return f"{prefix}:proxy:waiting:{pool}"
+    return Keys(prefix).proxy_waiting(pool)
 
 
 def wake_channel(prefix: str) -> str:
     """Pub/sub channel; the message is a pool name whose demand just grew."""
-    return f"{prefix}:wake"
+    return Keys(prefix).wake()
 
 
 @dataclass

@@ -35,6 +35,7 @@ from gpufleet.metrics import BOOT_SECONDS, SPEND
 from gpufleet.scaling.snapshot import Snapshot, WorkerView
 from gpufleet.settings import PoolSpec
 from gpufleet.store.history import HistoryStore
+from gpufleet.store.keys import Keys
 from gpufleet.store.pools import PoolStateStore
 from gpufleet.store.workers import WorkerRegistry
 
@@ -71,7 +72,7 @@ class Accountant:
         self.pool_state = pool_state
         self.history = history
         self.clock = clock
-        self.accounted_key = f"{prefix}:scaling:accounted_at"
+        self.accounted_key = Keys(prefix).accounted_at()
         self._booting: dict[str, float] = {}  # worker id -> boot start, from the last tick
         self._boot_source: dict[str, str] = {}  # worker id -> "create" | "revive" (history)
 

@@ -36,7 +36,6 @@ a timer fires sooner. On shutdown the lock is released, so another replica takes
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -58,8 +57,10 @@ from gpufleet.settings import Settings
 from gpufleet.store.demand import DemandReader
 from gpufleet.store.events import EventLog
 from gpufleet.store.history import HistoryStore
+from gpufleet.store.keys import Keys
 from gpufleet.store.leader import LeaderLock
 from gpufleet.store.pools import PoolStateStore
+from gpufleet.store.pubsub import Subscriber
 from gpufleet.store.queue import TaskQueue
 from gpufleet.store.workers import WorkerRegistry
 
@@ -127,8 +128,13 @@ class Reconciler:
         )
         self.budget = budget or GlobalBudget()
         self.wake = asyncio.Event()
-        self.wake_channel = f"{self.prefix}:wake"
-        self.intents_key = f"{self.prefix}:scaling:creates"
+        self.keys = Keys(self.prefix)
+        self.wake_channel = self.keys.wake()
+        self.intents_key = self.keys.create_intents()
+        # Every wake message sets ``wake`` (``run_periodically`` ticks at once).
+        self.subscriber = Subscriber(
+            redis, [self.wake_channel], lambda _c, _d: self.wake.set(), name="reconciler-wake"
+        )
         # The rooms of one tick: observe -> (policy.plan) -> apply -> account, recorded.
         self.fence = Fence(self.lock)
         self.recorder = Recorder(self.events, self.lock)
@@ -240,38 +246,17 @@ class Reconciler:
         await self.reconcile_once()
         await asyncio.sleep(WAKE_DEBOUNCE_S)  # let a burst of wake messages coalesce
 
-    async def _listen(self) -> None:
-        """Set ``wake`` on every ``{prefix}:wake`` message; reconnect after a Redis hiccup."""
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.wake_channel)
-                while True:
-                    message = await pubsub.get_message(timeout=30.0)
-                    if message is not None and message.get("type") == "message":
-                        self.wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("reconciler: wake subscription lost (%s); resubscribing", exc)
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop``; then release the lock so another replica leads at once."""
         self._running = True
-        listener = asyncio.create_task(self._listen(), name="reconciler-wake")
+        self.subscriber.start()
         try:
             await run_periodically("reconciler", self._tick, self.interval_s, stop, wake=self.wake)
         finally:
             self._running = False
             if self._timer is not None:
                 self._timer.cancel()
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listener
+            await self.subscriber.aclose()
             await self.release()
 
     def spawn(self, stop: asyncio.Event) -> asyncio.Task[None]:

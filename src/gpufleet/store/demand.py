@@ -5,10 +5,7 @@ the ``Snapshot``'s demand groups, and ``GET /api/v1/pools`` shows each pool's de
 (``pool_demand``). Both go through this module, so what a pool "has waiting" means the same
 on the page as in the scaling decision.
 
-The proxy's waiting requests: ``{prefix}:proxy:waiting:{pool}``, a ZSET of request ids scored
-by the request's deadline (epoch seconds); the proxy adds and removes its own entries. An entry
-past its deadline is a dead replica's: it counts for nobody, and the reconciler (the leader
-tidies shared state) drops it in ``waiting``.
+The proxy's waiting requests are ``store/waiting.py``'s (``WaitingRequests``).
 
 This module reads counters only, never the tasks, and does not decide anything: grouping the
 demand by the pools that may serve it is the reconciler's (``scaling.observe.demand_groups``).
@@ -23,7 +20,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gpufleet.settings import PoolSpec
+from gpufleet.store.keys import Keys
 from gpufleet.store.queue import TaskQueue
+from gpufleet.store.waiting import WaitingRequests
 from gpufleet.tasks import QueueStats
 
 
@@ -41,16 +40,14 @@ class DemandReader:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
+        self.waiting_requests = WaitingRequests(redis, self.keys)
         self.queue = queue
         self.specs = {p.name: p for p in pools}
         self.clock = clock
 
     def __repr__(self) -> str:
         return f"<DemandReader prefix={self.prefix} pools={len(self.specs)}>"
-
-    def waiting_key(self, pool: str) -> str:
-        """ZSET of the proxy's requests waiting for a slot of ``pool``, scored by deadline."""
-        return f"{self.prefix}:proxy:waiting:{pool}"
 
     async def stats(self) -> QueueStats | None:
         """The queue's counters (None when this process has no queue)."""
@@ -59,16 +56,7 @@ class DemandReader:
     async def waiting(self, pools: Iterable[str], now: float) -> dict[str, int]:
         """Proxy requests waiting per pool (pools with none left out); entries past their
         deadline (a dead replica's) are dropped here. Leader only: it writes."""
-        names = list(pools)
-        if not names:
-            return {}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                key = self.waiting_key(name)
-                pipe.zremrangebyscore(key, "-inf", now)
-                pipe.zcard(key)
-            answers = await pipe.execute()
-        return {name: int(n) for name, n in zip(names, answers[1::2], strict=True) if int(n)}
+        return await self.waiting_requests.prune_and_count(pools, now)
 
     async def pool_demand(self, pool: str) -> dict[str, Any]:
         """The pool's demand now, from queue counters and the proxy's waiting set (read only:
@@ -76,7 +64,7 @@ class DemandReader:
         spec = self.specs.get(pool)
         now = self.clock()
         stats = await self.stats()
-        waiting = int(await self.redis.zcount(self.waiting_key(pool), f"({now}", "+inf"))
+        waiting = await self.waiting_requests.live(pool, now)
         if stats is None or spec is None:
             return {"queued": 0, "waiting": waiting, "in_flight": 0, "oldest_wait_s": 0.0}
         oldest = stats.oldest_by_pool.get(pool)

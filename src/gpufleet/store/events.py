@@ -14,6 +14,8 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
+from gpufleet.store.keys import Keys
+
 
 class EventLog:
     def __init__(
@@ -25,7 +27,7 @@ class EventLog:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
-        self.key = f"{prefix}:events"
+        self.key = Keys(prefix).events()
         self.maxlen = maxlen
         self.clock = clock
 

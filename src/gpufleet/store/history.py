@@ -19,7 +19,7 @@ What is recorded, and by whom (every replica records; the reconciler leader read
 - **demand levels** (leader only, once a tick): per-level open gap starts and the previous
   level, closed gaps recorded as ``gap:<level>`` samples.
 
-Redis layout (``P`` = prefix; pool names hold no ``:``):
+Redis layout (``P`` = prefix; pool names hold no ``:``; names from ``Keys.history_*``):
 
 - ``P:history:{pool}:day:{YYYY-MM-DD}`` HASH, one UTC day's histograms: field
   ``"{metric}|{bucket}"`` -> weight (HINCRBYFLOAT), metrics ``arrivals`` (bucket = hour of
@@ -90,6 +90,7 @@ from gpufleet.scaling.history import (
     summarize,
 )
 from gpufleet.settings import PoolSpec
+from gpufleet.store.keys import Keys
 
 logger = logging.getLogger(__name__)
 
@@ -113,34 +114,6 @@ TRACE_HEADER = ("arrival", "service_s", "model", "pool", "kind")
 # The fraction of N the export steps by when it hands out service quantiles: 1/golden ratio
 # spreads consecutive arrivals over the distribution (a Weyl sequence on N points).
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
-
-
-class keys:
-    """Key names (``P`` = prefix). Shapes and lifetimes: the module docstring."""
-
-    @staticmethod
-    def day(prefix: str, pool: str, day: int) -> str:
-        """HASH of one UTC day's histograms (``day`` = ``history.day_of(t)``)."""
-        return f"{prefix}:history:{pool}:day:{_iso(day)}"
-
-    @staticmethod
-    def arrivals(prefix: str, pool: str, minute: int) -> str:
-        """STRING counter of one epoch minute's arrivals."""
-        return f"{prefix}:history:{pool}:arrivals:{minute}"
-
-    @staticmethod
-    def minutes(prefix: str, pool: str, day: int) -> str:
-        """HASH of one UTC day's arrivals per minute of the day (``0`` .. ``1439``)."""
-        return f"{prefix}:history:{pool}:minutes:{_iso(day)}"
-
-    @staticmethod
-    def levels(prefix: str, pool: str) -> str:
-        """HASH: ``level`` and ``open:{k}`` of the pool's idle-gap clocks (leader only)."""
-        return f"{prefix}:history:{pool}:levels"
-
-
-def _iso(day: int) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY_S))
 
 
 def pool_for_engine(pools: Iterable[Any], engine: str) -> str | None:
@@ -175,6 +148,7 @@ class HistoryStore:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.clock = clock
         self.pools: dict[str, PoolSpec] | None = (
             {p.name: p for p in pools} if pools is not None else None
@@ -255,7 +229,7 @@ class HistoryStore:
         written = sum(len(f) for f in days.values()) + len(minutes)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                _queue_writes(pipe, self.prefix, days, minutes)
+                _queue_writes(pipe, self.keys, days, minutes)
                 await pipe.execute()
         except Exception as exc:
             log = logger.debug if self._failing else logger.warning
@@ -306,7 +280,7 @@ class HistoryStore:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for pool in names:
-                    pipe.hgetall(keys.levels(self.prefix, pool))
+                    pipe.hgetall(self.keys.history_levels(pool))
                 states = cast(list[dict[str, str]], await pipe.execute())
         except Exception as exc:
             logger.warning("history: demand levels not read (%s)", exc)
@@ -336,11 +310,11 @@ class HistoryStore:
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for pool, mapping in updates.items():
-                    key = keys.levels(self.prefix, pool)
+                    key = self.keys.history_levels(pool)
                     if dropped[pool]:
                         pipe.hdel(key, *dropped[pool])
                     pipe.hset(key, mapping=cast(Any, mapping))
-                _queue_writes(pipe, self.prefix, days, {})
+                _queue_writes(pipe, self.keys, days, {})
                 await pipe.execute()
         except Exception as exc:
             logger.warning("history: demand levels not recorded (%s)", exc)
@@ -366,8 +340,8 @@ class HistoryStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for pool in names:
                 for day in days:
-                    pipe.hgetall(keys.day(self.prefix, pool, day))
-                pipe.mget([keys.arrivals(self.prefix, pool, m) for m in minutes])
+                    pipe.hgetall(self.keys.history_day(pool, day))
+                pipe.mget([self.keys.history_arrivals(pool, m) for m in minutes])
             answers = await pipe.execute()
         out: dict[str, PoolHistory] = {}
         per_pool = len(days) + 1
@@ -389,7 +363,7 @@ class HistoryStore:
         days = [today - age for age in range(WINDOW_DAYS)]
         async with self.redis.pipeline(transaction=False) as pipe:
             for day in days:
-                pipe.hgetall(keys.day(self.prefix, pool, day))
+                pipe.hgetall(self.keys.history_day(pool, day))
             answers = await pipe.execute()
         per_model: dict[str, dict[int, dict[str, dict[int, float]]]] = {}
         for day, raw in zip(days, answers, strict=True):
@@ -436,9 +410,9 @@ class HistoryStore:
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 for day in days:
-                    pipe.hgetall(keys.minutes(self.prefix, name, day))
+                    pipe.hgetall(self.keys.history_minutes(name, day))
                 for day in window:
-                    pipe.hgetall(keys.day(self.prefix, name, day))
+                    pipe.hgetall(self.keys.history_day(name, day))
             answers = iter(await pipe.execute())
         arrivals: dict[str, dict[int, dict[int, int]]] = {}
         service: dict[str, dict[int, Histogram]] = {}
@@ -560,12 +534,12 @@ def _parse_minutes(raw: Mapping[str, str], day: int, first_minute: int) -> dict[
 
 def _queue_writes(
     pipe: Any,
-    prefix: str,
+    keys: Keys,
     days: Mapping[tuple[str, int], Mapping[str, float]],
     minutes: Mapping[tuple[str, int], int],
 ) -> None:
     for (pool, day), fields in days.items():
-        key = keys.day(prefix, pool, day)
+        key = keys.history_day(pool, day)
         for name, weight in fields.items():
             if name == DAY_SEEN:
                 pipe.hset(key, name, 1)
@@ -574,11 +548,11 @@ def _queue_writes(
         pipe.expire(key, DAY_TTL_S)
     per_day: set[str] = set()
     for (pool, minute), n in minutes.items():
-        key = keys.arrivals(prefix, pool, minute)
+        key = keys.history_arrivals(pool, minute)
         pipe.incrby(key, n)
         pipe.expire(key, MINUTE_TTL_S)
         day, of_day = divmod(minute, MINUTES_PER_DAY)  # the export's copy, kept for the window
-        day_key = keys.minutes(prefix, pool, day)
+        day_key = keys.history_minutes(pool, day)
         pipe.hincrby(day_key, str(of_day), n)
         per_day.add(day_key)
     for day_key in per_day:
@@ -619,7 +593,6 @@ __all__ = [
     "TRACE_HEADER",
     "ExportRow",
     "HistoryStore",
-    "keys",
     "pool_for_engine",
     "trace_csv",
 ]

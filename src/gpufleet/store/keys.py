@@ -1,10 +1,13 @@
-"""Every Redis key and channel the task queue uses: the prefix and one function per key.
+"""Every Redis key and channel gpufleet uses: the prefix and one method per key.
 
-The Lua scripts build the same names from the prefix (``store/lua/lib.lua``, the
-``k_*`` functions); ``tests/integration/test_queue.py::test_key_layout_matches_lua``
-checks that both agree. Nothing here talks to Redis.
+One ``Keys`` per prefix (``[redis] key_prefix``); each store builds it from its ``prefix``
+and asks it for names, so the layout lives here and nowhere else. The queue's Lua scripts
+build the same names from the prefix (``store/lua/lib.lua``, the ``k_*`` functions);
+``tests/integration/test_queue.py::test_key_layout_matches_lua`` checks that both agree, and
+``tests/unit/test_store_layout.py`` that every store module asks this one. The string values
+are the stored layout: changing one orphans existing data. Nothing here talks to Redis.
 
-Shapes and lifetimes (``P`` is the prefix):
+Shapes and lifetimes of the task queue (``P`` is the prefix):
 
 - ``P:task:{id}`` HASH, one task. No TTL while queued or running (an accepted task is
   never lost); ``result_ttl_s`` once finished.
@@ -33,11 +36,39 @@ Shapes and lifetimes (``P`` is the prefix):
 - channels: ``P:wake`` (a task became runnable: the dispatcher/scaler hook),
   ``P:task-events`` (``"{id} {status}"`` on every state change), ``P:cancel`` (``{id}``
   of a running task that was cancelled, for lease holders).
+
+The rest of the fleet (each store module's docstring says more):
+
+- workers (``store/workers.py``): ``P:workers`` SET of every worker id,
+  ``P:pool:{pool}:workers`` SET per pool, ``P:worker:{id}`` HASH (the record),
+  ``P:worker:{id}:slots`` ZSET of slot holder tokens by lease deadline.
+- the proxy's waiting requests (``store/waiting.py``): ``P:proxy:waiting:{pool}`` ZSET of
+  request ids by deadline; ``P:proxy:usage:{key}`` HASH of an API key's proxied usage.
+- the leader lock (``store/leader.py``): ``P:leader:{name}`` HASH (holder, epoch; TTL = the
+  lease), ``P:leader:{name}:epoch`` STRING fencing counter.
+- the reconciler: ``P:scaling:creates`` HASH of create intents (instance name → JSON),
+  ``P:scaling:accounted_at`` STRING, the time spend was last billed.
+- ``P:events`` STREAM of scale decisions (``store/events.py``), ``P:poolstate:{pool}`` HASH
+  and ``P:spend:{YYYY-MM-DD}`` HASH pool → USD (``store/pools.py``),
+  ``P:streams:{bucket}`` ZSET of open event streams (``store/streams.py``).
+- history (``store/history.py``): ``P:history:{pool}:day:{YYYY-MM-DD}`` HASH,
+  ``P:history:{pool}:arrivals:{minute}`` STRING, ``P:history:{pool}:minutes:{YYYY-MM-DD}``
+  HASH, ``P:history:{pool}:levels`` HASH.
+- API keys (``store/apikeys.py``): ``P:auth:secret``, ``P:apikey:{id}``, ``P:apikeys``,
+  ``P:apikeys:by_digest``, ``P:ratelimit:{id}:{window}``, ``P:concurrent:{id}``.
 """
 
 from __future__ import annotations
 
+import time
+
 NO_MODEL = "*"
+DAY_S = 86400
+
+
+def iso_day(day: int) -> str:
+    """``YYYY-MM-DD`` of a UTC day number (epoch seconds // 86400)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY_S))
 
 
 class Keys:
@@ -117,3 +148,130 @@ class Keys:
     def cancel_channel(self) -> str:
         """Channel: ``{id}`` of a running task that was cancelled (tell its lease holder)."""
         return f"{self.prefix}:cancel"
+
+    # -- workers (store/workers.py) ------------------------------------------------------------
+
+    def workers(self) -> str:
+        """SET of every worker id."""
+        return f"{self.prefix}:workers"
+
+    def pool_workers(self, pool: str) -> str:
+        """SET of one pool's worker ids."""
+        return f"{self.prefix}:pool:{pool}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """HASH: the worker record."""
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def worker_slots(self, worker_id: str) -> str:
+        """ZSET: slot holder token -> lease deadline (epoch s)."""
+        return f"{self.prefix}:worker:{worker_id}:slots"
+
+    # -- the proxy -----------------------------------------------------------------------------
+
+    def proxy_waiting(self, pool: str) -> str:
+        """ZSET of the proxy's requests waiting for a slot of ``pool``, scored by deadline."""
+        return f"{self.prefix}:proxy:waiting:{pool}"
+
+    def proxy_usage(self, key_id: str) -> str:
+        """HASH of one API key's proxied usage (``<model>|requests`` ...)."""
+        return f"{self.prefix}:proxy:usage:{key_id}"
+
+    # -- leadership and the reconciler ---------------------------------------------------------
+
+    def leader(self, name: str) -> str:
+        """HASH: the lease lock (``holder``, ``epoch``), expiring with the lease."""
+        return f"{self.prefix}:leader:{name}"
+
+    def leader_epoch(self, name: str) -> str:
+        """STRING: the lock's fencing counter (only grows)."""
+        return f"{self.prefix}:leader:{name}:epoch"
+
+    def create_intents(self) -> str:
+        """HASH: instance name -> JSON intent of a create the provider may not list yet."""
+        return f"{self.prefix}:scaling:creates"
+
+    def accounted_at(self) -> str:
+        """STRING: epoch s of the last spend billing (any leader's)."""
+        return f"{self.prefix}:scaling:accounted_at"
+
+    # -- events, pool state, spend, event streams ----------------------------------------------
+
+    def events(self) -> str:
+        """STREAM of scale decisions (capped)."""
+        return f"{self.prefix}:events"
+
+    def pool_state(self, pool: str) -> str:
+        """HASH: a pool's run-time knobs and backoff."""
+        return f"{self.prefix}:poolstate:{pool}"
+
+    def spend(self, day: str) -> str:
+        """HASH pool -> USD spent on the UTC day ``day`` (``YYYY-MM-DD``)."""
+        return f"{self.prefix}:spend:{day}"
+
+    def streams(self, bucket: str) -> str:
+        """ZSET of open event-stream tokens of one bucket, by lease deadline (epoch ms)."""
+        return f"{self.prefix}:streams:{bucket}"
+
+    # -- history (store/history.py) ------------------------------------------------------------
+
+    def history_day(self, pool: str, day: int) -> str:
+        """HASH of one UTC day's histograms (``day`` = ``history.day_of(t)``)."""
+        return f"{self.prefix}:history:{pool}:day:{iso_day(day)}"
+
+    def history_arrivals(self, pool: str, minute: int) -> str:
+        """STRING counter of one epoch minute's arrivals."""
+        return f"{self.prefix}:history:{pool}:arrivals:{minute}"
+
+    def history_minutes(self, pool: str, day: int) -> str:
+        """HASH of one UTC day's arrivals per minute of the day (``0`` .. ``1439``)."""
+        return f"{self.prefix}:history:{pool}:minutes:{iso_day(day)}"
+
+    def history_levels(self, pool: str) -> str:
+        """HASH: ``level`` and ``open:{k}`` of the pool's idle-gap clocks (leader only)."""
+        return f"{self.prefix}:history:{pool}:levels"
+
+    # -- API keys (store/apikeys.py) -----------------------------------------------------------
+
+    def auth_secret(self) -> str:
+        """STRING: the server secret, when none is configured (made once)."""
+        return f"{self.prefix}:auth:secret"
+
+    def apikey(self, key_id: str) -> str:
+        """HASH: one API key's record."""
+        return f"{self.prefix}:apikey:{key_id}"
+
+    def apikeys(self) -> str:
+        """The index of every API key id."""
+        return f"{self.prefix}:apikeys"
+
+    def apikeys_by_digest(self) -> str:
+        """HASH: key digest -> key id."""
+        return f"{self.prefix}:apikeys:by_digest"
+
+    def ratelimit(self, key_id: str, window: int) -> str:
+        """Counter of one key's requests in one rate window."""
+        return f"{self.prefix}:ratelimit:{key_id}:{window}"
+
+    def concurrent(self, key_id: str) -> str:
+        """ZSET of one key's requests in flight."""
+        return f"{self.prefix}:concurrent:{key_id}"
+
+    # -- teams and usage (store/teams.py, store/usage.py) --------------------------------------
+
+    def team(self, name: str) -> str:
+        """HASH: one team's record (limits, budgets)."""
+        return f"{self.prefix}:team:{name}"
+
+    def teams(self) -> str:
+        """The index of every team name."""
+        return f"{self.prefix}:teams"
+
+    def team_spend(self, name: str, period: str) -> str:
+        """Counter of one team's attributed dollars in ``period`` (``d:<day>`` / ``m:<month>``,
+        in ``[usage] timezone``)."""
+        return f"{self.prefix}:teamspend:{name}:{period}"
+
+    def usage_day(self, day: str) -> str:
+        """HASH of one day's usage aggregates (``team|key|pool|model|measure`` -> amount)."""
+        return f"{self.prefix}:usage:{day}"

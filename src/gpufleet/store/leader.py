@@ -15,37 +15,10 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from gpufleet.store import scripts
+from gpufleet.store.keys import Keys
+
 logger = logging.getLogger(__name__)
-
-# KEYS: lock hash, epoch counter. ARGV: replica id, ttl ms. Returns epoch, or 0 if held by another.
-_ACQUIRE = """
-local holder = redis.call('HGET', KEYS[1], 'holder')
-if not holder then
-  local epoch = redis.call('INCR', KEYS[2])
-  redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'epoch', epoch)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return epoch
-elseif holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('HGET', KEYS[1], 'epoch'))
-end
-return 0
-"""
-
-# KEYS: lock hash. ARGV: replica id, epoch. Returns 1 if both still match.
-_CHECK = """
-local h = redis.call('HMGET', KEYS[1], 'holder', 'epoch')
-if h[1] == ARGV[1] and h[2] == ARGV[2] then return 1 end
-return 0
-"""
-
-# KEYS: lock hash. ARGV: replica id, epoch. Deletes the lock only if we hold it.
-_RELEASE = """
-local h = redis.call('HMGET', KEYS[1], 'holder', 'epoch')
-if h[1] == ARGV[1] and h[2] == ARGV[2] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class LeaderLock:
     def __init__(
@@ -58,14 +31,15 @@ class LeaderLock:
         ttl_s: float = 15.0,
     ) -> None:
         self.redis = redis
-        self.key = f"{prefix}:leader:{name}"
-        self.epoch_key = f"{prefix}:leader:{name}:epoch"
+        keys = Keys(prefix)
+        self.key = keys.leader(name)
+        self.epoch_key = keys.leader_epoch(name)
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.ttl_s = ttl_s
         self.token: int | None = None
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._check = redis.register_script(_CHECK)
-        self._release = redis.register_script(_RELEASE)
+        self._acquire = scripts.register(redis, "leader_acquire")
+        self._check = scripts.register(redis, "leader_check")
+        self._release = scripts.register(redis, "leader_release")
 
     def __repr__(self) -> str:
         return f"<LeaderLock {self.key} replica={self.replica_id} token={self.token}>"

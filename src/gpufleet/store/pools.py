@@ -19,6 +19,7 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from gpufleet.settings import PoolSpec
+from gpufleet.store.keys import Keys
 from gpufleet.store.teams import Periods
 from gpufleet.store.usage import usage_key
 
@@ -54,6 +55,7 @@ class PoolStateStore:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.clock = clock
         # The usage aggregates' calendar (``[usage] timezone``): a pool's spend also goes to
         # its day there, so usage reports show overhead = spend - attributed.
@@ -61,7 +63,7 @@ class PoolStateStore:
         self.usage_ttl_s = usage_retention_days * 86400
 
     def _key(self, pool: str) -> str:
-        return f"{self.prefix}:poolstate:{pool}"
+        return self.keys.pool_state(pool)
 
     def _day(self) -> str:
         return time.strftime("%Y-%m-%d", time.gmtime(self.clock()))
@@ -69,7 +71,7 @@ class PoolStateStore:
     async def runtime(self, pool: str) -> PoolRuntime:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self._key(pool))
-            pipe.hget(f"{self.prefix}:spend:{self._day()}", pool)
+            pipe.hget(self.keys.spend(self._day()), pool)
             data, today = await pipe.execute()
         data = cast(dict[str, str], data)
         now = self.clock()
@@ -123,7 +125,7 @@ class PoolStateStore:
     async def add_spend(self, pool: str, usd: float) -> None:
         if usd <= 0:
             return
-        day_key = f"{self.prefix}:spend:{self._day()}"
+        day_key = self.keys.spend(self._day())
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrbyfloat(self._key(pool), "spend_usd", usd)
             pipe.hincrbyfloat(day_key, pool, usd)

@@ -30,7 +30,6 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -47,8 +46,10 @@ from gpufleet.errors import (
 )
 from gpufleet.metrics import TASKS_SUBMITTED
 from gpufleet.settings import QueueSettings
+from gpufleet.store import scripts
 from gpufleet.store.history import HistoryStore
 from gpufleet.store.keys import Keys
+from gpufleet.store.pubsub import Subscriber
 from gpufleet.tasks import (
     Lease,
     LeaseOutcome,
@@ -61,19 +62,6 @@ from gpufleet.tasks import (
 
 logger = logging.getLogger(__name__)
 
-SCRIPTS = (
-    "enqueue",
-    "lease",
-    "heartbeat",
-    "ack",
-    "fail",
-    "release",
-    "progress",
-    "cancel",
-    "requeue_expired",
-    "stats",
-    "keynames",
-)
 # Hash fields a listing returns: everything but the payload, which may be megabytes.
 SUMMARY_FIELDS = [
     "id",
@@ -118,11 +106,6 @@ def new_task_id(now: float) -> str:
     return "".join(reversed(chars))
 
 
-def _load_script(name: str) -> str:
-    lua = resources.files("gpufleet.store") / "lua"
-    return (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-
-
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -161,7 +144,7 @@ class TaskQueue:
         self.clock = clock
         self.jitter = jitter
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(_load_script(name)) for name in SCRIPTS
+            name: scripts.register(redis, name) for name in scripts.QUEUE_SCRIPTS
         }
         self._notifier = _Notifier(redis, self.keys.task_channel())
 
@@ -647,7 +630,7 @@ class _Inbox:
 
 
 class _Notifier:
-    """One pub/sub connection per ``TaskQueue`` fanning task changes out to local waiters.
+    """One pub/sub subscription per ``TaskQueue`` fanning task changes out to local waiters.
 
     Started on first use, so processes that never wait (dispatchers, benchmarks) hold no
     subscription. Waiters re-read Redis after every wake-up, so a lost message costs at
@@ -658,20 +641,22 @@ class _Notifier:
         self.redis = redis
         self.channel = channel
         self._inboxes: dict[str, set[_Inbox]] = {}
-        self._ready = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._subscriber = Subscriber(
+            redis,
+            [channel],
+            self._on_message,
+            name="gpufleet-task-events",
+            on_listening=self._wake_all,
+        )
 
     @contextlib.asynccontextmanager
     async def watch(self, task_id: str) -> AsyncIterator[_Inbox]:
         inbox = _Inbox()
         self._inboxes.setdefault(task_id, set()).add(inbox)
         try:
-            if self._task is None or self._task.done():
-                self._ready.clear()
-                self._task = asyncio.create_task(self._listen(), name="gpufleet-task-events")
             with contextlib.suppress(TimeoutError):
                 # Subscribed before the caller reads state: no change slips between.
-                await asyncio.wait_for(self._ready.wait(), RECHECK_S)
+                await self._subscriber.listening(RECHECK_S)
             yield inbox
         finally:
             waiters = self._inboxes.get(task_id)
@@ -680,39 +665,16 @@ class _Notifier:
                 if not waiters:
                     del self._inboxes[task_id]
 
-    async def _listen(self) -> None:
-        backoff_s = 0.1
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                while True:
-                    message = await pubsub.get_message(timeout=RECHECK_S)
-                    if message is not None and message["type"] == "subscribe":
-                        break
-                self._ready.set()
-                for waiters in list(self._inboxes.values()):
-                    for inbox in waiters:
-                        inbox.notify()
-                backoff_s = 0.1
-                async for message in pubsub.listen():
-                    if message["type"] != "message":
-                        continue
-                    task_id = _s(message["data"]).partition(" ")[0]
-                    for inbox in self._inboxes.get(task_id, ()):
-                        inbox.notify()
-            except RedisError as exc:
-                self._ready.clear()
-                logger.warning("task events subscription lost (%s); reconnecting", exc)
-            finally:
-                with contextlib.suppress(RedisError, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(5.0, backoff_s * 2)
+    def _on_message(self, _channel: str, data: str) -> None:
+        task_id = data.partition(" ")[0]
+        for inbox in list(self._inboxes.get(task_id, ())):
+            inbox.notify()
+
+    def _wake_all(self) -> None:
+        """(Re)subscribed: whatever changed while not listening, every waiter re-reads."""
+        for waiters in list(self._inboxes.values()):
+            for inbox in waiters:
+                inbox.notify()
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._subscriber.aclose()

@@ -13,23 +13,8 @@ from collections.abc import Callable
 
 import redis.asyncio as aioredis
 
-# KEYS: the bucket's zset. ARGV: now ms, deadline ms, token, max, ttl ms.
-# Returns 1 if a place was taken, 0 if the bucket is full.
-_TAKE = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
-# KEYS: the bucket's zset. ARGV: deadline ms, token, ttl ms. Renews a held place only.
-_RENEW = """
-if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
+from gpufleet.store import scripts
+from gpufleet.store.keys import Keys
 
 
 class StreamPlaces:
@@ -42,12 +27,13 @@ class StreamPlaces:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.clock = clock
-        self._take = redis.register_script(_TAKE)
-        self._renew = redis.register_script(_RENEW)
+        self._take = scripts.register(redis, "stream_take")
+        self._renew = scripts.register(redis, "stream_renew")
 
     def key(self, bucket: str) -> str:
-        return f"{self.prefix}:streams:{bucket}"
+        return self.keys.streams(bucket)
 
     async def take(self, bucket: str, token: str, *, limit: int, lease_s: float) -> bool:
         now_ms = int(self.clock() * 1000)

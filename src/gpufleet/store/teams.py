@@ -33,6 +33,8 @@ from zoneinfo import ZoneInfo
 
 import redis.asyncio as aioredis
 
+from gpufleet.store.keys import Keys
+
 logger = logging.getLogger(__name__)
 
 TEAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -167,17 +169,17 @@ class TeamStore:
         return f"<TeamStore prefix={self.prefix}>"
 
     def _key(self, name: str) -> str:
-        return f"{self.prefix}:team:{name}"
+        return Keys(self.prefix).team(name)
 
     @property
     def _index(self) -> str:
-        return f"{self.prefix}:teams"
+        return Keys(self.prefix).teams()
 
     def spend_keys(self, name: str, now: float | None = None) -> tuple[str, str]:
         """The day and month spend counters of team ``name`` at ``now``."""
         day, month = self.periods.of(self.clock() if now is None else now)
-        base = f"{self.prefix}:teamspend:{name}"
-        return f"{base}:d:{day}", f"{base}:m:{month}"
+        keys = Keys(self.prefix)
+        return keys.team_spend(name, f"d:{day}"), keys.team_spend(name, f"m:{month}")
 
     # -- records ---------------------------------------------------------------------------
 

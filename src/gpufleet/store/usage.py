@@ -38,6 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gpufleet.metrics import TEAM_GPU_SECONDS, TEAM_SPEND
+from gpufleet.store.keys import Keys
 from gpufleet.store.teams import DAY_TTL_S, MONTH_TTL_S, Periods, TeamStore
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ NO_TEAM = "none"  # the metrics' team label of work by keys in no team
 
 
 def usage_key(prefix: str, day: str) -> str:
-    return f"{prefix}:usage:{day}"
+    return Keys(prefix).usage_day(day)
 
 
 def _clean(value: str) -> str:

@@ -21,83 +21,29 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from importlib import resources
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from gpufleet.domain import WORKER_TRANSITIONS, Worker, WorkerState
+from gpufleet.store import scripts
+from gpufleet.store.keys import Keys
 from gpufleet.store.resp import RespClient
 from gpufleet.worker_auth import WorkerTokens
 
 logger = logging.getLogger(__name__)
 
-# KEYS: worker hash, slot zset. ARGV: now, deadline, token.
-# Returns 1 if a slot was taken, 0 if the worker is full or not ready.
-_ACQUIRE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'ready' then return 0 end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-local slots = tonumber(redis.call('HGET', KEYS[1], 'slots') or '0')
-if redis.call('ZCARD', KEYS[2]) >= slots then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[1], 'last_busy_at', ARGV[1])
-return 1
-"""
-
-# KEYS: worker hash, slot zset. ARGV: now, token. Returns 1 if the token held a slot.
-_RELEASE = """
-local removed = redis.call('ZREM', KEYS[2], ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'last_busy_at', ARGV[1])
-end
-return removed
-"""
-
-# KEYS: worker hash. ARGV: new state, now, reason, allowed old states...
-# Returns the old state on success, or false (nil) if the current state is not allowed.
-_TRANSITION = """
-local old = redis.call('HGET', KEYS[1], 'state')
-if not old then return false end
-local ok = false
-for i = 4, #ARGV do if ARGV[i] == old then ok = true end end
-if not ok then return false end
-redis.call('HSET', KEYS[1], 'state', ARGV[1], 'state_since', ARGV[2], 'last_error', ARGV[3])
-if ARGV[1] == 'ready' and old ~= 'ready' then
-  redis.call('HSET', KEYS[1], 'ready_since', ARGV[2], 'last_busy_at', ARGV[2],
-             'health_failures', 0)
-end
-return old
-"""
-
 _LIST_FIELDS = ("models_present", "models_loaded")
 
 
-def _script(name: str) -> str:
-    """A script of ``store/lua/`` (shipped in the wheel as package data)."""
-    return (resources.files("gpufleet.store") / "lua" / f"{name}.lua").read_text()
-
-
 class keys:
-    @staticmethod
-    def workers(prefix: str) -> str:
-        """SET of every worker id."""
-        return f"{prefix}:workers"
-
-    @staticmethod
-    def pool_workers(prefix: str, pool: str) -> str:
-        """SET of one pool's worker ids."""
-        return f"{prefix}:pool:{pool}:workers"
-
-    @staticmethod
-    def worker(prefix: str, worker_id: str) -> str:
-        """HASH: the worker record."""
-        return f"{prefix}:worker:{worker_id}"
+    """Kept for ``proxy/waiting.py`` (its slot renewal) until it asks ``Keys``: the names
+    come from ``store/keys.py``."""
 
     @staticmethod
     def worker_slots(prefix: str, worker_id: str) -> str:
-        """ZSET: slot holder token -> lease deadline (epoch s)."""
-        return f"{prefix}:worker:{worker_id}:slots"
+        return Keys(prefix).worker_slots(worker_id)
 
 
 def allowed_sources(new: WorkerState) -> list[str]:
@@ -157,6 +103,7 @@ class WorkerRegistry:
     ) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.slot_ttl_s = slot_ttl_s
         self.clock = clock
         # Pool name -> the fixed worker secret config gives (static/SURF ``token``); a
@@ -164,10 +111,10 @@ class WorkerRegistry:
         # base_url to its secret, for ``gpufleet.worker_auth.WorkerAuth``.
         self.pool_tokens = dict(pool_tokens or {})
         self.tokens = WorkerTokens()
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._release = redis.register_script(_RELEASE)
-        self._transition = redis.register_script(_TRANSITION)
-        self._add_cost = redis.register_script(_script("add_cost"))
+        self._acquire = scripts.register(redis, "worker_acquire")
+        self._release = scripts.register(redis, "worker_release")
+        self._transition = scripts.register(redis, "worker_transition")
+        self._add_cost = scripts.register(redis, "add_cost")
 
     def __repr__(self) -> str:
         return f"<WorkerRegistry prefix={self.prefix}>"
@@ -196,15 +143,15 @@ class WorkerRegistry:
         for name, value in fields.items():
             record[name] = json.dumps(list(value)) if name in _LIST_FIELDS else value
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.worker(self.prefix, worker_id), mapping=cast(Any, record))
-            pipe.sadd(keys.workers(self.prefix), worker_id)
-            pipe.sadd(keys.pool_workers(self.prefix, pool), worker_id)
+            pipe.hset(self.keys.worker(worker_id), mapping=cast(Any, record))
+            pipe.sadd(self.keys.workers(), worker_id)
+            pipe.sadd(self.keys.pool_workers(pool), worker_id)
             await pipe.execute()
         logger.info("worker %s registered in pool %s (%s)", worker_id, pool, state)
         return await self.get(worker_id)
 
     async def get(self, worker_id: str) -> Worker:
-        data = cast(dict[str, str], await self.redis.hgetall(keys.worker(self.prefix, worker_id)))
+        data = cast(dict[str, str], await self.redis.hgetall(self.keys.worker(worker_id)))
         if not data:
             raise KeyError(worker_id)
         return self._noted(_to_worker(data, await self.busy(worker_id), self.pool_tokens))
@@ -223,7 +170,7 @@ class WorkerRegistry:
 
     async def list_workers(self, pool: str | None = None) -> list[Worker]:
         """All workers (or one pool's), skipping (and logging) records that do not parse."""
-        key = keys.pool_workers(self.prefix, pool) if pool else keys.workers(self.prefix)
+        key = self.keys.pool_workers(pool) if pool else self.keys.workers()
         ids = sorted(cast(set[str], await self.redis.smembers(key)))
         return await self._load(ids)
 
@@ -232,8 +179,8 @@ class WorkerRegistry:
         now = self.clock()
         async with self.redis.pipeline(transaction=False) as pipe:
             for worker_id in ids:
-                pipe.hgetall(keys.worker(self.prefix, worker_id))
-                pipe.zcount(keys.worker_slots(self.prefix, worker_id), f"({now}", "+inf")
+                pipe.hgetall(self.keys.worker(worker_id))
+                pipe.zcount(self.keys.worker_slots(worker_id), f"({now}", "+inf")
             results = await pipe.execute()
         workers = []
         for worker_id, data, busy in zip(ids, results[::2], results[1::2], strict=True):
@@ -247,7 +194,7 @@ class WorkerRegistry:
 
     async def update(self, worker_id: str, **fields: Any) -> None:
         """Set plain fields (base_url, models, instance id, cost …) of an existing worker."""
-        key = keys.worker(self.prefix, worker_id)
+        key = self.keys.worker(worker_id)
         mapping = {
             name: json.dumps(list(value)) if name in _LIST_FIELDS else value
             for name, value in fields.items()
@@ -259,7 +206,7 @@ class WorkerRegistry:
     async def transition(self, worker_id: str, new: WorkerState, reason: str = "") -> bool:
         """Move a worker to ``new`` if the table allows it from its current state."""
         old = await self._transition(
-            keys=[keys.worker(self.prefix, worker_id)],
+            keys=[self.keys.worker(worker_id)],
             args=[new.value, self.clock(), reason, *allowed_sources(new)],
         )
         if old is None:
@@ -269,7 +216,7 @@ class WorkerRegistry:
 
     async def record_health(self, worker_id: str, ok: bool) -> int:
         """Count consecutive health failures; return the new count (0 after a success)."""
-        key = keys.worker(self.prefix, worker_id)
+        key = self.keys.worker(worker_id)
         if ok:
             await self.redis.hset(key, "health_failures", 0)
             return 0
@@ -284,19 +231,19 @@ class WorkerRegistry:
         async with self.redis.pipeline(transaction=False) as pipe:
             for worker_id, usd in usd_by_worker.items():
                 await self._add_cost(
-                    keys=[keys.worker(self.prefix, worker_id)], args=[usd], client=pipe
+                    keys=[self.keys.worker(worker_id)], args=[usd], client=pipe
                 )
             await pipe.execute()
 
     async def remove(self, worker_id: str) -> None:
         """Forget a worker whose instance is gone (deleted)."""
-        data = cast(dict[str, str], await self.redis.hgetall(keys.worker(self.prefix, worker_id)))
+        data = cast(dict[str, str], await self.redis.hgetall(self.keys.worker(worker_id)))
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.worker(self.prefix, worker_id))
-            pipe.delete(keys.worker_slots(self.prefix, worker_id))
-            pipe.srem(keys.workers(self.prefix), worker_id)
+            pipe.delete(self.keys.worker(worker_id))
+            pipe.delete(self.keys.worker_slots(worker_id))
+            pipe.srem(self.keys.workers(), worker_id)
             if data.get("pool"):
-                pipe.srem(keys.pool_workers(self.prefix, data["pool"]), worker_id)
+                pipe.srem(self.keys.pool_workers(data["pool"]), worker_id)
             await pipe.execute()
         logger.info("worker %s removed from the registry", worker_id)
 
@@ -307,7 +254,7 @@ class WorkerRegistry:
         token = holder or uuid.uuid4().hex
         now = self.clock()
         taken = await self._acquire(
-            keys=[keys.worker(self.prefix, worker_id), keys.worker_slots(self.prefix, worker_id)],
+            keys=[self.keys.worker(worker_id), self.keys.worker_slots(worker_id)],
             args=[now, now + self.slot_ttl_s, token],
         )
         return token if taken else None
@@ -316,13 +263,13 @@ class WorkerRegistry:
         """Push a held slot's deadline out; False if it had already expired."""
         deadline = self.clock() + self.slot_ttl_s
         changed = await self.redis.zadd(
-            keys.worker_slots(self.prefix, worker_id), {token: deadline}, xx=True, ch=True
+            self.keys.worker_slots(worker_id), {token: deadline}, xx=True, ch=True
         )
         return bool(changed)
 
     async def release_slot(self, worker_id: str, token: str) -> bool:
         released = await self._release(
-            keys=[keys.worker(self.prefix, worker_id), keys.worker_slots(self.prefix, worker_id)],
+            keys=[self.keys.worker(worker_id), self.keys.worker_slots(worker_id)],
             args=[self.clock(), token],
         )
         return bool(released)
@@ -331,7 +278,7 @@ class WorkerRegistry:
         """Slots held now (expired holders do not count)."""
         return int(
             await self.redis.zcount(
-                keys.worker_slots(self.prefix, worker_id), f"({self.clock()}", "+inf"
+                self.keys.worker_slots(worker_id), f"({self.clock()}", "+inf"
             )
         )
 
@@ -421,7 +368,7 @@ class SlotBatcher:
         now = reg.clock()
         calls: list[tuple[Any, list[str], list[str | float]]] = []
         for acquire, worker_id, token, _ in batch:
-            keys_ = [keys.worker(reg.prefix, worker_id), keys.worker_slots(reg.prefix, worker_id)]
+            keys_ = [reg.keys.worker(worker_id), reg.keys.worker_slots(worker_id)]
             if acquire:
                 calls.append((reg._acquire, keys_, [now, now + reg.slot_ttl_s, token]))
             else:

@@ -1,4 +1,4 @@
--- Shared helpers, prepended to every queue script (see gpufleet.store.queue._load_script).
+-- Shared helpers, prepended to every queue script (see gpufleet.store.scripts.source).
 -- Every script gets ARGV[1] = key prefix and ARGV[2] = now (epoch seconds, the caller's clock).
 -- Key names mirror gpufleet/store/keys.py; a test checks that they agree.
 local P = ARGV[1]
