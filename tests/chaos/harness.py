@@ -350,7 +350,10 @@ price_per_hour = {PRODUCT.price_per_hour}
             queue.put_nowait(marker)
 
         async def one(marker: str) -> None:
-            for _ in range(attempts):
+            # As a patient client does: back off 0.1 s doubling to 2 s (about 30 s over 20
+            # attempts), so a loaded machine's slow replica restart is ridden out.
+            for attempt in range(attempts):
+                pause = min(0.1 * 2**attempt, 2.0)
                 live = [r for r in targets if r.alive] or targets
                 replica = self._rng.choice(live)
                 try:
@@ -359,12 +362,12 @@ price_per_hour = {PRODUCT.price_per_hour}
                         headers={"Idempotency-Key": marker}, timeout=10.0,
                     )
                 except httpx.HTTPError:
-                    await asyncio.sleep(0.1)
+                    await asyncio.sleep(pause)
                     continue
                 if answer.status_code == 202:
                     out.ids[marker] = answer.json()["id"]
                     return
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(pause)
             out.refused += 1
 
         async def worker() -> None:
