@@ -404,7 +404,8 @@ class AuthSettings(Section):
     fail_open: bool = Field(
         False,
         description="When Redis cannot be asked about a key's limits: false (default) refuses "
-        "the request with 503; true lets it through unlimited.",
+        "the request with 503; true lets it through unlimited, as a user-role caller (never an "
+        "admin: any string passes for a key then).",
     )
     max_streams_per_key: int = Field(
         20,

@@ -200,3 +200,33 @@ async def test_keys_never_logged(api: Any, assert_logs: Callable[..., None]) -> 
     await api.get("/api/v1/workers", headers={"Authorization": f"Bearer {plaintext}"})
     await api.get("/api/v1/workers", headers={"Authorization": "Bearer gpf_wrong"})
     assert_logs(prohibited=[plaintext, api.admin_key, "gpf_wrong"])
+
+
+async def test_fail_open_lets_a_caller_through_as_a_user_never_an_admin(
+    redis_url: str, redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[auth] fail_open``: while keys cannot be checked, any string passes as a key, so
+    it must not make its bearer an admin (keys, teams, the clouds' instances and balance)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    app = create_app(
+        load_settings(env_file=None, redis={"url": redis_url}, auth={"fail_open": True})
+    )
+    async with app.router.lifespan_context(app):
+        store: ApiKeyStore = app.state.services.apikeys
+
+        async def down(plaintext: str) -> None:
+            raise RedisConnectionError("Redis is down")
+
+        monkeypatch.setattr(store, "verify", down)
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": "Bearer not-a-key"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://t", headers=headers
+        ) as client:
+            for path in ("/api/v1/keys", "/api/v1/teams", "/api/v1/events", "/novita/status"):
+                assert (await client.get(path)).status_code == 403, path
+            usage = await client.get("/api/v1/usage")
+            assert usage.status_code == 200
+            assert usage.json()["overhead"] is None  # the fleet's spend is an admin's
+            assert (await client.get("/api/v1/pools")).status_code == 200  # a user's view

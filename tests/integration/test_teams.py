@@ -165,6 +165,38 @@ async def test_team_admin_manages_only_its_team(replicas: Replicas) -> None:
     assert (await lead.delete(f"/api/v1/keys/{made.json()['id']}")).json()["revoked"] is True
 
 
+async def test_team_admin_cannot_loosen_limits_an_admin_set(replicas: Replicas) -> None:
+    """An admin's caps on a team admin's key bound every key it manages, its own included."""
+    admin = replicas.as_(replicas.admin)
+    await admin.post("/api/v1/teams", json={"name": "red"})
+    boss_id, boss = await replicas.key(
+        "boss", team="red", role="team_admin", max_priority=2, rate_limit_per_min=100
+    )
+    member_id, member = await replicas.key("m", team="red", max_priority=1)
+    lead = replicas.as_(boss, 1)
+    # Not its own key ...
+    raised = await lead.patch(f"/api/v1/keys/{boss_id}", json={"max_priority": 9})
+    assert raised.status_code == 403
+    cleared = await lead.patch(f"/api/v1/keys/{boss_id}", json={"rate_limit_per_min": None})
+    assert cleared.status_code == 403
+    # ... nor a member's, above its own cap; within it is fine.
+    url = f"/api/v1/keys/{member_id}"
+    assert (await lead.patch(url, json={"max_priority": 9})).status_code == 403
+    assert (await lead.patch(url, json={"max_priority": 2})).status_code == 200
+    # A new key inherits the ceiling, or asks for less.
+    made = await lead.post("/api/v1/keys", json={"name": "n"})
+    assert made.json()["max_priority"] == 2
+    assert made.json()["rate_limit_per_min"] == 100
+    above = await lead.post("/api/v1/keys", json={"name": "x", "max_priority": 5})
+    assert above.status_code == 403
+    # Nothing changed on refusal: the member still cannot submit above 2.
+    keys = {k["id"]: k for k in (await admin.get("/api/v1/keys")).json()}
+    assert keys[boss_id]["max_priority"] == 2
+    assert keys[boss_id]["rate_limit_per_min"] == 100
+    over = await replicas.as_(member).post("/api/v1/tasks", json={**TASK, "priority": 5})
+    assert over.status_code == 403
+
+
 async def test_budget_spent_is_402_on_every_replica_and_resets(
     replicas: Replicas, redis: aioredis.Redis
 ) -> None:

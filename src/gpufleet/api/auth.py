@@ -33,6 +33,13 @@ from gpufleet.store.teams import Team, TeamStore
 logger = logging.getLogger(__name__)
 
 
+# Who a caller is while ``[auth] fail_open`` lets it through unchecked: any string passes
+# as a key then, so it is a plain user (no fleet internals, no keys, no clouds), never an
+# admin, with no limits (they cannot be counted without Redis).
+FAIL_OPEN_KEY = ApiKey(id="fail-open", name="unchecked (Redis unavailable)", email="",
+                       role="user", created_at=0.0)
+
+
 @dataclass(frozen=True)
 class Principal:
     """The caller. ``key`` is None when auth is disabled (local demo: everyone is admin);
@@ -136,7 +143,7 @@ async def authenticate(
     except RedisError as exc:
         if settings.fail_open:
             logger.warning("auth: Redis unavailable, failing open (%s)", type(exc).__name__)
-            return Principal(None)
+            return Principal(FAIL_OPEN_KEY)
         raise StoreError("cannot check the API key: Redis unavailable") from exc
     if key is None:
         raise Unauthenticated("invalid or revoked API key")

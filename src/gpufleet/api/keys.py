@@ -2,12 +2,14 @@
 
 A ``team_admin`` key manages its own team's keys and nothing else: it lists, creates,
 changes, rotates and revokes keys of its team only (other keys are 404 to it), and may not
-make admins or move a key to another team.
+make admins or move a key to another team. Nor may it give any key (its own included) a
+limit looser than its own key's: a limit an admin set on the team admin's key is a ceiling
+for every key it makes or changes (a new key inherits it when the field is left out).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
@@ -92,6 +94,28 @@ async def _check_team(
         raise Forbidden("a team_admin key cannot create or make admin keys")
 
 
+LIMITS = ("rate_limit_per_min", "max_concurrent", "max_queued", "max_priority")
+
+
+def _check_limits(principal: Principal, fields: dict[str, Any], *, creating: bool) -> None:
+    """A team admin's own key's limits are a ceiling for the keys it manages: no limit
+    above it, none cleared (null: no limit) while it has one. On create, a limit left out
+    is the team admin's own."""
+    own = principal.key
+    if principal.is_admin or own is None:
+        return
+    for name in LIMITS:
+        ceiling = getattr(own, name)
+        if ceiling is None:
+            continue
+        if creating and fields.get(name) is None:
+            fields[name] = ceiling
+        elif name in fields and (fields[name] is None or fields[name] > ceiling):
+            raise Forbidden(
+                f"{name}: a team_admin key cannot set a limit above its own ({ceiling})"
+            )
+
+
 async def _managed(key_id: str, principal: Principal, store: ApiKeyStore) -> ApiKey:
     """The key, if ``principal`` may manage it (a team admin: its team's keys only)."""
     key = await store.get(key_id)
@@ -118,6 +142,7 @@ async def create_key(
     if not principal.is_admin and fields["team"] is None:
         fields["team"] = principal.team_name  # a team admin's keys join its team
     await _check_team(principal, teams, fields["team"], fields["role"])
+    _check_limits(principal, fields, creating=True)
     key, plaintext = await store.create(**fields)
     return KeyCreated(**key.public(), key=plaintext)
 
@@ -149,6 +174,7 @@ async def update_key(
     await _check_team(
         principal, teams, fields.get("team", key.team), fields.get("role", key.role)
     )
+    _check_limits(principal, fields, creating=False)
     updated = await store.update(key.id, **fields)
     if updated is None:
         raise NotFound(f"key {key_id!r} not found")
