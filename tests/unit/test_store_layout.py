@@ -12,9 +12,8 @@ from gpufleet.store.keys import Keys
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "gpufleet"
 
-# Modules that still build their own names, each waiting for a helper working in it; the test
-# fails once one of them stops (then drop it here) and for any other module that starts.
-PENDING = {"store/apikeys.py"}
+# Modules that build their own names: none (the test fails for any module that starts).
+PENDING: set[str] = set()
 
 # An f-string that starts a key from a prefix: f"{prefix}:...", f"{self.prefix}:..."
 _KEY_FSTRING = re.compile(r"""f["']\{[\w.]*prefix\}:""")
@@ -49,6 +48,12 @@ def test_stored_names_keep_their_values() -> None:
         (k.apikeys_by_digest(), "P:apikeys:by_digest"),
         (k.ratelimit("k1", 7), "P:ratelimit:k1:7"),
         (k.concurrent("k1"), "P:concurrent:k1"),
+        (k.team_ratelimit("t", 7), "P:ratelimit:team:t:7"),
+        (k.team_concurrent("t"), "P:concurrent:team:t"),
+        (k.team("t"), "P:team:t"),
+        (k.teams(), "P:teams"),
+        (k.team_spend("t", "d:2024-01-01"), "P:teamspend:t:d:2024-01-01"),
+        (k.usage_day("2024-01-01"), "P:usage:2024-01-01"),
         (k.wake(), "P:wake"),
         (k.task_channel(), "P:task-events"),
         (k.cancel_channel(), "P:cancel"),
@@ -92,13 +97,13 @@ def test_every_declared_script_is_registered_by_a_store() -> None:
     registered = set(re.findall(r'scripts\.register\(\w+, "(\w+)"\)', source))
     assert registered | set(scripts.QUEUE_SCRIPTS) == set(scripts.KEYS_OF)
     assert "scripts.QUEUE_SCRIPTS" in (SRC / "store" / "queue.py").read_text()
-    # and no module outside store/scripts.py loads Lua of its own (apikeys.py: pending)
+    # and no module outside store/scripts.py loads Lua of its own
     own = {
         str(p.relative_to(SRC))
         for p in SRC.rglob("*.py")
         if "register_script(" in p.read_text() and p.name != "scripts.py"
     }
-    assert own == {"store/apikeys.py"}
+    assert own == set()
 
 
 def test_an_undeclared_script_is_refused() -> None:

@@ -31,6 +31,8 @@ from typing import Any, Literal, cast
 
 import redis.asyncio as aioredis
 
+from gpufleet.store import scripts
+from gpufleet.store.keys import Keys
 from gpufleet.store.teams import Team
 
 logger = logging.getLogger(__name__)
@@ -41,75 +43,6 @@ KEY_PREFIX = "gpf_"
 # Entries in the per-process cache of verified keys before it is emptied and refilled.
 _CACHE_MAX = 10_000
 
-# KEYS: window counter. ARGV: limit, window seconds. Returns 0 if allowed, else seconds to wait.
-_RATE = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) * 2) end
-if n > tonumber(ARGV[1]) then
-  local ttl = redis.call('TTL', KEYS[1]) - tonumber(ARGV[2])
-  if ttl < 1 then ttl = 1 end
-  return ttl
-end
-return 0
-"""
-
-# KEYS: holder zset. ARGV: now, deadline, token, max, ttl ms. Returns 1 if a place was taken.
-_CONCURRENT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
-
-# A team key's request: budgets (read only), then the key's and the team's per-minute windows.
-# KEYS: key window, team window, team day spend, team month spend.
-# ARGV: key limit, team limit (0 = none), window seconds, day budget, month budget ('' = none).
-# Returns {0, '0'} allowed, {1|2, wait s} over the key's|team's rate, {3|4, spent} over the
-# day's|month's budget (a refused budget check counts no request).
-_ADMIT = """
-local checks = {{3, KEYS[3], ARGV[4]}, {4, KEYS[4], ARGV[5]}}
-for _, c in ipairs(checks) do
-  if c[3] ~= '' then
-    local spent = tonumber(redis.call('GET', c[2]) or '0')
-    if spent >= tonumber(c[3]) then return {c[1], tostring(spent)} end
-  end
-end
-local window = tonumber(ARGV[3])
-for i = 1, 2 do
-  local limit = tonumber(ARGV[i])
-  if limit > 0 then
-    local n = redis.call('INCR', KEYS[i])
-    if n == 1 then redis.call('EXPIRE', KEYS[i], window * 2) end
-    if n > limit then
-      local ttl = redis.call('TTL', KEYS[i]) - window
-      if ttl < 1 then ttl = 1 end
-      return {i, tostring(ttl)}
-    end
-  end
-end
-return {0, '0'}
-"""
-
-# KEYS: the key's and the team's holder zsets. ARGV: now, deadline, token, key max, team max
-# (0 = none), ttl ms. Returns 0 when a place was taken in both, 1|2 when the key|team is full.
-_CONCURRENT2 = """
-for i = 1, 2 do
-  local limit = tonumber(ARGV[3 + i])
-  if limit > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
-    if redis.call('ZCARD', KEYS[i]) >= limit then return i end
-  end
-end
-for i = 1, 2 do
-  if tonumber(ARGV[3 + i]) > 0 then
-    redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
-    redis.call('PEXPIRE', KEYS[i], ARGV[6])
-  end
-end
-return 0
-"""
 
 Refusal = Literal["key_rate", "team_rate", "budget_day", "budget_month"]
 _REFUSALS: dict[int, Refusal] = {
@@ -181,10 +114,11 @@ class ApiKeyStore:
         self.clock = clock
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, ApiKey]] = {}  # digest -> (expires, key)
-        self._rate = redis.register_script(_RATE)
-        self._concurrent = redis.register_script(_CONCURRENT)
-        self._admit = redis.register_script(_ADMIT)
-        self._concurrent2 = redis.register_script(_CONCURRENT2)
+        self.keys = Keys(prefix)
+        self._rate = scripts.register(redis, "key_rate")
+        self._concurrent = scripts.register(redis, "key_place")
+        self._admit = scripts.register(redis, "team_admit")
+        self._concurrent2 = scripts.register(redis, "team_place")
 
     def __repr__(self) -> str:
         return f"<ApiKeyStore prefix={self.prefix}>"
@@ -201,7 +135,7 @@ class ApiKeyStore:
         """Use the configured server secret, else the one kept in Redis (made once)."""
         if configured:
             return cls(redis, configured.encode(), prefix=prefix, cache_ttl_s=cache_ttl_s)
-        key = f"{prefix}:auth:secret"
+        key = Keys(prefix).auth_secret()
         await redis.set(key, secrets.token_hex(32), nx=True)
         stored = cast(str, await redis.get(key))
         return cls(redis, stored.encode(), prefix=prefix, cache_ttl_s=cache_ttl_s)
@@ -217,15 +151,15 @@ class ApiKeyStore:
         return hmac.new(self._secret, plaintext.encode(), hashlib.sha256).hexdigest()
 
     def _key(self, key_id: str) -> str:
-        return f"{self.prefix}:apikey:{key_id}"
+        return self.keys.apikey(key_id)
 
     @property
     def _index(self) -> str:
-        return f"{self.prefix}:apikeys"
+        return self.keys.apikeys()
 
     @property
     def _by_digest(self) -> str:
-        return f"{self.prefix}:apikeys:by_digest"
+        return self.keys.apikeys_by_digest()
 
     async def create(
         self,
@@ -382,7 +316,7 @@ class ApiKeyStore:
             return 0.0
         window = int(self.clock() // 60)
         wait = await self._rate(
-            keys=[f"{self.prefix}:ratelimit:{key.id}:{window}"],
+            keys=[self.keys.ratelimit(key.id, window)],
             args=[key.rate_limit_per_min, 60],
         )
         return float(cast(int, wait))
@@ -393,14 +327,14 @@ class ApiKeyStore:
             return True
         now = self.clock()
         ok = await self._concurrent(
-            keys=[f"{self.prefix}:concurrent:{key.id}"],
+            keys=[self.keys.concurrent(key.id)],
             args=[now, now + ttl_s, token, key.max_concurrent, int(ttl_s * 1000)],
         )
         return bool(ok)
 
     async def leave(self, key: ApiKey, token: str) -> None:
         if key.max_concurrent:
-            await self.redis.zrem(f"{self.prefix}:concurrent:{key.id}", token)
+            await self.redis.zrem(self.keys.concurrent(key.id), token)
 
     # -- a team key's limits ------------------------------------------------------------------
 
@@ -424,8 +358,8 @@ class ApiKeyStore:
         window = int(self.clock() // 60)
         code, value = await self._admit(
             keys=[
-                f"{self.prefix}:ratelimit:{key.id}:{window}",
-                f"{self.prefix}:ratelimit:team:{team.name}:{window}",
+                self.keys.ratelimit(key.id, window),
+                self.keys.team_ratelimit(team.name, window),
                 *spend_keys,
             ],
             args=[key.rate_limit_per_min or 0, team.rate_limit_per_min or 0, 60, day, month],
@@ -442,7 +376,7 @@ class ApiKeyStore:
             return "" if await self.enter(key, token, ttl_s=ttl_s) else "key"
         now = self.clock()
         full = await self._concurrent2(
-            keys=[f"{self.prefix}:concurrent:{key.id}", self._team_places(team)],
+            keys=[self.keys.concurrent(key.id), self._team_places(team)],
             args=[now, now + ttl_s, token, key.max_concurrent or 0, team_max, int(ttl_s * 1000)],
         )
         return {0: "", 1: "key"}.get(int(full), "team")
@@ -452,9 +386,9 @@ class ApiKeyStore:
             await self.leave(key, token)
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrem(f"{self.prefix}:concurrent:{key.id}", token)
+            pipe.zrem(self.keys.concurrent(key.id), token)
             pipe.zrem(self._team_places(team), token)
             await pipe.execute()
 
     def _team_places(self, team: Team | None) -> str:
-        return f"{self.prefix}:concurrent:team:{team.name if team else ''}"
+        return self.keys.team_concurrent(team.name if team else "")

@@ -257,6 +257,14 @@ class Keys:
         """ZSET of one key's requests in flight."""
         return f"{self.prefix}:concurrent:{key_id}"
 
+    def team_ratelimit(self, team: str, window: int) -> str:
+        """Counter of one team's requests (all its keys) in one rate window."""
+        return f"{self.prefix}:ratelimit:team:{team}:{window}"
+
+    def team_concurrent(self, team: str) -> str:
+        """ZSET of one team's requests in flight (all its keys)."""
+        return f"{self.prefix}:concurrent:team:{team}"
+
     # -- teams and usage (store/teams.py, store/usage.py) --------------------------------------
 
     def team(self, name: str) -> str:

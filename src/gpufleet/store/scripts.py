@@ -41,6 +41,11 @@ KEYS_OF: dict[str, tuple[str, ...]] = {
     "leader_acquire": ("leader", "leader_epoch"),
     "leader_check": ("leader",),
     "leader_release": ("leader",),
+    # store/apikeys.py
+    "key_rate": ("ratelimit",),
+    "key_place": ("concurrent",),
+    "team_admit": ("ratelimit", "team_ratelimit", "team_spend", "team_spend"),
+    "team_place": ("concurrent", "team_concurrent"),
     # store/streams.py
     "stream_take": ("streams",),
     "stream_renew": ("streams",),
