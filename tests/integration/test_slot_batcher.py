@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from gpufleet.domain import WorkerState
+from gpufleet.loopback import free_port
+from gpufleet.store.connection import EmbeddedRedis, connect
 from gpufleet.store.workers import SlotBatcher, WorkerRegistry
 
 
@@ -57,3 +60,39 @@ async def test_scripts_flushed_from_redis_are_loaded_again(redis: aioredis.Redis
     assert token is not None
     assert await batcher.release("w", token)
     await batcher.aclose()
+
+
+async def test_proxy_holds_stay_out_of_the_aof_while_task_holds_are_written(
+    tmp_path: Path,
+) -> None:
+    """``appendfsync always`` fsyncs only what reaches the AOF: a proxied request's slot
+    (the batcher's ephemeral hold) is not written there; a queued task's slot (the
+    registry's own acquire, which the dispatcher uses) still is, as are the workers."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    server.start()
+    redis = connect(server.url)
+    try:
+        registry = WorkerRegistry(redis)
+        batcher = SlotBatcher(registry)
+        await registry.register(pool="p", provider="static", slots=3, worker_id="w",
+                                state=WorkerState.ready)
+        warm = await batcher.acquire("w")  # the first call loads the scripts (SCRIPT LOAD)
+        assert warm is not None
+        await batcher.release("w", warm)
+        before = _aof_bytes(server)
+        proxied = await batcher.acquire("w")
+        assert proxied is not None
+        assert await registry.busy("w") == 1  # held all the same
+        assert await batcher.release("w", proxied)
+        assert _aof_bytes(server) == before  # neither the hold nor its release was written
+        task = await registry.acquire_slot("w")
+        assert task is not None
+        assert task.encode() in _aof_bytes(server)[len(before):]
+        await batcher.aclose()
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+def _aof_bytes(server: EmbeddedRedis) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(server.data_dir.rglob("*.aof*")))

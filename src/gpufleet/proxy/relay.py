@@ -465,11 +465,13 @@ class ProxyService:
             if not sent:
                 await send(_start(response.status_code, headers))
                 sent = lease.answered = True
-            # The worker is done: its slot is free before the client sees the end, so a
-            # client's next request finds it (the caller's release is then a no-op).
-            await self.broker.release(lease)
+            # The worker is done: its release is queued before the client sees the end, so
+            # a client's next request on this replica finds the slot (its acquire goes out
+            # after the release); the client does not wait for Redis to answer the release.
+            released = self.broker.begin_release(lease)
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await self.broker.released(lease, released)
             return prev + tail
         except (UpstreamError, TimeoutError) as exc:
             if not sent:

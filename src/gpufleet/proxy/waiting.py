@@ -253,17 +253,27 @@ class SlotBroker:
 
     async def release(self, lease: Lease) -> None:
         """Give the slot back (idempotent) and let a waiter on this replica have it."""
+        await self.released(lease, self.begin_release(lease))
+
+    def begin_release(self, lease: Lease) -> asyncio.Future[bool] | None:
+        """Start giving the slot back without waiting for Redis: the release goes out in the
+        slot batcher's next pipeline (ahead of any acquire asked for later on this replica).
+        Returns what ``released`` awaits, or None if the lease was already given back."""
         if self._held.pop(lease.token, None) is None:
-            return
+            return None
         if lease.answered and self.history is not None:  # buffered: no I/O here
             held_s = max(0.0, self.clock() - lease.held_since)
             self.history.note_service(lease.worker.pool, held_s, lease.model or None)
         if self._waiters:
             self._wake.set()
-        try:
-            await self.slots.release(lease.worker.id, lease.token)
-        except Exception as exc:  # the slot frees itself when its deadline passes
-            logger.warning("slot %s on %s: release failed (%s)", lease.token, lease.worker.id, exc)
+        return self.slots.release_soon(lease.worker.id, lease.token)
+
+    async def released(self, lease: Lease, pending: asyncio.Future[bool] | None) -> None:
+        """Wait for a ``begin_release``. A failure was logged by the batcher: the slot frees
+        itself when its deadline passes. Cancelling this wait does not stop the release."""
+        if pending is not None:
+            with contextlib.suppress(Exception):
+                await pending
 
     # -- waiting -------------------------------------------------------------------------
 

@@ -296,8 +296,13 @@ class SlotBatcher:
     Consumer: ``gpufleet.proxy.waiting.SlotBroker`` (one slot per proxied request).
     """
 
-    def __init__(self, registry: WorkerRegistry, *, lean: bool = True) -> None:
+    def __init__(
+        self, registry: WorkerRegistry, *, lean: bool = True, ephemeral: bool = True
+    ) -> None:
         self.registry = registry
+        # Proxied requests' holds are ephemeral (``worker_acquire.lua``): not in the AOF, so
+        # ``appendfsync always`` does not fsync twice per proxied request.
+        self._flag = "1" if ephemeral else "0"
         # The scripts go over one lean pipelined connection when Redis is a plain TCP or
         # unix server (``store.resp``: ~11 µs of CPU a call instead of redis-py's ~85).
         self._resp = RespClient.for_client(registry.redis) if lean else None
@@ -313,7 +318,14 @@ class SlotBatcher:
         return token if await self._submit(True, worker_id, token) else None
 
     async def release(self, worker_id: str, token: str) -> bool:
-        return await self._submit(False, worker_id, token)
+        return await self.release_soon(worker_id, token)
+
+    def release_soon(self, worker_id: str, token: str) -> asyncio.Future[bool]:
+        """Queue a release for the next pipeline; the future says whether it held a slot.
+        A caller that never awaits it loses nothing: its failure is logged, not raised."""
+        future = self._submit(False, worker_id, token)
+        future.add_done_callback(_retrieve)
+        return future
 
     def _submit(self, acquire: bool, worker_id: str, token: str) -> asyncio.Future[bool]:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -370,9 +382,11 @@ class SlotBatcher:
         for acquire, worker_id, token, _ in batch:
             keys_ = [reg.keys.worker(worker_id), reg.keys.worker_slots(worker_id)]
             if acquire:
-                calls.append((reg._acquire, keys_, [now, now + reg.slot_ttl_s, token]))
+                calls.append(
+                    (reg._acquire, keys_, [now, now + reg.slot_ttl_s, token, self._flag])
+                )
             else:
-                calls.append((reg._release, keys_, [now, token]))
+                calls.append((reg._release, keys_, [now, token, self._flag]))
         results: list[Any]
         if self._resp is not None:
             results = await self._resp.execute_many(
