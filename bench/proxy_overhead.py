@@ -611,8 +611,11 @@ def targets(tmp: Path, *, bare: bool = True) -> Iterator[list[Target]]:
         yield found
 
 
-def run_bench(seconds: int, reps: int, litellm: bool) -> None:
-    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir)) as found:
+def run_bench(seconds: int, reps: int, litellm: bool, *, quick: bool = False) -> None:
+    global ROUTES
+    if quick:  # a quick look while working: /api/chat only, no bare-router row
+        ROUTES = {"/api/chat": ROUTES["/api/chat"]}
+    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir), bare=not quick) as found:
         tmp = Path(tmpdir)
         idle = {t.name: rss_kb(t.pid) / 1024 if t.pid else math.nan for t in found}
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -626,7 +629,7 @@ def run_bench(seconds: int, reps: int, litellm: bool) -> None:
                           file=sys.stderr)
         rps = {
             (t.name, route): open_throttle(t, route, seconds, tmp)
-            for route in ("/api/chat", "/v1/chat/completions")
+            for route in ("/api/chat", "/v1/chat/completions") if route in ROUTES
             for t in found
         }
         lite = measure_litellm(Path(tmpdir), seconds, found[0].base) if litellm else None
@@ -670,6 +673,8 @@ def report(
               f"(<= 1.0), p99 {median_of(g, 'p99') - median_of(d, 'p99'):+.2f} ms (<= 3), "
               f"CPU {median_of(g, 'cpu_ms'):.2f} ms/req (<= 0.6)")
     for route in ("/api/chat", "/v1/chat/completions"):
+        if route not in ROUTES:
+            continue
         g, n = rps[(DEPLOYED, route)], rps[("nginx", route)]
         print(f"  {route}: open-throttle {g:.0f} / nginx {n:.0f} = {g / n:.2f}x (>= 0.5)")
     print(f"  idle RSS {idle[DEPLOYED]:.1f} MB (<= 80)")
@@ -783,6 +788,8 @@ def main() -> None:
     parser.add_argument("--litellm", action="store_true", help="also measure LiteLLM")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the deployed server at 1 and 64 clients instead")
+    parser.add_argument("--quick", action="store_true",
+                        help="/api/chat only, without the bare-router row (a look while working)")
     parser.add_argument("role", nargs="?", default="bench")
     parser.add_argument("--port", type=int)
     parser.add_argument("--redis")
@@ -800,7 +807,7 @@ def main() -> None:
     if args.profile:
         run_profile(max(args.seconds, 4))
     else:
-        run_bench(args.seconds, args.reps, args.litellm)
+        run_bench(args.seconds, args.reps, args.litellm, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gpufleet import __version__
@@ -26,7 +30,7 @@ from gpufleet.api.request_metrics import RequestMetricsMiddleware
 from gpufleet.errors import StoreError
 from gpufleet.health_checker import register_static_workers
 from gpufleet.loops import spawn_loop
-from gpufleet.metrics import UP
+from gpufleet.metrics import HTTP_REQUESTS, UP
 from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
 from gpufleet.settings import Settings, redact_url
 from gpufleet.store.connection import EmbeddedRedis, connect
@@ -115,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
             logger.info("gpufleet %s ready with %d pool(s)", __version__, len(settings.pools))
             yield
 
-    app = FastAPI(
+    app = GpufleetApp(
         title="gpufleet",
         version=__version__,
         description="Rent GPUs only while there is work for them.",
@@ -129,7 +133,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(build_router())
     app.include_router(build_proxy_router(auth=authenticate))
     # New work: a team over its spend budget is refused (402) before the body is read.
-    app.router.routes[:0] = forward_routes(auth=authenticate_work)
+    forwarded = forward_routes(auth=authenticate_work)
+    app.router.routes[:0] = forwarded
+    app.forwarded = {route.path: route for route in forwarded if isinstance(route, Route)}
+    app.cors = bool(settings.auth.cors_origins)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RequestMetricsMiddleware)
     if settings.auth.cors_origins:
@@ -140,6 +147,72 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["authorization", "content-type", "x-api-key", "idempotency-key"],
         )
     return app
+
+
+class GpufleetApp(FastAPI):
+    """FastAPI, plus a short way in for the proxy's inference POSTs (``forwarded``).
+
+    Those requests are most of the traffic and each one is cheap, so the ~10 ASGI layers
+    FastAPI and Starlette put in front of every route (error middlewares, the exit-stack
+    middleware, routing by regex, our metrics and security-header middlewares) were a large
+    share of the proxy's CPU per request (``bench/proxy_overhead.py``). ``forward`` gives
+    them the same answer through one layer: the same endpoint (``ForwardEndpoint``), the
+    security headers, ``gpufleet_http_requests_total`` under the route's template, and
+    errors raised before the answer started turned into answers by the app's own exception
+    handlers. Anything else — other paths and methods, every request when ``[auth]
+    cors_origins`` is set (CORS headers are Starlette's to write), a ``root_path``,
+    FastAPI's OpenTelemetry when it is configured — takes the whole stack.
+    """
+
+    forwarded: dict[str, Route]
+    cors: bool = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = None
+        if scope["type"] == "http" and scope["method"] == "POST" and not self.root_path:
+            route = getattr(self, "forwarded", {}).get(scope["path"])
+        if route is None or self.cors or self._traced():
+            await super().__call__(scope, receive, send)
+            return
+        await self.forward(route, scope, receive, send)
+
+    def _traced(self) -> bool:
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and bool(telemetry.enabled())
+
+    async def forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self
+        scope["route"] = route
+        status = 0  # not started yet
+
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = message.get("headers") or []
+                present = {name.lower() for name, _ in headers}
+                headers = list(headers)
+                headers += [(k, v) for k, v in SECURITY_HEADERS.items() if k not in present]
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await route.app(scope, receive, answer)
+        except Exception as exc:
+            handler = self._handler_for(exc)
+            if handler is None or status:  # no handler, or the answer had started
+                raise
+            response = await handler(Request(scope, receive), exc)
+            await response(scope, receive, answer)
+        finally:
+            HTTP_REQUESTS.labels(route.path, f"{(status or 500) // 100}xx").inc()
+
+    def _handler_for(self, exc: Exception) -> Callable[..., Awaitable[Response]] | None:
+        for cls in type(exc).__mro__:
+            handler = self.exception_handlers.get(cls)
+            if handler is not None:
+                return cast(Callable[..., Awaitable[Response]], handler)
+        return None
 
 
 SECURITY_HEADERS = {

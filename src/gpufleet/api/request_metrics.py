@@ -35,6 +35,8 @@ class RequestMetricsMiddleware:
 
 
 def route_template(scope: Scope) -> str:
-    route = scope.get("route")
+    # FastAPI's routes put themselves in ``scope["route"]``; a plain Starlette route only
+    # its endpoint (the proxy's ``ForwardEndpoint`` knows its path).
+    route = scope.get("route") or scope.get("endpoint")
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
     return path if isinstance(path, str) and path else "unmatched"
