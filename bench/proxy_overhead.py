@@ -344,21 +344,21 @@ slots = 1000
 """
 
 
-def clean_env() -> dict[str, str]:
+def clean_env(src: Path | None = None) -> dict[str, str]:
     """This checkout's source first; no GPUFLEET_* / REDIS_* from the caller's shell, so
     the server runs on its defaults (auth on, metrics on, embedded Redis, appendfsync)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GPUFLEET_", "REDIS_", "NOVITA_", "SURF_"))}
-    env["PYTHONPATH"] = f"{ROOT / 'src'}:{ROOT}"
+    env["PYTHONPATH"] = f"{(src or ROOT) / 'src'}:{ROOT}"
     return env
 
 
-def create_key(config: Path) -> str:
+def create_key(config: Path, env: dict[str, str] | None = None) -> str:
     """A user key made the way an operator makes one (``gpufleet keys create``)."""
     out = subprocess.run(
         [sys.executable, "-m", "gpufleet", "keys", "create", "--name", "bench",
          "--config", str(config)],
-        capture_output=True, text=True, check=True, env=clean_env(), cwd=ROOT,
+        capture_output=True, text=True, check=True, env=env or clean_env(), cwd=ROOT,
     ).stdout
     found = re.search(r"gpf_[A-Za-z0-9_\-]+", out)
     if not found:
@@ -393,6 +393,7 @@ ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DEPLOYED = "gpufleet (key + metrics, as served)"
 BARE = "gpufleet router (auth off, no metrics)"
+BEFORE = "gpufleet as served, --before checkout"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -570,7 +571,9 @@ def warm(target: Target) -> None:
 
 
 @contextlib.contextmanager
-def targets(tmp: Path, *, bare: bool = True) -> Iterator[list[Target]]:
+def targets(
+    tmp: Path, *, bare: bool = True, before: Path | None = None
+) -> Iterator[list[Target]]:
     """direct, nginx, gpufleet as served (and the bare router), all started, all pinned."""
     from gpufleet.store.connection import EmbeddedRedis
 
@@ -597,6 +600,20 @@ def targets(tmp: Path, *, bare: bool = True) -> Iterator[list[Target]]:
         deployed.headers["Authorization"] = f"Bearer {create_key(config)}"
         wait_ready(deployed.base + "/api/chat", deployed.headers)
         found.append(deployed)
+        if before is not None:  # the same deployed row, from another checkout's source
+            bport = free_port()
+            config = tmp / "before.toml"
+            config.write_text(DEPLOYED_CONF.format(port=bport, data=tmp / "before/redis",
+                                                   backend=backend))
+            env = clean_env(before)
+            proc = stack.enter_context(
+                process([sys.executable, "-m", "gpufleet", "serve", "--config", str(config)],
+                        0, bport, env=env, start_timeout_s=60, log=tmp / "before.log")
+            )
+            old = Target(BEFORE, f"http://127.0.0.1:{bport}", proc.pid)
+            old.headers["Authorization"] = f"Bearer {create_key(config, env)}"
+            wait_ready(old.base + "/api/chat", old.headers)
+            found.append(old)
         if bare:
             redis = EmbeddedRedis(tmp / "redis", port=free_port(), appendfsync="everysec")
             redis.start()
@@ -611,11 +628,14 @@ def targets(tmp: Path, *, bare: bool = True) -> Iterator[list[Target]]:
         yield found
 
 
-def run_bench(seconds: int, reps: int, litellm: bool, *, quick: bool = False) -> None:
+def run_bench(
+    seconds: int, reps: int, litellm: bool, *, quick: bool = False, before: Path | None = None
+) -> None:
     global ROUTES
     if quick:  # a quick look while working: /api/chat only, no bare-router row
         ROUTES = {"/api/chat": ROUTES["/api/chat"]}
-    with tempfile.TemporaryDirectory() as tmpdir, targets(Path(tmpdir), bare=not quick) as found:
+    with tempfile.TemporaryDirectory() as tmpdir, \
+            targets(Path(tmpdir), bare=not quick, before=before) as found:
         tmp = Path(tmpdir)
         idle = {t.name: rss_kb(t.pid) / 1024 if t.pid else math.nan for t in found}
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -790,6 +810,8 @@ def main() -> None:
                         help="py-spy the deployed server at 1 and 64 clients instead")
     parser.add_argument("--quick", action="store_true",
                         help="/api/chat only, without the bare-router row (a look while working)")
+    parser.add_argument("--before", type=Path, metavar="CHECKOUT",
+                        help="also the deployed row from another checkout's src (A/B, one run)")
     parser.add_argument("role", nargs="?", default="bench")
     parser.add_argument("--port", type=int)
     parser.add_argument("--redis")
@@ -807,7 +829,8 @@ def main() -> None:
     if args.profile:
         run_profile(max(args.seconds, 4))
     else:
-        run_bench(args.seconds, args.reps, args.litellm, quick=args.quick)
+        run_bench(args.seconds, args.reps, args.litellm, quick=args.quick,
+                  before=args.before)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
@@ -30,7 +31,7 @@ from gpufleet.api.request_metrics import RequestMetricsMiddleware
 from gpufleet.errors import StoreError
 from gpufleet.health_checker import register_static_workers
 from gpufleet.loops import spawn_loop
-from gpufleet.metrics import HTTP_REQUESTS, UP
+from gpufleet.metrics import HTTP_REQUESTS, UP, labelled
 from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
 from gpufleet.settings import Settings, redact_url
 from gpufleet.store.connection import EmbeddedRedis, connect
@@ -166,6 +167,8 @@ class GpufleetApp(FastAPI):
 
     forwarded: dict[str, Route]
     cors: bool = False
+    _traced_now: bool = False
+    _traced_at: float = -1e18
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = None
@@ -177,8 +180,14 @@ class GpufleetApp(FastAPI):
         await self.forward(route, scope, receive, send)
 
     def _traced(self) -> bool:
-        telemetry = getattr(self, "_native_telemetry", None)
-        return telemetry is not None and bool(telemetry.enabled())
+        """FastAPI's own OpenTelemetry is on (asked at most once a second: the question
+        reads the environment, ~10 µs)."""
+        now = time.monotonic()
+        if now - self._traced_at >= 1.0:
+            telemetry = getattr(self, "_native_telemetry", None)
+            self._traced_now = telemetry is not None and bool(telemetry.enabled())
+            self._traced_at = now
+        return self._traced_now
 
     async def forward(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         scope["app"] = self
@@ -205,7 +214,7 @@ class GpufleetApp(FastAPI):
             response = await handler(Request(scope, receive), exc)
             await response(scope, receive, answer)
         finally:
-            HTTP_REQUESTS.labels(route.path, f"{(status or 500) // 100}xx").inc()
+            labelled(HTTP_REQUESTS, route.path, f"{(status or 500) // 100}xx").inc()
 
     def _handler_for(self, exc: Exception) -> Callable[..., Awaitable[Response]] | None:
         for cls in type(exc).__mro__:

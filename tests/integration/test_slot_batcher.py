@@ -96,3 +96,43 @@ async def test_proxy_holds_stay_out_of_the_aof_while_task_holds_are_written(
 
 def _aof_bytes(server: EmbeddedRedis) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(server.data_dir.rglob("*.aof*")))
+
+
+async def test_release_now_frees_the_slot_without_a_reply(redis: aioredis.Redis) -> None:
+    """The end of a proxied answer writes its release at once and asks Redis not to answer
+    (nothing wakes the proxy for it); the next command on the same connection gets its own
+    reply, not the skipped one."""
+    registry = WorkerRegistry(redis)
+    batcher = SlotBatcher(registry)
+    await registry.register(pool="p", provider="static", slots=1, worker_id="w",
+                            state=WorkerState.ready)
+    token = await batcher.acquire("w")  # connects the lean client
+    assert token is not None
+    assert batcher._resp is not None and batcher._resp._protocol is not None
+    batcher.release_now("w", token)
+    assert not batcher._pending  # written now, not queued
+    assert not batcher._resp._protocol.waiting  # no reply is awaited
+    again = await batcher.acquire("w")  # same connection: after the release, so it fits
+    assert again is not None
+    assert await registry.busy("w") == 1
+    assert await batcher.release("w", again) is True  # replies still pair up
+    assert await registry.busy("w") == 0
+    await batcher.aclose()
+
+
+async def test_release_now_before_any_connection_goes_in_the_next_pipeline(
+    redis: aioredis.Redis,
+) -> None:
+    registry = WorkerRegistry(redis)
+    await registry.register(pool="p", provider="static", slots=1, worker_id="w",
+                            state=WorkerState.ready)
+    token = await registry.acquire_slot("w")
+    assert token is not None
+    batcher = SlotBatcher(registry)  # its lean connection is not up yet
+    batcher.release_now("w", token)
+    for _ in range(100):
+        if await registry.busy("w") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await registry.busy("w") == 0
+    await batcher.aclose()

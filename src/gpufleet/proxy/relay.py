@@ -49,6 +49,7 @@ from gpufleet.metrics import (
     PROXY_REQUESTS,
     PROXY_TOKENS,
     PROXY_TTFB,
+    labelled,
     observe_cold_start,
 )
 from gpufleet.proxy.config import ProxySettings
@@ -300,8 +301,8 @@ class ProxyService:
             raise
         finally:
             label = self._model_label(call.model)
-            PROXY_REQUESTS.labels(label, outcome).inc()
-            PROXY_DURATION.labels(label).observe(asyncio.get_running_loop().time() - started)
+            labelled(PROXY_REQUESTS, label, outcome).inc()
+            labelled(PROXY_DURATION, label).observe(asyncio.get_running_loop().time() - started)
 
     async def _serve_attempts(
         self, call: Call, send: Send, state: dict[str, bool], started: float
@@ -374,9 +375,9 @@ class ProxyService:
         self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
         label = self._model_label(call.model)
         if tokens_in:
-            PROXY_TOKENS.labels(label, "in").inc(tokens_in)
+            labelled(PROXY_TOKENS, label, "in").inc(tokens_in)
         if tokens_out:
-            PROXY_TOKENS.labels(label, "out").inc(tokens_out)
+            labelled(PROXY_TOKENS, label, "out").inc(tokens_out)
         await self.usage.maybe_flush()
         if self.attribution is not None:
             await self._attribute(call, lease, tokens_in, tokens_out)
@@ -457,7 +458,8 @@ class ProxyService:
                 if not chunk:
                     continue
                 if not sent:
-                    PROXY_TTFB.labels(self._model_label(call.model)).observe(loop.time() - started)
+                    ttfb = labelled(PROXY_TTFB, self._model_label(call.model))
+                    ttfb.observe(loop.time() - started)
                     await send(_start(response.status_code, headers))
                     sent = lease.answered = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -465,13 +467,12 @@ class ProxyService:
             if not sent:
                 await send(_start(response.status_code, headers))
                 sent = lease.answered = True
-            # The worker is done: its release is queued before the client sees the end, so
-            # a client's next request on this replica finds the slot (its acquire goes out
-            # after the release); the client does not wait for Redis to answer the release.
-            released = self.broker.begin_release(lease)
+            # The worker is done: its release is written to Redis before the client sees
+            # the end, so a client's next request on this replica finds the slot (its
+            # acquire goes out after the release). Nobody waits for Redis's answer.
+            self.broker.release_now(lease)
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            await self.broker.released(lease, released)
             return prev + tail
         except (UpstreamError, TimeoutError) as exc:
             if not sent:

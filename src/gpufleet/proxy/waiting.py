@@ -252,28 +252,30 @@ class SlotBroker:
         return None
 
     async def release(self, lease: Lease) -> None:
-        """Give the slot back (idempotent) and let a waiter on this replica have it."""
-        await self.released(lease, self.begin_release(lease))
+        """Give the slot back (idempotent), wait until Redis has it, and let a waiter on this
+        replica have it. A failure is logged: the slot frees itself at its deadline."""
+        if self._let_go(lease):
+            with contextlib.suppress(Exception):  # logged by the batcher
+                await self.slots.release_soon(lease.worker.id, lease.token)
 
-    def begin_release(self, lease: Lease) -> asyncio.Future[bool] | None:
-        """Start giving the slot back without waiting for Redis: the release goes out in the
-        slot batcher's next pipeline (ahead of any acquire asked for later on this replica).
-        Returns what ``released`` awaits, or None if the lease was already given back."""
+    def release_now(self, lease: Lease) -> None:
+        """Give the slot back without waiting for Redis (idempotent): the release is written
+        before this returns, so it reaches Redis ahead of any acquire this replica sends
+        later (``SlotBatcher.release_now``). For the end of an answer, where nothing is left
+        to do with the outcome."""
+        if self._let_go(lease):
+            self.slots.release_now(lease.worker.id, lease.token)
+
+    def _let_go(self, lease: Lease) -> bool:
+        """The bookkeeping of a release; False if the lease was already given back."""
         if self._held.pop(lease.token, None) is None:
-            return None
+            return False
         if lease.answered and self.history is not None:  # buffered: no I/O here
             held_s = max(0.0, self.clock() - lease.held_since)
             self.history.note_service(lease.worker.pool, held_s, lease.model or None)
         if self._waiters:
             self._wake.set()
-        return self.slots.release_soon(lease.worker.id, lease.token)
-
-    async def released(self, lease: Lease, pending: asyncio.Future[bool] | None) -> None:
-        """Wait for a ``begin_release``. A failure was logged by the batcher: the slot frees
-        itself when its deadline passes. Cancelling this wait does not stop the release."""
-        if pending is not None:
-            with contextlib.suppress(Exception):
-                await pending
+        return True
 
     # -- waiting -------------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ Reply = int | bytes | str | list[Any] | None | Exception
 Command = tuple[str | bytes | int | float, ...]
 
 
+_REPLY_SKIP = b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n"
+
+
 class _Incomplete(Exception):
     """The buffer ends inside a reply: wait for more bytes."""
 
@@ -223,7 +226,19 @@ class RespClient:
             raise ConnectionError("connection to Redis lost")
         protocol.waiting.extend(futures)
         protocol.transport.write(b"".join(encode(*command) for command in commands))
+        if len(futures) == 1:  # the common case: no gather (a future and a callback less)
+            return [await futures[0]]
         return list(await asyncio.gather(*futures))
+
+    def send_quiet(self, command: Command) -> bool:
+        """Write ``command`` now, asking Redis not to answer it (``CLIENT REPLY SKIP``), so
+        nothing wakes this process for it. Only for a command whose outcome nobody needs
+        (an error is not seen either). False, and nothing sent, when not connected."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost or protocol.transport is None:
+            return False
+        protocol.transport.write(_REPLY_SKIP + encode(*command))
+        return True
 
     async def execute_many(self, commands: list[Command]) -> list[Reply]:
         """The replies of ``commands``, sent in one write; an error reply is returned as

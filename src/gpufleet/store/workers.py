@@ -320,6 +320,22 @@ class SlotBatcher:
     async def release(self, worker_id: str, token: str) -> bool:
         return await self.release_soon(worker_id, token)
 
+    def release_now(self, worker_id: str, token: str) -> None:
+        """Release without a reply: written to Redis before this returns, on the lean
+        connection with ``CLIENT REPLY SKIP`` (no wake-up for the answer), as ``EVAL`` of the
+        script's text (no ``NOSCRIPT`` to miss). When that connection is not up (or Redis
+        is not a plain server), it goes in the next pipeline like ``release_soon``. A
+        release lost with a broken connection frees its slot at the slot's deadline."""
+        if self._resp is not None:
+            reg = self.registry
+            script = reg._release.script
+            assert isinstance(script, str | bytes)
+            keys_ = [reg.keys.worker(worker_id), reg.keys.worker_slots(worker_id)]
+            command = ("EVAL", script, 2, *keys_, reg.clock(), token, self._flag)
+            if self._resp.send_quiet(command):
+                return
+        self.release_soon(worker_id, token)
+
     def release_soon(self, worker_id: str, token: str) -> asyncio.Future[bool]:
         """Queue a release for the next pipeline; the future says whether it held a slot.
         A caller that never awaits it loses nothing: its failure is logged, not raised."""
