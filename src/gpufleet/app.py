@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -84,7 +85,10 @@ def start_background_loops(services: Services) -> None:
     services.loops.append(services.reconciler.spawn(services.stop))
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, freeze_gc: bool = False) -> FastAPI:
+    """The app. ``freeze_gc`` (what ``gpufleet serve`` asks for): ``gc.freeze()`` once
+    started. Not for tests, which build many apps in one process."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -115,6 +119,11 @@ def create_app(settings: Settings) -> FastAPI:
             app.state.loop = asyncio.get_running_loop()
             stack.push_async_callback(_stop_loops, services)
             start_background_loops(services)
+            if freeze_gc:
+                # What is built by now (imports, settings, app, services: ~80,000 objects)
+                # lives as long as the process: out of the cyclic collector's sight, so a
+                # full collection does not walk it while requests wait (p99).
+                gc.freeze()
             UP.set(1)
             stack.callback(UP.set, 0)
             logger.info("gpufleet %s ready with %d pool(s)", __version__, len(settings.pools))

@@ -95,7 +95,7 @@ def _serve(settings: Settings) -> None:
     from gpufleet.logs import configure_logging
 
     configure_logging(settings.server.log_level, settings.log.format)
-    app = create_app(settings)
+    app = create_app(settings, freeze_gc=True)
     config = uvicorn.Config(
         app,
         host=settings.server.host,
