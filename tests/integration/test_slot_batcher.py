@@ -108,7 +108,8 @@ async def test_release_now_frees_the_slot_without_a_reply(redis: aioredis.Redis)
                             state=WorkerState.ready)
     token = await batcher.acquire("w")  # connects the lean client
     assert token is not None
-    assert batcher._resp is not None and batcher._resp._protocol is not None
+    assert batcher._resp is not None
+    assert batcher._resp._protocol is not None
     batcher.release_now("w", token)
     assert not batcher._pending  # written now, not queued
     assert not batcher._resp._protocol.waiting  # no reply is awaited
