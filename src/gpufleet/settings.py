@@ -122,7 +122,8 @@ class RedisSettings(Section):
     appendfsync: Literal["always", "everysec"] = Field(
         "always",
         description="AOF fsync policy of the embedded redis-server. 'always' makes 'accepted "
-        "(202) means on disk' true; 'everysec' can lose the last second on power loss.",
+        "(202) means on disk' true; 'everysec' can lose the last second on power loss. The "
+        "proxy's per-request slot holds are never written to the AOF (docs/operations.md).",
     )
 
     def __repr_args__(self) -> Any:  # the URL may carry a password: never print it
