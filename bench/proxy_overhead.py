@@ -231,6 +231,42 @@ def serve_backend(port: int) -> None:
 # -- gpufleet's proxy ------------------------------------------------------------------------
 
 
+def serve_floor(port: int, backend: str) -> None:
+    """The least a Python proxy on gpufleet's stack can cost: uvicorn (uvloop, httptools)
+    with a raw ASGI app that relays the body to the backend with gpufleet's own upstream
+    client and streams the answer back chunk by chunk. No auth, no slots, no Redis, no
+    metrics, no error handling: a floor to read the deployed row against, not a product."""
+    import uvicorn
+
+    from gpufleet.proxy.upstream import UpstreamClient
+
+    client: UpstreamClient | None = None
+
+    async def relay(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal client
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        client = client or UpstreamClient(connect_timeout_s=5.0)
+        answer = await client.post(backend + scope["path"], body)
+        keep = [(k, v) for k, v in answer.headers if k.lower() in (b"content-type",
+                                                                   b"content-length")]
+        await send({"type": "http.response.start", "status": answer.status_code,
+                    "headers": keep})
+        while (chunk := await answer.read_chunk(None)) is not None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await answer.aclose()
+        await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(relay, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                lifespan="off")
+
+
 def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
     import uvicorn
     from fastapi import FastAPI
@@ -394,6 +430,7 @@ ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
 DEPLOYED = "gpufleet (key + metrics, as served)"
 BARE = "gpufleet router (auth off, no metrics)"
 BEFORE = "gpufleet as served, --before checkout"
+FLOOR = "floor: bare uvicorn + upstream client (--floor)"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -572,7 +609,7 @@ def warm(target: Target) -> None:
 
 @contextlib.contextmanager
 def targets(
-    tmp: Path, *, bare: bool = True, before: Path | None = None
+    tmp: Path, *, bare: bool = True, before: Path | None = None, floor: bool = False
 ) -> Iterator[list[Target]]:
     """direct, nginx, gpufleet as served (and the bare router), all started, all pinned."""
     from gpufleet.store.connection import EmbeddedRedis
@@ -600,6 +637,12 @@ def targets(
         deployed.headers["Authorization"] = f"Bearer {create_key(config)}"
         wait_ready(deployed.base + "/api/chat", deployed.headers)
         found.append(deployed)
+        if floor:
+            fport = free_port()
+            proc = stack.enter_context(
+                process([*me, "floor", "--port", str(fport), "--backend", backend], 0, fport)
+            )
+            found.append(Target(FLOOR, f"http://127.0.0.1:{fport}", proc.pid))
         if before is not None:  # the same deployed row, from another checkout's source
             bport = free_port()
             config = tmp / "before.toml"
@@ -629,13 +672,19 @@ def targets(
 
 
 def run_bench(
-    seconds: int, reps: int, litellm: bool, *, quick: bool = False, before: Path | None = None
+    seconds: int,
+    reps: int,
+    litellm: bool,
+    *,
+    quick: bool = False,
+    before: Path | None = None,
+    floor: bool = False,
 ) -> None:
     global ROUTES
     if quick:  # a quick look while working: /api/chat only, no bare-router row
         ROUTES = {"/api/chat": ROUTES["/api/chat"]}
     with tempfile.TemporaryDirectory() as tmpdir, \
-            targets(Path(tmpdir), bare=not quick, before=before) as found:
+            targets(Path(tmpdir), bare=not quick, before=before, floor=floor) as found:
         tmp = Path(tmpdir)
         idle = {t.name: rss_kb(t.pid) / 1024 if t.pid else math.nan for t in found}
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
@@ -812,6 +861,8 @@ def main() -> None:
                         help="/api/chat only, without the bare-router row (a look while working)")
     parser.add_argument("--before", type=Path, metavar="CHECKOUT",
                         help="also the deployed row from another checkout's src (A/B, one run)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also a bare uvicorn relay: the least a Python proxy costs here")
     parser.add_argument("role", nargs="?", default="bench")
     parser.add_argument("--port", type=int)
     parser.add_argument("--redis")
@@ -819,6 +870,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "backend":
         serve_backend(args.port)
+        return
+    if args.role == "floor":
+        serve_floor(args.port, args.backend)
         return
     if args.role == "gpufleet":
         serve_gpufleet(args.port, args.redis, args.backend)
@@ -830,7 +884,7 @@ def main() -> None:
         run_profile(max(args.seconds, 4))
     else:
         run_bench(args.seconds, args.reps, args.litellm, quick=args.quick,
-                  before=args.before)
+                  before=args.before, floor=args.floor)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -99,9 +100,9 @@ def _aof_bytes(server: EmbeddedRedis) -> bytes:
 
 
 async def test_release_now_frees_the_slot_without_a_reply(redis: aioredis.Redis) -> None:
-    """The end of a proxied answer writes its release at once and asks Redis not to answer
-    (nothing wakes the proxy for it); the next command on the same connection gets its own
-    reply, not the skipped one."""
+    """The end of a proxied answer sends its release at the end of the loop turn and asks
+    Redis not to answer (nothing wakes the proxy for it); a command sent after it, even in
+    the same turn, reaches Redis after it and gets its own reply, not the skipped one."""
     registry = WorkerRegistry(redis)
     batcher = SlotBatcher(registry)
     await registry.register(pool="p", provider="static", slots=1, worker_id="w",
@@ -111,7 +112,7 @@ async def test_release_now_frees_the_slot_without_a_reply(redis: aioredis.Redis)
     assert batcher._resp is not None
     assert batcher._resp._protocol is not None
     batcher.release_now("w", token)
-    assert not batcher._pending  # written now, not queued
+    assert not batcher._pending  # not in the pipeline of replies
     assert not batcher._resp._protocol.waiting  # no reply is awaited
     again = await batcher.acquire("w")  # same connection: after the release, so it fits
     assert again is not None
@@ -131,6 +132,47 @@ async def test_release_now_before_any_connection_goes_in_the_next_pipeline(
     assert token is not None
     batcher = SlotBatcher(registry)  # its lean connection is not up yet
     batcher.release_now("w", token)
+    for _ in range(100):
+        if await registry.busy("w") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await registry.busy("w") == 0
+    await batcher.aclose()
+
+
+class _Recording:
+    """A transport that records its writes (uvloop's cannot be patched in place)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+async def test_the_releases_of_one_loop_turn_go_out_in_one_write(redis: aioredis.Redis) -> None:
+    registry = WorkerRegistry(redis)
+    batcher = SlotBatcher(registry)
+    await registry.register(pool="p", provider="static", slots=3, worker_id="w",
+                            state=WorkerState.ready)
+    tokens = [await batcher.acquire("w") for _ in range(3)]
+    assert batcher._resp is not None
+    protocol = batcher._resp._protocol
+    assert protocol is not None
+    recording = _Recording(protocol.transport)
+    protocol.transport = recording  # type: ignore[assignment]
+    for token in tokens:
+        assert token is not None
+        batcher.release_now("w", token)
+    assert recording.writes == []  # not yet: at the end of this turn
+    await asyncio.sleep(0)
+    assert len(recording.writes) == 1
+    assert recording.writes[0].count(b"SKIP") == 3
     for _ in range(100):
         if await registry.busy("w") == 0:
             break

@@ -467,9 +467,9 @@ class ProxyService:
             if not sent:
                 await send(_start(response.status_code, headers))
                 sent = lease.answered = True
-            # The worker is done: its release is written to Redis before the client sees
-            # the end, so a client's next request on this replica finds the slot (its
-            # acquire goes out after the release). Nobody waits for Redis's answer.
+            # The worker is done: its release goes out at the end of this loop turn, so a
+            # client's next request on this replica finds the slot (its acquire goes out
+            # after the release). Nobody waits for Redis's answer.
             self.broker.release_now(lease)
             state["finished"] = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -259,10 +259,10 @@ class SlotBroker:
                 await self.slots.release_soon(lease.worker.id, lease.token)
 
     def release_now(self, lease: Lease) -> None:
-        """Give the slot back without waiting for Redis (idempotent): the release is written
-        before this returns, so it reaches Redis ahead of any acquire this replica sends
-        later (``SlotBatcher.release_now``). For the end of an answer, where nothing is left
-        to do with the outcome."""
+        """Give the slot back without waiting for Redis (idempotent): the release goes out at
+        the end of this loop turn, ahead of any acquire this replica sends later
+        (``SlotBatcher.release_now``). For the end of an answer, where nothing is left to
+        do with the outcome."""
         if self._let_go(lease):
             self.slots.release_now(lease.worker.id, lease.token)
 

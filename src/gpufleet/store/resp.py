@@ -151,6 +151,7 @@ class RespClient:
         self.connect_timeout_s = connect_timeout_s
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
+        self._quiet: list[bytes] = []  # quiet commands of this turn (``send_quiet``)
 
     def __repr__(self) -> str:
         where = f"unix://{self.path}" if self.path else f"redis://{self.host}:{self.port}"
@@ -231,19 +232,32 @@ class RespClient:
         return list(await asyncio.gather(*futures))
 
     def send_quiet(self, command: Command) -> bool:
-        """Write ``command`` now, asking Redis not to answer it (``CLIENT REPLY SKIP``), so
-        nothing wakes this process for it. Only for a command whose outcome nobody needs
-        (an error is not seen either). False, and nothing sent, when not connected."""
+        """Send ``command`` at the end of this turn of the event loop, with every other quiet
+        command of the turn in one write, asking Redis not to answer it (``CLIENT REPLY
+        SKIP``): nothing wakes this process for it. Only for a command whose outcome nobody
+        needs (an error is not seen either). A command sent later by this client reaches
+        Redis after it. False, and nothing sent, when not connected."""
         protocol = self._protocol
         if protocol is None or protocol.lost or protocol.transport is None:
             return False
-        protocol.transport.write(_REPLY_SKIP + encode(*command))
+        if not self._quiet:
+            asyncio.get_running_loop().call_soon(self._write_quiet)
+        self._quiet.append(_REPLY_SKIP + encode(*command))
         return True
+
+    def _write_quiet(self) -> None:
+        quiet, self._quiet = self._quiet, []
+        protocol = self._protocol
+        if protocol is not None and not protocol.lost and protocol.transport is not None:
+            protocol.transport.write(b"".join(quiet))
 
     async def execute_many(self, commands: list[Command]) -> list[Reply]:
         """The replies of ``commands``, sent in one write; an error reply is returned as
         its exception. Raises ``ConnectionError`` if the connection fails."""
-        return await self._send(await self._ready(), commands)
+        protocol = await self._ready()
+        if self._quiet:  # what was sent quietly before goes first
+            self._write_quiet()
+        return await self._send(protocol, commands)
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None

@@ -321,8 +321,9 @@ class SlotBatcher:
         return await self.release_soon(worker_id, token)
 
     def release_now(self, worker_id: str, token: str) -> None:
-        """Release without a reply: written to Redis before this returns, on the lean
-        connection with ``CLIENT REPLY SKIP`` (no wake-up for the answer), as ``EVAL`` of the
+        """Release without a reply: on the lean connection, at the end of this turn of the
+        event loop (with the turn's other releases, in one write; ahead of any acquire sent
+        later), with ``CLIENT REPLY SKIP`` (no wake-up for the answer), as ``EVAL`` of the
         script's text (no ``NOSCRIPT`` to miss). When that connection is not up (or Redis
         is not a plain server), it goes in the next pipeline like ``release_soon``. A
         release lost with a broken connection frees its slot at the slot's deadline."""
