@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 
 from gpufleet.domain import WorkerState
 from gpufleet.loopback import free_port
 from gpufleet.store.connection import EmbeddedRedis, connect
-from gpufleet.store.workers import SlotBatcher, WorkerRegistry
+from gpufleet.store.workers import BUSY_WRITTEN_EVERY_S, SlotBatcher, WorkerRegistry
 
 
 async def test_batched_acquires_across_replicas_never_give_a_slot_twice(
@@ -72,8 +75,9 @@ async def test_proxy_holds_stay_out_of_the_aof_while_task_holds_are_written(
     server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
     server.start()
     redis = connect(server.url)
+    clock = FixedClock()  # within one BUSY_WRITTEN_EVERY_S: only the first release is written
     try:
-        registry = WorkerRegistry(redis)
+        registry = WorkerRegistry(redis, clock=clock)
         batcher = SlotBatcher(registry)
         await registry.register(pool="p", provider="static", slots=3, worker_id="w",
                                 state=WorkerState.ready)
@@ -90,6 +94,100 @@ async def test_proxy_holds_stay_out_of_the_aof_while_task_holds_are_written(
         assert task is not None
         assert task.encode() in _aof_bytes(server)[len(before):]
         await batcher.aclose()
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+@dataclass
+class FixedClock:
+    now: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_one_proxied_release_per_worker_and_interval_is_written(tmp_path: Path) -> None:
+    """The proxy's releases skip the AOF, but not all of them: the first of each worker in
+    every BUSY_WRITTEN_EVERY_S is written, so the worker's last_busy_at on disk (what idle
+    scale-down reads after a Redis restart) is never older than that."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    server.start()
+    redis = connect(server.url)
+    clock = FixedClock()
+    try:
+        registry = WorkerRegistry(redis, clock=clock)
+        batcher = SlotBatcher(registry)
+        for worker_id in ("a", "b"):
+            await registry.register(pool="p", provider="static", slots=4,
+                                    worker_id=worker_id, state=WorkerState.ready)
+        start = _aof_bytes(server)
+
+        async def serve_one(worker_id: str, quiet: bool) -> str:
+            token = await batcher.acquire(worker_id)
+            assert token is not None
+            if quiet:
+                batcher.release_now(worker_id, token)
+            else:
+                assert await batcher.release(worker_id, token)
+            return token
+
+        first = await serve_one("a", quiet=True)
+        clock.now += 1
+        second = await serve_one("a", quiet=False)
+        other = await serve_one("b", quiet=False)
+        clock.now += BUSY_WRITTEN_EVERY_S
+        third = await serve_one("a", quiet=True)
+        await batcher.release("a", "no-such-token")  # a round trip: the quiet ones are in
+        written = _aof_bytes(server)[len(start):]
+        assert first.encode() in written  # a's first release
+        assert second.encode() not in written  # a again, 1 s later: memory only
+        assert other.encode() in written  # b's first release
+        assert third.encode() in written  # a, an interval later
+        assert await registry.busy("a") == 0
+        await batcher.aclose()
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def test_after_a_redis_crash_a_renewed_worker_was_busy_until_the_renewal(
+    tmp_path: Path,
+) -> None:
+    """The proxy's holds are forgotten when redis-server dies (they never reach the AOF),
+    but the keeper's renewal is written: the worker comes back busy as of the last renewal,
+    not idle since its last written release, so idle scale-down does not stop it under a
+    long request."""
+    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    server.start()
+    redis = connect(server.url)
+    clock = FixedClock()
+    try:
+        registry = WorkerRegistry(redis, clock=clock)
+        batcher = SlotBatcher(registry)
+        await registry.register(pool="p", provider="static", slots=2, worker_id="w",
+                                state=WorkerState.ready)
+        warm = await batcher.acquire("w")
+        assert warm is not None
+        assert await batcher.release("w", warm)  # written: last_busy_at = start on disk
+        long_request = await batcher.acquire("w")
+        assert long_request is not None
+        clock.now += 600  # ten minutes into one long stream
+        assert await registry.renew_held({"w": [long_request], "gone": ["x"]}) == 1
+        assert await registry.busy("w") == 1
+        assert await redis.exists(registry.keys.worker("gone")) == 0  # not re-created
+        await batcher.aclose()
+        await redis.aclose()
+        server.kill()
+        server.stop()
+        server.start()
+        redis = connect(server.url)
+        registry = WorkerRegistry(redis, clock=clock)
+        worker = await registry.get("w")
+        assert worker is not None
+        assert worker.last_busy_at == pytest.approx(clock.now)
+        assert worker.state is WorkerState.ready
+        assert await registry.busy("w") == 0  # the hold itself was ephemeral
     finally:
         await redis.aclose()
         server.stop()

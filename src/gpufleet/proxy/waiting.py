@@ -52,7 +52,6 @@ from gpufleet.settings import PoolSpec
 from gpufleet.store.history import HistoryStore
 from gpufleet.store.keys import Keys
 from gpufleet.store.workers import SlotBatcher, WorkerRegistry
-from gpufleet.store.workers import keys as worker_keys
 
 logger = logging.getLogger(__name__)
 
@@ -420,22 +419,18 @@ class SlotBroker:
             self._keeper = asyncio.create_task(self._keep(), name="proxy-slot-keeper")
 
     async def _keep(self) -> None:
-        """Renew every held slot each third of the slot TTL; stop after an idle interval."""
+        """Renew every held slot each third of the slot TTL (and mark its worker busy, on
+        disk: ``WorkerRegistry.renew_held``); stop after an idle interval."""
         interval = self.registry.slot_ttl_s / 3
         while True:
             await asyncio.sleep(interval)
             if not self._held:
                 return
-            deadline = self.clock() + self.registry.slot_ttl_s
+            held: dict[str, list[str]] = {}
+            for token, worker_id in self._held.items():
+                held.setdefault(worker_id, []).append(token)
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for token, worker_id in list(self._held.items()):
-                        pipe.zadd(
-                            worker_keys.worker_slots(self.prefix, worker_id),
-                            {token: deadline},
-                            xx=True,
-                        )
-                    await pipe.execute()
+                await self.registry.renew_held(held)
             except Exception as exc:
                 logger.warning("proxy: renewing %d held slots failed (%s)", len(self._held), exc)
 

@@ -35,6 +35,7 @@ KEYS_OF: dict[str, tuple[str, ...]] = {
     # store/workers.py
     "worker_acquire": ("worker", "worker_slots"),
     "worker_release": ("worker", "worker_slots"),
+    "worker_renew": ("worker", "worker_slots"),
     "worker_transition": ("worker",),
     "add_cost": ("worker",),
     # store/leader.py

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -35,15 +35,6 @@ from gpufleet.worker_auth import WorkerTokens
 logger = logging.getLogger(__name__)
 
 _LIST_FIELDS = ("models_present", "models_loaded")
-
-
-class keys:
-    """Kept for ``proxy/waiting.py`` (its slot renewal) until it asks ``Keys``: the names
-    come from ``store/keys.py``."""
-
-    @staticmethod
-    def worker_slots(prefix: str, worker_id: str) -> str:
-        return Keys(prefix).worker_slots(worker_id)
 
 
 def allowed_sources(new: WorkerState) -> list[str]:
@@ -113,6 +104,7 @@ class WorkerRegistry:
         self.tokens = WorkerTokens()
         self._acquire = scripts.register(redis, "worker_acquire")
         self._release = scripts.register(redis, "worker_release")
+        self._renew = scripts.register(redis, "worker_renew")
         self._transition = scripts.register(redis, "worker_transition")
         self._add_cost = scripts.register(redis, "add_cost")
 
@@ -267,6 +259,25 @@ class WorkerRegistry:
         )
         return bool(changed)
 
+    async def renew_held(self, held: Mapping[str, Sequence[str]]) -> int:
+        """Push the deadlines of held slots (worker id -> tokens) out by the slot TTL, and
+        mark each worker busy now (``worker_renew.lua``), in one pipeline. Written to the
+        AOF: the proxy's holds are not, so this is what says, after a Redis restart, that a
+        worker serving long requests was busy until the last renewal. Returns how many
+        slots were still held."""
+        if not held:
+            return 0
+        now = self.clock()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id, tokens in held.items():
+                await self._renew(
+                    keys=[self.keys.worker(worker_id), self.keys.worker_slots(worker_id)],
+                    args=[now, now + self.slot_ttl_s, *tokens],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return sum(int(r) for r in results)
+
     async def release_slot(self, worker_id: str, token: str) -> bool:
         released = await self._release(
             keys=[self.keys.worker(worker_id), self.keys.worker_slots(worker_id)],
@@ -281,6 +292,10 @@ class WorkerRegistry:
                 self.keys.worker_slots(worker_id), f"({self.clock()}", "+inf"
             )
         )
+
+
+# A replica writes one proxied release per worker this often to the AOF (``SlotBatcher``).
+BUSY_WRITTEN_EVERY_S = 5.0
 
 
 class SlotBatcher:
@@ -302,7 +317,9 @@ class SlotBatcher:
         self.registry = registry
         # Proxied requests' holds are ephemeral (``worker_acquire.lua``): not in the AOF, so
         # ``appendfsync always`` does not fsync twice per proxied request.
-        self._flag = "1" if ephemeral else "0"
+        self.ephemeral = ephemeral
+        # Worker id -> when (registry clock) this replica last wrote a release to the AOF.
+        self._busy_written: dict[str, float] = {}
         # The scripts go over one lean pipelined connection when Redis is a plain TCP or
         # unix server (``store.resp``: ~11 µs of CPU a call instead of redis-py's ~85).
         self._resp = RespClient.for_client(registry.redis) if lean else None
@@ -311,6 +328,20 @@ class SlotBatcher:
 
     def __repr__(self) -> str:
         return f"<SlotBatcher pending={len(self._pending)}>"
+
+    def _release_flag(self, worker_id: str, now: float) -> str:
+        """``'1'`` (ephemeral: not written) for most releases; ``'0'`` for the first release
+        of a worker each ``BUSY_WRITTEN_EVERY_S``, so its ``last_busy_at`` on disk (what
+        idle scale-down reads after a Redis restart) is at most that old: one fsync per
+        worker per interval, not one per request."""
+        if not self.ephemeral:
+            return "0"
+        if now - self._busy_written.get(worker_id, -1e18) < BUSY_WRITTEN_EVERY_S:
+            return "1"
+        if len(self._busy_written) > 10_000:  # workers come and go: forget the old ones
+            self._busy_written.clear()
+        self._busy_written[worker_id] = now
+        return "0"
 
     async def acquire(self, worker_id: str) -> str | None:
         """Like ``WorkerRegistry.acquire_slot``: the holder token, or None if full."""
@@ -332,7 +363,9 @@ class SlotBatcher:
             script = reg._release.script
             assert isinstance(script, str | bytes)
             keys_ = [reg.keys.worker(worker_id), reg.keys.worker_slots(worker_id)]
-            command = ("EVAL", script, 2, *keys_, reg.clock(), token, self._flag)
+            now = reg.clock()
+            flag = self._release_flag(worker_id, now)
+            command = ("EVAL", script, 2, *keys_, now, token, flag)
             if self._resp.send_quiet(command):
                 return
         self.release_soon(worker_id, token)
@@ -399,11 +432,11 @@ class SlotBatcher:
         for acquire, worker_id, token, _ in batch:
             keys_ = [reg.keys.worker(worker_id), reg.keys.worker_slots(worker_id)]
             if acquire:
-                calls.append(
-                    (reg._acquire, keys_, [now, now + reg.slot_ttl_s, token, self._flag])
-                )
+                flag = "1" if self.ephemeral else "0"
+                calls.append((reg._acquire, keys_, [now, now + reg.slot_ttl_s, token, flag]))
             else:
-                calls.append((reg._release, keys_, [now, token, self._flag]))
+                flag = self._release_flag(worker_id, now)
+                calls.append((reg._release, keys_, [now, token, flag]))
         results: list[Any]
         if self._resp is not None:
             results = await self._resp.execute_many(
