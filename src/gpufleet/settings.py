@@ -298,6 +298,16 @@ class ProxySettings(Section):
         description="How long the list of workers is reused between requests (seconds). The "
         "slot itself is always taken atomically in Redis; the cache only orders candidates.",
     )
+    slot_park_s: float = Field(
+        0.05,
+        ge=0,
+        le=0.5,
+        description="A worker slot whose proxied answer just ended stays held by this replica "
+        "this long (seconds) for its next request to the same worker, which then takes it "
+        "with no Redis round trip. Only while nobody waits on this replica; a client that "
+        "leaves, or an error, gives its slot back at once. Other replicas see the slot busy "
+        "for at most this long. 0 turns it off.",
+    )
     usage_flush_interval_s: float = Field(
         1.0, ge=0, description="Per-key usage counters are written to Redis at most this often."
     )

@@ -133,15 +133,22 @@ def snapshot(store: redis.Redis) -> dict[str, str]:
     return out
 
 
+# Longer than ``[proxy] slot_park_s`` (0.05 s): a forwarded answer's slot stays parked
+# (held) that long, then it is given back.
+STILL_FOR_S = 0.1
+
+
 def settled(store: redis.Redis) -> dict[str, str]:
-    """A snapshot that no longer moves (work a forwarded request left behind has ended)."""
-    before = snapshot(store)
-    for _ in range(100):
+    """A snapshot that no longer moves (work a forwarded request left behind has ended):
+    the same for ``STILL_FOR_S``."""
+    before, still_since = snapshot(store), time.monotonic()
+    for _ in range(250):
         time.sleep(0.02)
         now = snapshot(store)
-        if now == before:
+        if now != before:
+            before, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= STILL_FOR_S:
             return now
-        before = now
     return before
 
 

@@ -574,6 +574,8 @@ async def test_routing_prefers_the_worker_with_the_model_loaded(fleet: Fleet) ->
     warm = await fleet.add_worker("b-warm", slots=1, loaded=("llama3.2:latest",))
     async with fleet.client() as client:
         first = await chat(client)
+        # the answer's slot is parked for this replica for [proxy] slot_park_s, then given back
+        assert await eventually(lambda: _busy(fleet, "b-warm", 0))
         token = await fleet.registry.acquire_slot("b-warm")  # warm one now full
         second = await chat(client)
     assert token is not None

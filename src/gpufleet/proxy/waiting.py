@@ -20,6 +20,13 @@ score = its deadline, epoch seconds; removed when served or abandoned; a replica
 that dies leaves entries the reconciler must ignore once their score is past) and
 ``PUBLISH {prefix}:wake <pool>`` tells the reconciler on any replica to look now.
 
+Parked slots (``[proxy] slot_park_s``, 0.05 s by default): when an answer ends and nobody
+waits on this replica, its slot stays held in Redis for that long, free for this replica's
+next request to the same worker, which takes it with no round trip; one nobody takes is given
+back by a timer. A request that must wait gives every parked slot back first (and waits for
+Redis to have them), so the pump reads true counts. Failures and client disconnects never
+park. Other replicas see a parked slot as busy for at most ``slot_park_s``.
+
 Held slots are renewed in one pipeline every third of the registry's slot TTL by
 a keeper task, so a long stream keeps its slot and a crashed replica's slots free
 themselves.
@@ -105,6 +112,7 @@ class Lease:
     # sample, recorded when the slot is released, whatever ends the request (the end of the
     # answer, a mid-stream failure, the client leaving).
     answered: bool = False
+    released: bool = False  # given back (or parked): a second release does nothing
 
     def __repr__(self) -> str:
         return f"<Lease {self.worker.id} waited={self.waited_s:.3f}s cold={self.cold_start}>"
@@ -162,9 +170,14 @@ class SlotBroker:
         self._pump: asyncio.Task[None] | None = None
         self._held: dict[str, str] = {}  # token -> worker id
         self._keeper: asyncio.Task[None] | None = None
+        # Parked slots (``release_now``): worker id -> [(token, parked at, loop time)], held
+        # in Redis (and renewed) but free for this replica's next request to that worker.
+        self._parked: dict[str, list[tuple[str, float]]] = {}
+        self._sweep: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
-        return f"<SlotBroker waiting={len(self._waiters)} held={len(self._held)}>"
+        parked = sum(len(tokens) for tokens in self._parked.values())
+        return f"<SlotBroker waiting={len(self._waiters)} held={len(self._held)} parked={parked}>"
 
     # -- workers -------------------------------------------------------------------------
 
@@ -233,8 +246,14 @@ class SlotBroker:
         fast: bool,
         free: dict[str, int] | None = None,
     ) -> Lease | None:
+        candidates = pick_worker(model, workers, self.pools, exclude=exclude)
+        if self._parked:
+            for worker in candidates:
+                token = self._unpark(worker.id)
+                if token is not None:  # held already: no round trip
+                    return Lease(worker, token, held_since=self.clock(), model=model)
         attempts = 0
-        for worker in pick_worker(model, workers, self.pools, exclude=exclude):
+        for worker in candidates:
             if free is not None and free.get(worker.id, 0) <= 0:
                 continue
             if fast and attempts >= _FAST_PATH_ATTEMPTS:
@@ -258,16 +277,83 @@ class SlotBroker:
                 await self.slots.release_soon(lease.worker.id, lease.token)
 
     def release_now(self, lease: Lease) -> None:
-        """Give the slot back without waiting for Redis (idempotent): the release goes out at
-        the end of this loop turn, ahead of any acquire this replica sends later
-        (``SlotBatcher.release_now``). For the end of an answer, where nothing is left to
-        do with the outcome."""
+        """The end of an answer: nothing waits for Redis (idempotent). The slot is parked
+        for this replica's next request to the worker (``[proxy] slot_park_s``) while
+        nobody waits here; otherwise, or when parking is off, its release goes out at the
+        end of this loop turn, ahead of any acquire this replica sends later
+        (``SlotBatcher.release_now``)."""
+        park_s = self.settings.slot_park_s
+        if park_s > 0 and not self._waiters and self._let_go(lease, keep=True):
+            self._parked.setdefault(lease.worker.id, []).append(
+                (lease.token, asyncio.get_running_loop().time())
+            )
+            if self._sweep is None:
+                self._sweep = asyncio.get_running_loop().call_later(park_s, self._sweep_parked)
+            return
         if self._let_go(lease):
             self.slots.release_now(lease.worker.id, lease.token)
 
-    def _let_go(self, lease: Lease) -> bool:
-        """The bookkeeping of a release; False if the lease was already given back."""
-        if self._held.pop(lease.token, None) is None:
+    def _unpark(self, worker_id: str) -> str | None:
+        """A parked slot of ``worker_id`` (the most recently parked), or None."""
+        tokens = self._parked.get(worker_id)
+        if not tokens:
+            return None
+        token, _ = tokens.pop()
+        if not tokens:
+            del self._parked[worker_id]
+        return token
+
+    def _sweep_parked(self) -> None:
+        """Give back the slots parked for ``slot_park_s`` that nobody took."""
+        self._sweep = None
+        loop = asyncio.get_running_loop()
+        now, park_s = loop.time(), self.settings.slot_park_s
+        soonest = None
+        for worker_id in list(self._parked):
+            kept = []
+            for token, since in self._parked[worker_id]:
+                if now - since >= park_s:
+                    self._give_back(worker_id, token)
+                else:
+                    kept.append((token, since))
+                    soonest = since if soonest is None else min(soonest, since)
+            if kept:
+                self._parked[worker_id] = kept
+            else:
+                del self._parked[worker_id]
+        if soonest is not None:
+            self._sweep = loop.call_later(soonest + park_s - now, self._sweep_parked)
+
+    def _give_back(self, worker_id: str, token: str) -> None:
+        if self._held.pop(token, None) is not None:
+            self.slots.release_now(worker_id, token)
+
+    async def unpark_all(self) -> None:
+        """Give every parked slot back and wait until Redis has them (a request is about to
+        wait on this replica: the registry's counts must be true)."""
+        parked, self._parked = self._parked, {}
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        releases = [
+            self.slots.release_soon(worker_id, token)
+            for worker_id, tokens in parked.items()
+            for token, _ in tokens
+            if self._held.pop(token, None) is not None
+        ]
+        if releases:
+            await asyncio.gather(*releases, return_exceptions=True)
+
+    def _let_go(self, lease: Lease, *, keep: bool = False) -> bool:
+        """The bookkeeping of a release; False if the lease was already given back.
+        ``keep``: the token stays held (parked), so the keeper goes on renewing it."""
+        if lease.released:
+            return False
+        lease.released = True
+        if keep:
+            if lease.token not in self._held:
+                return False
+        elif self._held.pop(lease.token, None) is None:
             return False
         if lease.answered and self.history is not None:  # buffered: no I/O here
             held_s = max(0.0, self.clock() - lease.held_since)
@@ -297,6 +383,8 @@ class SlotBroker:
         exclude: frozenset[str],
         request_id: str | None,
     ) -> Lease:
+        if self._parked:
+            await self.unpark_all()
         workers = await self.workers(fresh=True)
         names = frozenset(p.name for p in serving)
         lease = None
@@ -384,6 +472,8 @@ class SlotBroker:
                     await self._wake.wait()
 
     async def _pump_once(self) -> None:
+        if self._parked:
+            await self.unpark_all()
         workers = await self.workers(fresh=True)
         free = _free(workers)
         now = self.clock()
@@ -446,6 +536,8 @@ class SlotBroker:
                 waiter.future.set_exception(
                     WaitTimeout("gpufleet is shutting down", retry_after_s=1)
                 )
+        with contextlib.suppress(Exception):  # logged by the batcher; deadlines free them
+            await self.unpark_all()
         await self.slots.aclose()
 
 
