@@ -1,3 +1,5 @@
-from gpufleet.cli import main
+import sys
 
-main()
+from gpufleet.entry import main
+
+sys.exit(main())

@@ -18,7 +18,8 @@ import typer
 
 from gpufleet import __version__
 from gpufleet.errors import ConfigError
-from gpufleet.settings import Settings, load_settings, redacted
+from gpufleet.server import run_server, settings_with_overrides
+from gpufleet.settings import Settings, redacted
 from gpufleet.store.apikeys import ROLES, ApiKey, ApiKeyStore, Role
 from gpufleet.store.teams import Periods, Team, TeamError, TeamStore
 
@@ -68,100 +69,22 @@ def main_callback(
     """gpufleet: autoscaling GPU workers for ComfyUI and Ollama."""
 
 
-def _load(config: Path | None, **server: Any) -> Settings:
-    overrides = {k: v for k, v in server.items() if v is not None}
+def _load(config: Path | None, *, host: str | None = None, port: int | None = None) -> Settings:
     try:
-        settings = load_settings(config)
-        if overrides:
-            settings = settings.model_copy(
-                update={"server": settings.server.model_copy(update=overrides)}
-            )
-        return settings
+        return settings_with_overrides(config, host=host, port=port)
     except ConfigError as exc:
         typer.echo(f"gpufleet: {exc}", err=True)
         raise typer.Exit(2) from None
 
 
-# SIGTERM: the listening socket closes and the loops stop at once (no new leases, the
-# leader lock is released); open requests (long polls, proxy streams) and running tasks get
-# this long to finish, then the lifespan hands back the leases of tasks still running.
-GRACEFUL_SHUTDOWN_S = 30
-
-
-def _serve(settings: Settings) -> None:
-    import uvicorn
-
-    from gpufleet.app import create_app, request_shutdown
-    from gpufleet.logs import configure_logging
-
-    configure_logging(settings.server.log_level, settings.log.format)
-    app = create_app(settings, freeze_gc=True)
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    server = _graceful_server_class()(config, on_exit=lambda: request_shutdown(app))
-    server.run()
-    if not server.started:  # what uvicorn.run does when it could not bind or start
-        raise typer.Exit(3)
-
-
-def _graceful_server_class() -> type[Any]:
-    import signal
-    import threading
-    from collections.abc import Callable, Iterator
-    from types import FrameType
-
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        """uvicorn's server, but a SIGTERM that shut it down gracefully exits 0, and the
-        app hears of the stop at once (``on_exit``), not once open requests have drained.
-
-        uvicorn re-raises the signal after its graceful shutdown, so the process died of
-        SIGTERM (status 143 / -15) even when everything was handed back in order; an
-        orchestrator reads that as a crash. SIGINT still ends with KeyboardInterrupt.
-        """
-
-        def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
-            super().__init__(config)
-            self.on_exit = on_exit
-
-        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-            super().handle_exit(sig, frame)
-            self.on_exit()
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            received: list[int] = []
-
-            def on_signal(sig: int, frame: FrameType | None) -> None:
-                received.append(sig)
-                self.handle_exit(sig, frame)
-
-            handled = (signal.SIGINT, signal.SIGTERM)
-            original = {sig: signal.signal(sig, on_signal) for sig in handled}
-            try:
-                yield
-            finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
-            if signal.SIGINT in received:
-                signal.raise_signal(signal.SIGINT)
-
-    return GracefulServer
-
-
 @app.command()
 def serve(config: ConfigOption = None, host: HostOption = None, port: PortOption = None) -> None:
     """Run the API, proxy, dispatcher and reconciler (embedded Redis if no URL is set)."""
-    _serve(_load(config, host=host, port=port))
+    # The console script (gpufleet.entry) runs a plain `serve` command line without typer;
+    # this is the way in for the rest (and for tests that invoke the typer app).
+    code = run_server(_load(config, host=host, port=port))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -821,8 +744,9 @@ def _register_remote() -> None:
 _register_remote()
 
 
-def main() -> None:
-    app(prog_name="gpufleet")
+def main(argv: list[str] | None = None) -> None:
+    """The typer app on ``argv`` (default: ``sys.argv[1:]``); exits with its status."""
+    app(args=argv, prog_name="gpufleet")
 
 
 if __name__ == "__main__":  # pragma: no cover

