@@ -7,6 +7,7 @@ before it writes a new state.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -120,6 +121,7 @@ class Worker:
         return f"<Worker {self.id} {self.pool} {self.state} {self.busy_slots}/{self.slots}>"
 
 
+@functools.lru_cache(maxsize=4096)  # once per proxied answer to a user key
 def public_worker_id(worker_id: str) -> str:
     """The alias user-role keys see for a worker (API and proxy answers): stable, and
     reveals no instance id (a Novita worker's id is its instance id)."""
