@@ -70,6 +70,9 @@ def run_server(settings: Settings) -> int:
         host=settings.server.host,
         port=settings.server.port,
         log_config=None,
+        # gpufleet.logs keeps uvicorn.access at WARNING (no access lines); off, uvicorn also
+        # skips formatting each request's client address and path for a call that drops it.
+        access_log=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         # The app has no websocket routes (ComfyUI's websocket is a client connection);
         # "none" keeps uvicorn from importing its websocket protocol stack.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 from typing import cast
 from urllib.parse import urlsplit
@@ -209,6 +210,19 @@ class UpstreamResponse:
             self._client._put_back(self._origin, conn)
 
 
+@functools.lru_cache(maxsize=1024)  # one entry per worker URL and route
+def _parsed(url: str) -> tuple[_Origin, bytes]:
+    """``url``'s origin and the request head's first lines, up to the content length."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UpstreamError(f"cannot POST to {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host = parts.netloc.rpartition("@")[2]
+    head = f"POST {target} HTTP/1.1\r\nhost: {host}\r\naccept: */*\r\n"
+    return (parts.scheme, parts.hostname, port), head.encode("latin-1")
+
+
 class UpstreamClient:
     """POST to workers over kept-alive HTTP/1.1 connections (LIFO per origin, no cap:
     a worker's slots are the real bound on concurrent requests)."""
@@ -232,17 +246,8 @@ class UpstreamClient:
         """Send ``body``; return once the worker's status line and headers arrived.
 
         ``extra_head``: more header lines, each ending in CRLF (the worker's secret)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UpstreamError(f"cannot POST to {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        origin = (parts.scheme, parts.hostname, port)
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = parts.netloc.rpartition("@")[2]
-        head = (
-            f"POST {target} HTTP/1.1\r\nhost: {host}\r\naccept: */*\r\n"
-            f"content-length: {len(body)}\r\ncontent-type: "
-        ).encode("latin-1")
+        origin, head_start = _parsed(url)
+        head = head_start + f"content-length: {len(body)}\r\ncontent-type: ".encode()
         conn = await self._connection(origin)
         conn._reset()
         assert conn.transport is not None

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gpufleet.metrics import TEAM_GPU_SECONDS, TEAM_SPEND
+from gpufleet.metrics import TEAM_GPU_SECONDS, TEAM_SPEND, labelled
 from gpufleet.store.keys import Keys
 from gpufleet.store.teams import DAY_TTL_S, MONTH_TTL_S, Periods, TeamStore
 
@@ -118,9 +118,9 @@ class UsageStore:
                 self._usage[(day, base + measure)] += value
         label = owner_team or NO_TEAM
         if usd > 0:
-            TEAM_SPEND.labels(label).inc(usd)
+            labelled(TEAM_SPEND, label).inc(usd)
         if gpu_s > 0:
-            TEAM_GPU_SECONDS.labels(label, pool).inc(gpu_s)
+            labelled(TEAM_GPU_SECONDS, label, pool).inc(gpu_s)
         budgeted = False
         if owner_team and self.teams is not None and usd > 0:
             for counter in self.teams.spend_keys(owner_team, now):
