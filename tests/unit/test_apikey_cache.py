@@ -59,3 +59,28 @@ async def test_ttl_zero_asks_redis_every_time(fake_redis: Any) -> None:
     assert await store.verify(plaintext) == key
     await other.revoke(key.id)
     assert await store.verify(plaintext) is None
+
+
+async def test_a_verified_key_is_not_hashed_again_until_it_is_forgotten(
+    fake_redis: Any, monkeypatch: Any
+) -> None:
+    clock = Clock()
+    store = ApiKeyStore(fake_redis, b"s", clock=clock, cache_ttl_s=5.0)
+    key, plaintext = await store.create("erin")
+    hashed: list[str] = []
+    digest = store._digest
+
+    def counting(value: str) -> str:
+        hashed.append(value)
+        return digest(value)
+
+    monkeypatch.setattr(store, "_digest", counting)
+    assert await store.verify(plaintext) == key
+    clock.now += 10  # the key's record is read again; its digest is remembered
+    assert await store.verify(plaintext) == key
+    assert await store.verify("gpf_unknown") is None
+    assert await store.verify("gpf_unknown") is None
+    assert hashed == [plaintext, "gpf_unknown", "gpf_unknown"]  # unknown keys: every time
+    await store.revoke(key.id)  # through this store: forgotten, digest included
+    assert await store.verify(plaintext) is None
+    assert hashed[-1] == plaintext

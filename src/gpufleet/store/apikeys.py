@@ -114,6 +114,9 @@ class ApiKeyStore:
         self.clock = clock
         self.cache_ttl_s = cache_ttl_s
         self._cache: dict[str, tuple[float, ApiKey]] = {}  # digest -> (expires, key)
+        # plaintext -> digest of keys that verified (an HMAC is ~8 us a request); bounded
+        # as the cache; a revoked key is still refused (its record is read as before).
+        self._digests: dict[str, str] = {}
         self.keys = Keys(prefix)
         self._rate = scripts.register(redis, "key_rate")
         self._concurrent = scripts.register(redis, "key_place")
@@ -205,7 +208,7 @@ class ApiKeyStore:
         """The live key matching ``plaintext``, or None (unknown or revoked)."""
         if not plaintext or len(plaintext) > 512:
             return None
-        digest = self._digest(plaintext)
+        digest = self._digests.get(plaintext) or self._digest(plaintext)
         now = self.clock()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
@@ -222,13 +225,17 @@ class ApiKeyStore:
         if self.cache_ttl_s > 0:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
+                self._digests.clear()
             self._cache[digest] = (now + self.cache_ttl_s, key)
+            self._digests[plaintext] = digest
         return key
 
     def _forget(self, key_id: str) -> None:
         """Drop a key from this process's cache (it was revoked or rotated here)."""
         for digest in [d for d, (_, k) in self._cache.items() if k.id == key_id]:
             del self._cache[digest]
+            for plaintext in [p for p, d in self._digests.items() if d == digest]:
+                del self._digests[plaintext]
 
     async def get(self, key_id: str) -> ApiKey | None:
         data = cast(dict[str, str], await self.redis.hgetall(self._key(key_id)))
