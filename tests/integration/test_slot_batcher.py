@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,23 @@ async def test_scripts_flushed_from_redis_are_loaded_again(redis: aioredis.Redis
     await batcher.aclose()
 
 
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    """A redis-server of its own with ``appendfsync always``, whose AOF the test reads."""
+    started = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
+    started.start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
 async def test_proxy_holds_stay_out_of_the_aof_while_task_holds_are_written(
-    tmp_path: Path,
+    server: EmbeddedRedis,
 ) -> None:
     """``appendfsync always`` fsyncs only what reaches the AOF: a proxied request's slot
     (the batcher's ephemeral hold) is not written there; a queued task's slot (the
     registry's own acquire, which the dispatcher uses) still is, as are the workers."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
-    server.start()
     redis = connect(server.url)
     clock = FixedClock()  # within one BUSY_WRITTEN_EVERY_S: only the first release is written
     try:
@@ -96,7 +106,6 @@ async def test_proxy_holds_stay_out_of_the_aof_while_task_holds_are_written(
         await batcher.aclose()
     finally:
         await redis.aclose()
-        server.stop()
 
 
 @dataclass
@@ -107,12 +116,12 @@ class FixedClock:
         return self.now
 
 
-async def test_one_proxied_release_per_worker_and_interval_is_written(tmp_path: Path) -> None:
+async def test_one_proxied_release_per_worker_and_interval_is_written(
+    server: EmbeddedRedis,
+) -> None:
     """The proxy's releases skip the AOF, but not all of them: the first of each worker in
     every BUSY_WRITTEN_EVERY_S is written, so the worker's last_busy_at on disk (what idle
     scale-down reads after a Redis restart) is never older than that."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
-    server.start()
     redis = connect(server.url)
     clock = FixedClock()
     try:
@@ -148,18 +157,15 @@ async def test_one_proxied_release_per_worker_and_interval_is_written(tmp_path: 
         await batcher.aclose()
     finally:
         await redis.aclose()
-        server.stop()
 
 
 async def test_after_a_redis_crash_a_renewed_worker_was_busy_until_the_renewal(
-    tmp_path: Path,
+    server: EmbeddedRedis,
 ) -> None:
     """The proxy's holds are forgotten when redis-server dies (they never reach the AOF),
     but the keeper's renewal is written: the worker comes back busy as of the last renewal,
     not idle since its last written release, so idle scale-down does not stop it under a
     long request."""
-    server = EmbeddedRedis(tmp_path / "redis", port=free_port(), appendfsync="always")
-    server.start()
     redis = connect(server.url)
     clock = FixedClock()
     try:
@@ -190,7 +196,6 @@ async def test_after_a_redis_crash_a_renewed_worker_was_busy_until_the_renewal(
         assert await registry.busy("w") == 0  # the hold itself was ephemeral
     finally:
         await redis.aclose()
-        server.stop()
 
 
 def _aof_bytes(server: EmbeddedRedis) -> bytes:
