@@ -91,8 +91,6 @@ RECORDED_EVENTS = frozenset(
 )
 LISTEN_RETRY_MAX_S = 5.0
 NOTES_FLUSH_S = 2.0
-# The wake/cancel subscription reads with this timeout so that it notices shutdown by itself.
-LISTEN_POLL_S = 0.5
 
 
 @dataclass(eq=False)
@@ -157,7 +155,6 @@ class Dispatcher:
             [queue.keys.wake(), queue.keys.cancel_channel()],
             self._on_message,
             name=f"dispatch-{self.name}",
-            poll_s=LISTEN_POLL_S,
             backoff_max_s=LISTEN_RETRY_MAX_S,
         )
         self._closing = False
@@ -179,13 +176,19 @@ class Dispatcher:
         if self._closing:
             return 0
         self._ensure_listener()
+        stats: QueueStats | None = None
+        if not self._runs:  # nothing to hand back: an empty queue ends the pass in 1 round trip
+            stats = await self.queue.stats()
+            if stats.queued == 0:
+                return 0
         workers = await self.registry.list_workers()
         self._hand_back_lost({w.id: w for w in workers})
         candidates = [w for w in workers if w.takes_new_work and w.free_slots > 0]
         self._warm_since = _warm_since(workers)
         if not candidates:
             return 0
-        stats = await self.queue.stats()
+        if stats is None:
+            stats = await self.queue.stats()
         if stats.queued == 0:
             return 0
         counts = await asyncio.gather(
@@ -572,7 +575,7 @@ class Dispatcher:
     async def aclose(self, grace_s: float = CLOSE_GRACE_S) -> None:
         """Stop taking work; stop every run and hand its lease back (attempt refunded)."""
         self._closing = True
-        # The subscription polls and stops within LISTEN_POLL_S; cancelling a read in flight
+        # The subscription is woken through its stop channel; cancelling a read in flight
         # instead can hang (redis-py 8.1), so that is only the last resort.
         await self._subscriber.aclose(grace_s)
         runs = list(self._runs.values())

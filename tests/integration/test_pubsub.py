@@ -100,3 +100,23 @@ async def test_start_twice_is_one_subscription_and_a_closed_one_restarts(
 async def test_needs_a_channel(fake_redis: aioredis.Redis) -> None:
     with pytest.raises(ValueError, match="channel"):
         Subscriber(fake_redis, [], lambda _c, _d: None, name="test")
+
+
+async def test_close_wakes_a_quiet_read_through_its_own_stop_channel(
+    redis: aioredis.Redis,
+) -> None:
+    """A quiet subscription reads with a long timeout (it must not wake an idle server twice
+    a second); closing wakes it with a message on its own channel, which is not delivered,
+    long before the read's timeout or the cancel of last resort."""
+    got: list[tuple[str, str]] = []
+    sub = Subscriber(redis, ["t:a"], lambda c, d: got.append((c, d)), name="test", poll_s=60)
+    await sub.listening()
+    assert sub.stop_channel.startswith("t:a:stop:")
+    assert await redis.pubsub_numsub(sub.stop_channel) == [(sub.stop_channel, 1)]
+    task = sub._task
+    assert task is not None
+    await asyncio.wait_for(sub.aclose(grace_s=60), timeout=20)
+    assert task.done()
+    assert not task.cancelled()
+    assert got == []
+    assert await redis.pubsub_numsub("t:a") == [("t:a", 0)]

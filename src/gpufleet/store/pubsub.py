@@ -10,9 +10,13 @@ message published after it returns), and ``on_listening`` is called at each (re)
 so a caller can re-read what it may have missed meanwhile.
 
 When the connection is lost it reconnects after a backoff that doubles from ``backoff_min_s``
-to ``backoff_max_s`` (reset once subscribed again). ``aclose()`` asks the loop to stop (it
-polls every ``poll_s``) and only cancels it after ``grace_s``: cancelling a read in flight
-can hang (redis-py 8.1).
+to ``backoff_max_s`` (reset once subscribed again). ``aclose()`` asks the loop to stop and
+wakes its read with a message on the subscription's own stop channel (``<first
+channel>:stop:<random>``, subscribed with the others, never delivered); only if that cannot
+be sent does the read notice by itself, within ``poll_s``, and after ``grace_s`` it is
+cancelled as the last resort: cancelling a read in flight can hang (redis-py 8.1). A quiet
+subscription so wakes once per ``poll_s`` (60 s), not twice a second: an idle server pays
+for every wakeup (bench/idle_cpu.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +32,7 @@ import redis.asyncio as aioredis
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.5  # how often a quiet subscription looks whether it was asked to stop
+POLL_S = 60.0  # how often a quiet subscription looks by itself whether it was asked to stop
 BACKOFF_MIN_S = 0.1
 BACKOFF_MAX_S = 5.0
 CLOSE_GRACE_S = 5.0
@@ -56,6 +61,8 @@ class Subscriber:
             raise ValueError("a Subscriber needs at least one channel")
         self.redis = redis
         self.channels = tuple(channels)
+        # aclose() publishes here to wake the read; one per Subscriber, so nobody else hears it
+        self.stop_channel = f"{self.channels[0]}:stop:{secrets.token_hex(8)}"
         self.on_message = on_message
         self.on_listening = on_listening
         self.name = name
@@ -90,13 +97,19 @@ class Subscriber:
         await asyncio.wait_for(self._ready.wait(), timeout_s)
 
     async def aclose(self, grace_s: float = CLOSE_GRACE_S) -> None:
-        """Stop listening: the loop sees the request within ``poll_s``; cancelled after
-        ``grace_s`` as the last resort. The connection goes back to the pool."""
+        """Stop listening: the read is woken through the stop channel (else it sees the
+        request within ``poll_s``); cancelled after ``grace_s`` as the last resort. The
+        connection goes back to the pool."""
         task, self._task = self._task, None
         self._stopping.set()
         self._ready.clear()
         if task is None:
             return
+        if not task.done():
+            try:
+                await asyncio.wait_for(self.redis.publish(self.stop_channel, "stop"), grace_s)
+            except Exception as exc:  # Redis gone: the read fails or times out by itself
+                logger.debug("%s: could not wake the subscription (%s)", self.name, exc)
         _, pending = await asyncio.wait([task], timeout=grace_s)
         for late in pending:
             late.cancel()
@@ -107,7 +120,7 @@ class Subscriber:
         while not self._stopping.is_set():
             pubsub = self.redis.pubsub()
             try:
-                await pubsub.subscribe(*self.channels)
+                await pubsub.subscribe(*self.channels, self.stop_channel)
                 await self._confirmed(pubsub)
                 if self._stopping.is_set():
                     return
@@ -135,7 +148,7 @@ class Subscriber:
 
     async def _confirmed(self, pubsub: Any) -> None:
         """Read until Redis confirmed every channel (messages meanwhile are delivered)."""
-        pending = set(self.channels)
+        pending = {*self.channels, self.stop_channel}
         while pending and not self._stopping.is_set():
             message = await pubsub.get_message(timeout=self.poll_s)
             if message is None:
@@ -149,6 +162,8 @@ class Subscriber:
         if message.get("type") != "message":
             return
         channel, data = _text(message["channel"]), _text(message["data"])
+        if channel == self.stop_channel:
+            return
         self._call(lambda: self.on_message(channel, data))
 
     def _call(self, callback: Callable[[], None]) -> None:
