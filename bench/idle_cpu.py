@@ -13,15 +13,28 @@ the nanoseconds each ran (exact, not the tick-sampled utime) and how many times 
 on the CPU (its wakeups). Repetitions of this checkout and ``--before`` interleave;
 medians. Prints a table; asserts nothing.
 
-Why it matters for the proxy (issue 18): at 100 req/s the tree's CPU per request includes
-its idle CPU divided by 100; 4 % of a core idle is 0.4 ms per request. On this shared
+Why it matters: an idle control plane should cost next to nothing, and a wakeup is what
+it pays for. On this shared
 2-core cloud VM a wakeup of an idle Python process costs about 1 ms of CPU (cold caches),
 whatever little it then does, so the count of wakeups, not the work per tick, is what to
 cut.
 
-One run, 2026-12-05, --seconds 15 (``--before`` = e8918a0, after = the commit that added
-this script): see the table in the closing note of issue 18 and ``docs/operations.md``
-("Idle cost"). Before: python about 25 wakeups/s and 3.9-4.1 % of a core, redis-server
+One run, 2026-12-05, ``--seconds 15 --reps 3 --before`` e8918a0 (medians):
+
+| checkout | process | % of a core | wakeups/s | ms CPU per wakeup |
+|---|---|---|---|---|
+| before | python | 3.29 | 22.6 | 1.45 |
+| before | redis-server | 0.57 | 17.8 | 0.32 |
+| before | tree | 3.86 | | |
+| after | python | 1.07 | 6.4 | 1.66 |
+| after | redis-server | 0.13 | 6.6 | 0.20 |
+| after | tree | 1.19 (0.31x) | | |
+
+Under steady traffic this changes little: ``proxy_overhead.py --quick --before`` the same
+day gave 1.66 (before) and 1.62 ms (after) of tree CPU per request at 100 req/s, because
+the process is awake for the requests anyway and the ticks ride along.
+
+Before: python about 25 wakeups/s and 3.9-4.1 % of a core, redis-server
 18-19 wakeups/s and 0.8-1.1 %. The wakeups were uvicorn's 10/s housekeeping tick, two
 pub/sub subscriptions polling for shutdown twice a second each, redis-server's 10/s
 ``hz`` timer, and six background loops each on its own timer (dispatch every 1 s, the
@@ -136,9 +149,6 @@ def main() -> None:
             print(f"| {name} | {comm} | {pct:.2f} | {wakes:.1f} | {per:.2f} |")
         totals[name] = statistics.median(sum(v[0] for v in r.values()) for r in reps)
         print(f"| {name} | **tree** | **{totals[name]:.2f}** | | |")
-    for name, total in totals.items():
-        print(f"{name}: {total:.2f} % of a core idle = {total / 10:.3f} ms of CPU per request "
-              "at 100 req/s before any request is served")
     if len(totals) == 2:
         before, after = totals.values()
         print(f"after / before: {after / before:.2f}x")
