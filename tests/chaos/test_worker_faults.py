@@ -201,9 +201,22 @@ async def test_faulty_workers_tasks_are_retried_and_nothing_false_succeeds(fleet
     await until(faulty_out_of_ready)  # the health checker took every faulty worker out
 
 
-async def test_wrong_json_from_ollama_is_not_a_success(fleet: Fleet) -> None:
-    """A 200 whose JSON is not an Ollama answer fails the attempt instead of acking it."""
+async def test_wrong_json_from_ollama_is_not_a_success(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 200 whose JSON is not an Ollama answer fails the attempt instead of acking it.
+
+    The health probes are paused: they get the wrong JSON too, and one failed probe takes a
+    worker off new work, so a probe landing between the submit and the dispatch would leave
+    the task waiting for a worker (the dispatcher's part is what this test is about)."""
     api = fleet.api
+
+    async def no_probe(_worker: Any) -> bool:
+        return True
+
+    monkeypatch.setattr(fleet.api.services.health_checker, "_probe", no_probe)  # type: ignore[attr-defined]
+    await asyncio.sleep(0.5)  # a probe already running ends (health_timeout_s)
+    assert all(w.takes_new_work for w in await fleet.registry.list_workers())
     for sim in fleet.ollama:
         sim.config.wrong_json = True
     task_id = await submit(api, "ollama", chat(1), max_attempts=1)
