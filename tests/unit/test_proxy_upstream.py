@@ -122,6 +122,28 @@ async def test_silence_past_the_deadline_is_a_timeout(client: UpstreamClient) ->
         release.set()
 
 
+async def test_no_headers_by_the_deadline_is_a_timeout_and_drops_the_connection(
+    client: UpstreamClient,
+) -> None:
+    server = Server()
+    release = asyncio.Event()
+    gone = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        if await reader.read(1) == b"":  # the client closed: the worker sees it go away
+            gone.set()
+        await release.wait()
+
+    async with await server.start(never_answers):
+        loop = asyncio.get_running_loop()
+        with pytest.raises(TimeoutError):
+            await client.post(server.url, b"{}", deadline=loop.time() + 0.05)
+        await asyncio.wait_for(gone.wait(), 5)
+        release.set()
+        assert repr(client) == "<UpstreamClient idle=0>"
+
+
 async def test_nothing_listening_is_an_upstream_error(client: UpstreamClient) -> None:
     server = Server()
     async with await server.start(lambda r, w: asyncio.sleep(0)):

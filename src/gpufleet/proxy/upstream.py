@@ -11,8 +11,9 @@ asks a worker (``/api/show``) and for engines and providers.
 
 What it does not do: redirects, cookies, proxies from the environment, compression,
 HTTP/2, ``Expect: 100-continue``. Errors are ``UpstreamError`` (connect, reset, a
-malformed or truncated answer); timeouts are the caller's (``asyncio.timeout``), and
-a cancelled or abandoned response closes its connection, so the worker sees the
+malformed or truncated answer); ``TimeoutError`` past the caller's deadline (a bare
+timer per wait, not ``asyncio.timeout``), and a cancelled or abandoned response closes
+its connection, so the worker sees the
 client go away.
 
 Consumer: ``gpufleet.proxy.relay.ProxyService._relay``.
@@ -242,10 +243,13 @@ class UpstreamClient:
         content_type: bytes = b"application/json",
         *,
         extra_head: bytes = b"",
+        deadline: float | None = None,
     ) -> UpstreamResponse:
         """Send ``body``; return once the worker's status line and headers arrived.
 
-        ``extra_head``: more header lines, each ending in CRLF (the worker's secret)."""
+        ``extra_head``: more header lines, each ending in CRLF (the worker's secret).
+        ``deadline`` (event-loop time): ``TimeoutError`` if the headers have not come by
+        then (the connection is closed); connecting has its own ``connect_timeout_s``."""
         origin, head_start = _parsed(url)
         head = head_start + f"content-length: {len(body)}\r\ncontent-type: ".encode()
         conn = await self._connection(origin)
@@ -256,7 +260,7 @@ class UpstreamClient:
         )
         try:
             while not conn.head_done:
-                await conn.wait()
+                await conn.wait(deadline)
         except BaseException:
             conn.close()
             raise
