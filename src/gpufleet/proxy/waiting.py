@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 # At most this many slot attempts on the fast path before the request queues: beyond
 # that the cached list is stale enough that the pump's fresh read is the better bet.
 _FAST_PATH_ATTEMPTS = 8
+_SERVING_MEMO = 1024
 
 
 class ModelNotServed(Exception):
@@ -174,6 +175,7 @@ class SlotBroker:
         # in Redis (and renewed) but free for this replica's next request to that worker.
         self._parked: dict[str, list[tuple[str, float]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
+        self._serving_memo: dict[str, tuple[tuple[PoolSpec, ...], frozenset[str]]] = {}
 
     def __repr__(self) -> str:
         parked = sum(len(tokens) for tokens in self._parked.values())
@@ -218,10 +220,9 @@ class SlotBroker:
         request_id: str | None = None,
     ) -> Lease:
         """A slot on the best worker for ``model``, waiting for one if need be."""
-        serving = pools_serving(model, self.pools.values())
+        serving, names = self._serving(model)
         if not serving:
             raise ModelNotServed(model)
-        names = frozenset(p.name for p in serving)
         skip = frozenset(exclude)
         if not any(w.pools & names for w in self._waiters):
             lease = await self._try(model, await self.workers(), skip, fast=True)
@@ -229,6 +230,18 @@ class SlotBroker:
                 self._arrived(lease.worker.pool, skip)
                 return lease
         return await self._wait(model, serving, key, priority, skip, request_id)
+
+    def _serving(self, model: str) -> tuple[tuple[PoolSpec, ...], frozenset[str]]:
+        """The pools that serve ``model`` and their names, remembered per model (the pools
+        are this broker's for its life; at most ``_SERVING_MEMO`` models, then forgotten)."""
+        found = self._serving_memo.get(model)
+        if found is None:
+            serving = tuple(pools_serving(model, self.pools.values()))
+            found = (serving, frozenset(p.name for p in serving))
+            if len(self._serving_memo) >= _SERVING_MEMO:
+                self._serving_memo.clear()
+            self._serving_memo[model] = found
+        return found
 
     def _arrived(self, pool: str, exclude: frozenset[str]) -> None:
         """Count a request's arrival once: for the pool that served it at once, or the one
