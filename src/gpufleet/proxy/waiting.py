@@ -176,6 +176,8 @@ class SlotBroker:
         self._parked: dict[str, list[tuple[str, float]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self._serving_memo: dict[str, tuple[tuple[PoolSpec, ...], frozenset[str]]] = {}
+        self._picked_from: Sequence[Worker] | None = None
+        self._picked: dict[tuple[str, frozenset[str]], list[Worker]] = {}
 
     def __repr__(self) -> str:
         parked = sum(len(tokens) for tokens in self._parked.values())
@@ -243,6 +245,21 @@ class SlotBroker:
             self._serving_memo[model] = found
         return found
 
+    def _candidates(
+        self, model: str, workers: Sequence[Worker], exclude: frozenset[str]
+    ) -> list[Worker]:
+        """``pick_worker``'s order, remembered while ``workers`` is the same (cached, frozen)
+        list: between two registry reads every request for a model gets the same answer."""
+        if workers is not self._picked_from:
+            self._picked_from, self._picked = workers, {}
+        found = self._picked.get((model, exclude))
+        if found is None:
+            if len(self._picked) >= _SERVING_MEMO:
+                self._picked.clear()
+            found = pick_worker(model, workers, self.pools, exclude=exclude)
+            self._picked[(model, exclude)] = found
+        return found
+
     def _arrived(self, pool: str, exclude: frozenset[str]) -> None:
         """Count a request's arrival once: for the pool that served it at once, or the one
         whose demand it waits as. A retry (``exclude`` names the failed workers) is not a
@@ -259,7 +276,7 @@ class SlotBroker:
         fast: bool,
         free: dict[str, int] | None = None,
     ) -> Lease | None:
-        candidates = pick_worker(model, workers, self.pools, exclude=exclude)
+        candidates = self._candidates(model, workers, exclude)
         if self._parked:
             for worker in candidates:
                 token = self._unpark(worker.id)
