@@ -36,45 +36,63 @@ least a Python proxy costs on this machine.
 Issue 18 as filed (the code before it, measured then): /api/chat +2.0 ms p50, +3.4 ms p99,
 2.5 ms CPU per request, open-throttle 0.38x nginx, 89 MB idle.
 
-One run, 2026-12-05 (``--before`` = cd6c65d, the code the issue was filed against; after =
-this checkout; --seconds 5 --reps 3, medians; added = against ``direct``):
+One run, 2026-12-05, evening (``--before`` = cd6c65d, the code the issue was filed against;
+after = this checkout; --seconds 5 --reps 3, medians; added = against ``direct``):
 
 | target | route | +p50 | +p99 | CPU ms/req (redis) | open @32 (x nginx) | RSS MB |
 |---|---|---|---|---|---|---|
-| nginx | /api/chat | +0.20 | +1.00 | 0.22 | 13237 (1.00x) | 12.5 |
-| gpufleet as served, BEFORE | /api/chat | +1.90 | +3.80 | 2.26 (0.54) | 1819 (0.14x) | 92.7 |
-| gpufleet as served, AFTER | /api/chat | +1.00 | +3.90 | 1.44 (0.06) | 3763 (0.28x) | 76.7 |
-| floor (bare relay) | /api/chat | +0.60 | +1.60 | 0.60 | 10037 (0.76x) | 66.7 |
-| router, auth off | /api/chat | +0.80 | +2.70 | 1.10 | 3760 (0.28x) | 76.6 |
-| BEFORE | /api/chat stream | +3.30 | +15.10 | 2.34 (0.34) | - | |
-| AFTER | /api/chat stream | +0.10 | +8.40 | 1.62 (0.06) | - | |
-| floor | /api/chat stream | -1.40 | -1.80 | 0.86 | - | |
-| nginx | /v1/chat/completions | +0.40 | +1.40 | 0.26 | 10826 (1.00x) | |
-| BEFORE | /v1/chat/completions | +2.10 | +4.80 | 2.36 (0.56) | 2000 (0.18x) | |
-| AFTER | /v1/chat/completions | +1.20 | +2.90 | 1.42 (0.06) | 3571 (0.33x) | |
-| floor | /v1/chat/completions | +0.70 | +1.30 | 0.60 | 9645 (0.89x) | |
-| BEFORE | /v1/... stream | +4.30 | +11.70 | 2.30 (0.36) | - | |
-| AFTER | /v1/... stream | +0.10 | +8.20 | 1.62 (0.04) | - | |
+| nginx | /api/chat | +0.30 | +1.50 | 0.24 | 12595 (1.00x) | 12.5 |
+| gpufleet as served, BEFORE | /api/chat | +2.00 | +4.50 | 2.30 (0.58) | 1987 (0.16x) | 92.7 |
+| gpufleet as served, AFTER | /api/chat | +0.90 | +2.50 | 1.04 (0.00) | 4757 (0.38x) | 76.7 |
+| floor (bare relay) | /api/chat | +0.50 | +1.40 | 0.54 | 11124 (0.88x) | 66.8 |
+| router, auth off | /api/chat | +0.90 | +2.00 | 0.98 | 4639 (0.37x) | 76.5 |
+| BEFORE | /api/chat stream | +4.30 | +11.00 | 2.34 (0.36) | - | |
+| AFTER | /api/chat stream | -0.30 | +8.80 | 1.40 (0.02) | - | |
+| floor | /api/chat stream | -0.90 | -0.80 | 0.86 | - | |
+| nginx | /v1/chat/completions | +0.30 | +0.40 | 0.24 | 11228 (1.00x) | |
+| BEFORE | /v1/chat/completions | +1.80 | +4.60 | 2.18 (0.54) | 2005 (0.18x) | |
+| AFTER | /v1/chat/completions | +0.80 | +2.20 | 0.98 (0.02) | 4706 (0.42x) | |
+| floor | /v1/chat/completions | +0.50 | +0.80 | 0.56 | 9080 (0.81x) | |
+| BEFORE | /v1/... stream | +4.80 | +13.90 | 2.08 (0.32) | - | |
+| AFTER | /v1/... stream | +0.60 | +6.80 | 1.34 (0.02) | - | |
 
-(After that run: remembered key digests, about 3 % of the CPU at 64 clients.) Against the
-targets (deployed row): p50 <= 1.0 met on /api/chat (+1.0) and both streams (+0.1), just
-missed on /v1 (+1.2); p99 <= 3 met on /v1 (+2.9), missed on /api/chat (+3.9) and the
-streams (+8; nginx's and the floor's stream p99 are below direct's in the same run, so
-this column is mostly noise); CPU <= 0.6 ms missed (1.4-1.6); open-throttle >= 0.5x missed
-(0.28-0.33x, was 0.14-0.18x); idle RSS <= 80 MB met (76.7, was 92.7;
-``bench/serve_rss.py``). The floor says why the CPU and open-throttle targets are out of
-reach of this design on this machine: uvicorn plus a bare relay already costs 0.60 ms per
-paced request (the whole budget) and gives 0.76-0.89x nginx, before any auth, slot,
-metric or usage work.
+Against the targets (deployed row): p50 <= 1.0 met on all four (+0.9, +0.8, -0.3, +0.6);
+p99 <= 3 met on both non-streamed routes (+2.5, +2.2), missed on the streams (+6.8, +8.8;
+the router row without background loops: +3.0, +5.4; between runs this column moves by
+several ms, and nginx's and the floor's stream p99 sit at or below direct's); CPU <= 0.6 ms
+missed (0.98-1.40, was 2.1-2.3); open-throttle >= 0.5x missed (0.38-0.42x, was 0.16-0.18x);
+idle RSS <= 80 MB met (76.7, was 92.7; ``bench/serve_rss.py``). The floor says why the CPU
+and open-throttle targets are out of reach of this design on this machine: uvicorn plus a
+bare relay already costs 0.54-0.56 ms per paced request (the whole budget) and gives
+0.81-0.88x nginx, before any auth, slot, metric or usage work.
 
-What changed (each measured with ``--quick --before``): proxy slot holds and releases are
+The earlier run of the same day (morning, after = 0353922): AFTER /api/chat +1.0 / +3.9,
+1.44 ms, 3763 req/s (0.28x); /v1 +1.2 / +2.9, 1.42 ms, 3571 (0.33x). An A/B of this
+evening's changes alone (``--before`` 0353922, one run): open 4237 -> 4485 /api/chat and
+4341 -> 4605 /v1 (+6 %), paced CPU 1.12 -> 1.12 and 1.14 -> 1.04 ms (within noise); the
+two slot-broker memos came after that run (below).
+
+What changed (each measured with ``--quick --before`` or an interleaved A/B of the served
+process, wrk at 32 connections, 3 repetitions): proxy slot holds and releases are
 ephemeral in Redis (no AOF, no fsync; docs/operations.md "Two durabilities"), releases
 need no reply and share one write per loop turn; the forwarded routes skip FastAPI's and
 Starlette's middleware stack (``GpufleetApp.forward``); labelled metric children are
 cached; the served process freezes its startup objects out of the GC and starts without
-typer/rich; and a finished answer's slot is parked for 0.05 s for the replica's next
+typer/rich; a finished answer's slot is parked for 0.05 s for the replica's next
 request to that worker (``[proxy] slot_park_s``): at a steady 100 req/s redis-server's
-share fell 0.18 -> 0.04 ms per request and the process tree's 1.56 -> 1.28.
+share fell 0.18 -> 0.04 ms per request and the process tree's 1.56 -> 1.28. Then:
+
+- the disconnect watcher starts only for an answer still running after 0.1 s
+  (``relay.WATCH_AFTER_S``; a disconnect is still seen within ~0.1 s, docs/operations.md
+  "Client disconnects"), and the wait for a worker's headers uses the upstream client's
+  bare timer instead of ``asyncio.timeout_at``: open 4025 -> 4730 req/s (+17 %);
+- the request body's deadline is a bare timer that cancels the task (``read_body``)
+  instead of ``asyncio.timeout``: 4774 -> 4862 (+2 %, in all three repetitions);
+- the slot broker remembers which pools serve a model (+9 % and +10 % in two A/Bs) and,
+  while its cached worker list is the same frozen list, ``pick_worker``'s order per
+  (model, excluded workers) (+3 %).
+Paced CPU did not move measurably with any of these (1.07-1.23 ms in every arm: the
+/proc counters and the shared box give about +-0.1 ms).
 
 Where the time goes (``--profile``: py-spy on the served process under wrk, /api/chat;
 CPU per request from /proc; same day):
@@ -88,26 +106,43 @@ that wakes redis-server on the same core). 64 clients: 2144 req/s, python 0.41 +
 auth 5.5 %, prometheus 5.4 %; self: Runner.run 9 %, RespClient._send 9 %,
 pydantic BaseModel.__getattr__ 3 %, pools_serving 1.5 %.
 
-AFTER. 1 client: 1170 req/s, python 0.53 + redis-server 0.00 ms; inclusive: uvicorn 75 %
-(the app runs inside it), upstream 6 %, slot broker 6 %, auth 5 %, prometheus 3 %,
-json 2.5 %, background loops 1.6 %, starlette 0.3 %; self: Runner.run 40 %, uvicorn's
-send 4 %, the key's HMAC 3 % (now remembered). 64 clients: 3567 req/s, python 0.26 +
-redis 0.00; inclusive: slot broker 10 %, upstream 9 %, auth 4.6 %, prometheus 3.9 %,
-redis-py 1.6 % (the periodic flushes and worker-list reads only), starlette 0.7 %; self:
-Runner.run 10 %, uvicorn's send 5 %, create_task 4 % (the per-request disconnect watcher),
-the HMAC 3 %, our upstream client's write 4 %. The profile is flat: what is left is
-uvicorn and the event loop, and many small pieces of ours at 1-5 % each.
+AFTER (this checkout). 1 client: 1342 req/s (morning: 1070-1170), python 0.41 (0.53-0.57)
++ redis-server 0.00 ms; inclusive: uvicorn 74 % (the app runs inside it), upstream 8.8 %,
+prometheus 4.2 %, slot broker 4.0 %, json 4.0 %, auth 2.4 %, background loops 1.3 %,
+starlette 1.0 %; self: Runner.run 39 %, uvicorn's send 4.5 % (its socket write), our
+upstream client's write 2.8 %, prometheus' MutexValue.inc 2.2 %. 64 clients: 4321 req/s
+(morning: 3567-3659), python 0.20 (0.26) + redis 0.00; inclusive: slot broker 12.9 %,
+upstream 10.3 %, prometheus 5.3 %, auth 4.3 %, redis-py 1.7 %, background loops 1.7 %,
+json 1.4 %; self: Runner.run 10 %, uvicorn's send 7 %, SlotBroker.acquire 4 %,
+GpufleetApp.forward's send wrapper 2.5 %, MutexValue.inc 2.5 %, UsageStore.record 1.8 %.
+The profile is flat: what is left is uvicorn and the event loop, and many small pieces of
+ours at 1-5 % each.
 
-A paced request (100 req/s, one at a time) costs 4-7x a back-to-back one (0.26 ms at 64
-clients, 1.4 ms paced; the floor: 0.05 vs 0.60), because each one wakes the process from
-idle with cold caches; the fixed costs are the event loop's and the kernel's, not
-Redis's: per request the served process makes 3.2 writes, 2.2 reads and 5.2 epoll waits
-(the floor 3.0, 2.0, 3.2; ``strace -c``), and redis-server handles about 0.4 commands.
+A paced request (100 req/s, one at a time) costs about 5x a back-to-back one (0.20 ms at
+64 clients, ~1.0 ms paced; the floor 0.09 vs 0.54), because each one wakes the process
+from idle with cold caches. It is not the number of event-loop turns: per paced request
+the served process makes 3.2 writes, 2.2 reads and 4.8 epoll waits (the floor 3.0, 2.0,
+3.2; ``strace -c``); one of the extra waits is a zero-timeout poll that libuv makes
+because a cancelled timer's handle is closing (the body deadline), and taking that timer
+out (3.9 waits) changed neither the paced CPU (1.10 vs 1.10 ms) nor the open rate (within
+noise). Nor is it the GC (1 young collection per 1000 paced requests; at 64 clients
+0.8 % of the time) or one slow callback (none over 6 ms in 15 s at 100 req/s; the
+background loops' longest was 0.7 ms). It is the amount of Python a request runs: the
+floor's few uvicorn functions against several times as many of ours (auth, priority,
+body, JSON, slot broker, routing, upstream, headers, metrics, usage, attribution,
+history), each cheap when warm.
 
-Not done (next, by measured size): the per-request disconnect-watcher task (starting it
-only for answers longer than ~0.1 s measured +3 %, within the noise, so left out);
-fewer Python layers in the relay (metrics, usage and token counting per answer, ~10 %
-together); pydantic.v1's import at startup (~1.5 MB RSS).
+Would another ASGI server lower the floor? granian 2.8.9 (``--interface asgi`` and
+``asginl``, uvloop, one worker, one runtime thread, single-threaded runtime) with the same
+relay app, same pinning, interleaved with uvicorn: 9373-9801 req/s against uvicorn's
+11000, 0.67-0.70 ms per paced request against 0.53, 100 MB RSS against 67. No.
+
+Not done (next, by measured size): fewer Python layers per answer (metrics, usage,
+attribution and token counting, ~10 % together at 64 clients; prometheus' per-sample lock
+alone ~2.5 %); the per-chunk deadline timer of streams (one timer per chunk);
+pydantic.v1's import at startup (~1.5 MB RSS). None of these reaches 0.6 ms or 0.5x:
+removing the watcher, every metric and the attribution together measured 4459 req/s
+against a 3764 base in the morning (+18 %).
 """
 
 from __future__ import annotations
