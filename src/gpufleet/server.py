@@ -79,6 +79,9 @@ def run_server(settings: Settings) -> int:
         # The app has no websocket routes (ComfyUI's websocket is a client connection);
         # "none" keeps uvicorn from importing its websocket protocol stack.
         ws="none",
+        # No "server: uvicorn" on every answer: it tells the internet what runs here and
+        # costs a header on each proxied answer.
+        server_header=False,
     )
     server = graceful_server_class()(config, on_exit=lambda: request_shutdown(app))
     server.run()

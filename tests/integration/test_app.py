@@ -93,7 +93,11 @@ def test_serve_with_embedded_redis_leaves_nothing_behind(tmp_path: Path) -> None
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1)
+                if ready.status_code == 200:
+                    # The served process does not tell the internet what it runs on.
+                    assert "server" not in ready.headers, ready.headers
+                    assert ready.headers["x-content-type-options"] == "nosniff"
                     break
             except httpx.HTTPError:
                 pass

@@ -77,6 +77,60 @@ async def test_keep_alive_connection_is_reused_and_chunked_bodies_decoded(
     assert server.connections == 1
 
 
+async def test_ended_only_once_the_last_piece_was_read(client: UpstreamClient) -> None:
+    """``ended`` lets the relay send the body's last piece as the end of the answer: it
+    must not be true while more of the body may come, nor before the last piece is read."""
+    server = Server()
+    go_on = asyncio.Event()
+
+    async def in_two(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst")
+        await writer.drain()
+        await go_on.wait()
+        writer.write(b"-last")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    async with await server.start(in_two):
+        response = await client.post(server.url, b"{}")
+        try:
+            assert await response.read_chunk() == b"first"
+            assert not response.ended  # half of the declared length is still to come
+            go_on.set()
+            assert await response.read_chunk() == b"-last"
+            assert response.ended
+            assert await response.read_chunk() is None
+        finally:
+            await response.aclose()
+        assert not response.ended  # closed: nothing more to say about it
+
+
+async def test_a_body_that_came_with_the_head_has_not_ended_before_it_is_read(
+    client: UpstreamClient,
+) -> None:
+    server = Server()
+
+    async def at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nall")
+        await writer.drain()
+        await asyncio.sleep(0.5)
+
+    async with await server.start(at_once):
+        response = await client.post(server.url, b"{}")
+        try:
+            for _ in range(50):  # until the body, sent with the head, has been parsed
+                if response._conn is not None and response._conn.complete:
+                    break
+                await asyncio.sleep(0.01)
+            assert not response.ended  # complete, but its one piece is still unread
+            assert await response.read_chunk() == b"all"
+            assert response.ended
+        finally:
+            await response.aclose()
+
+
 async def test_a_body_cut_off_mid_way_is_an_upstream_error(client: UpstreamClient) -> None:
     server = Server()
 

@@ -20,7 +20,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 
-from gpufleet.api.deps import get_apikeys, get_settings, get_teams
+from gpufleet.api.deps import get_apikeys, get_services, get_settings, get_teams
 from gpufleet.errors import (
     BudgetExhausted,
     Forbidden,
@@ -121,6 +121,12 @@ def _noted(request: Request, name: str) -> Any:
     return state.get(name) if isinstance(state, dict) else None
 
 
+def _note(request: Request, name: str, value: Any) -> None:
+    """``request.state.<name> = value``, without building Starlette's State object (the
+    same dict: ``request.state`` reads it back)."""
+    request.scope.setdefault("state", {})[name] = value
+
+
 async def authenticate(
     request: Request,
     _bearer: HTTPAuthorizationCredentials | None = Security(BEARER),
@@ -129,21 +135,22 @@ async def authenticate(
     cached = _noted(request, "principal")
     if isinstance(cached, Principal):
         return cached
-    settings = get_settings(request).auth
+    services = get_services(request)
+    settings = services.settings.auth
     if not settings.enabled:
         principal = Principal(None)
-        request.state.principal = principal
+        _note(request, "principal", principal)
         return principal
     plaintext = presented_key(request)
     if not plaintext:
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    store = get_key_store(request)
+    store = services.apikeys
     team: Team | None = None
     try:
         key = await store.verify(plaintext)
         if key is not None and key.team:
             team = await _team_checks(request, store, key)
-        elif key is not None:
+        elif key is not None and key.rate_limit_per_min:
             wait = await store.hit_rate_limit(key)
             if wait:
                 raise LimitExceeded(
@@ -157,7 +164,7 @@ async def authenticate(
     if key is None:
         raise Unauthenticated("invalid or revoked API key")
     principal = Principal(key, team)
-    request.state.principal = principal
+    _note(request, "principal", principal)
     return principal
 
 
@@ -213,7 +220,7 @@ def _raise_refusal(
 async def check_budget(request: Request, principal: Principal) -> None:
     """Refuse new work (402) when the caller's team has spent its day's or month's budget."""
     team = principal.team
-    if team is None or not team.has_budget or principal.key is None:
+    if team is None or principal.key is None or not team.has_budget:
         return
     teams = get_team_store(request)
     now = teams.clock()
@@ -232,12 +239,18 @@ async def check_budget(request: Request, principal: Principal) -> None:
 async def authenticate_work(request: Request) -> Principal:
     """``authenticate`` for a request that starts new work: a team over its budget gets 402.
     The check rides on the rate-limit script when the key is looked at now (one call)."""
-    request.state.new_work = True
+    _note(request, "new_work", True)
     principal = await authenticate(request, None, None)
     if not _noted(request, "budget_checked"):
-        request.state.budget_checked = True
-        await check_budget(request, principal)
+        _note(request, "budget_checked", True)
+        if _has_budget(principal):
+            await check_budget(request, principal)
     return principal
+
+
+def _has_budget(principal: Principal) -> bool:
+    """The caller's team has a budget to check (most callers' has none)."""
+    return principal.key is not None and principal.team is not None and principal.team.has_budget
 
 
 async def require_budget(

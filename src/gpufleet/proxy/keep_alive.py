@@ -49,6 +49,8 @@ def clamp_keep_alive(value: Any, pool: PoolSpec, settings: ProxySettings) -> int
     """The keep_alive gpufleet sends: at least the pool's idle timeout plus a margin (so
     Ollama keeps the model while gpufleet counts the worker warm), at most the cap."""
     floor = pool.idle_timeout_ceiling_s + settings.keep_alive_margin_s
+    if value is None:  # the client named none (most requests)
+        return int(min(floor, settings.keep_alive_max_s))
     seconds = parse_keep_alive(value)
     if seconds is not None and math.isnan(seconds):  # "nan", NaN: unreadable
         seconds = None

@@ -123,10 +123,15 @@ class UsageMeter:
             slot = (key, model, name)
             self._pending[slot] = self._pending.get(slot, 0) + value
 
+    def flush_due(self) -> bool:
+        """Counters are pending and the last flush is ``flush_interval_s`` old."""
+        return bool(self._pending) and (
+            asyncio.get_running_loop().time() - self._flushed_at >= self.flush_interval_s
+        )
+
     async def maybe_flush(self) -> None:
-        now = asyncio.get_running_loop().time()
-        if self._pending and now - self._flushed_at >= self.flush_interval_s:
-            self._flushed_at = now
+        if self.flush_due():
+            self._flushed_at = asyncio.get_running_loop().time()
             await self.flush()
 
     async def flush(self) -> None:
@@ -166,6 +171,7 @@ class Call:
     admin: bool = True  # a user-role key sees workers by their alias only
     team: str = ""  # the key's team ("" for none): usage is attributed to it
     key_id: str = ""
+    label: str = ""  # the metrics' model label (``ProxyService._model_label``), once known
 
 
 def error_payload(flavor: Flavor, message: str, status: int = 500) -> dict[str, Any]:
@@ -307,6 +313,7 @@ class ProxyService:
 
     async def _serve(self, call: Call, send: Send, state: dict[str, bool]) -> None:
         started = asyncio.get_running_loop().time()
+        call.label = self._model_label(call.model)
         outcome = "error"
         try:
             outcome = await self._serve_attempts(call, send, state, started)
@@ -317,7 +324,7 @@ class ProxyService:
             outcome = "worker_failed_mid_stream"
             raise
         finally:
-            label = self._model_label(call.model)
+            label = call.label
             labelled(PROXY_REQUESTS, label, outcome).inc()
             labelled(PROXY_DURATION, label).observe(asyncio.get_running_loop().time() - started)
 
@@ -390,12 +397,13 @@ class ProxyService:
         tokens_in, tokens_out = _tokens(tail)
         elapsed = asyncio.get_running_loop().time() - started
         self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
-        label = self._model_label(call.model)
+        label = call.label or self._model_label(call.model)
         if tokens_in:
             labelled(PROXY_TOKENS, label, "in").inc(tokens_in)
         if tokens_out:
             labelled(PROXY_TOKENS, label, "out").inc(tokens_out)
-        await self.usage.maybe_flush()
+        if self.usage.flush_due():  # asked here: most answers have nothing to write
+            await self.usage.maybe_flush()
         if self.attribution is not None:
             await self._attribute(call, lease, tokens_in, tokens_out)
 
@@ -467,6 +475,7 @@ class ProxyService:
             content_type = response.header(b"content-type") or b""
             headers += _our_headers(lease, admin=call.admin)
             gap = self.config.idle_gap_timeout_s
+            final = b""
             while True:
                 # Before the first byte the model may be loading (load timeout); after it,
                 # silence longer than the idle gap means the worker is stuck.
@@ -476,12 +485,15 @@ class ProxyService:
                 if not chunk:
                     continue
                 if not sent:
-                    ttfb = labelled(PROXY_TTFB, self._model_label(call.model))
+                    ttfb = labelled(PROXY_TTFB, call.label or self._model_label(call.model))
                     ttfb.observe(loop.time() - started)
                     await send(_start(response.status_code, headers))
                     sent = lease.answered = True
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 prev, tail = tail, chunk
+                if response.ended:  # the body's last piece: it ends the answer (one send)
+                    final = chunk
+                    break
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if not sent:
                 await send(_start(response.status_code, headers))
                 sent = lease.answered = True
@@ -490,7 +502,7 @@ class ProxyService:
             # after the release). Nobody waits for Redis's answer.
             self.broker.release_now(lease)
             state["finished"] = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.body", "body": final, "more_body": False})
             return prev + tail
         except (UpstreamError, TimeoutError) as exc:
             if not sent:

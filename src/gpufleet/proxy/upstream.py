@@ -192,6 +192,12 @@ class UpstreamResponse:
                 return value
         return None
 
+    @property
+    def ended(self) -> bool:
+        """The whole body has arrived and been read: the next ``read_chunk`` is None."""
+        conn = self._conn
+        return conn is not None and conn.complete and not conn.chunks
+
     async def read_chunk(self, deadline: float | None = None) -> bytes | None:
         """The next piece of the body as it arrived, or None at its end. ``TimeoutError``
         if nothing came by ``deadline`` (event-loop time); ``UpstreamError`` if it broke."""

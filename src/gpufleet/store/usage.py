@@ -53,6 +53,9 @@ def usage_key(prefix: str, day: str) -> str:
     return Keys(prefix).usage_day(day)
 
 
+_BASES_MAX = 4096  # remembered field prefixes, then forgotten all at once
+
+
 def _clean(value: str) -> str:
     return value.replace("|", "/")
 
@@ -85,6 +88,7 @@ class UsageStore:
         self._spend: dict[str, float] = defaultdict(float)  # team spend counter -> +usd
         self._flushed_at = 0.0
         self._lock = asyncio.Lock()
+        self._bases: dict[tuple[str, str, str, str], str] = {}  # field prefixes
 
     def __repr__(self) -> str:
         return f"<UsageStore prefix={self.prefix} pending={len(self._usage)}>"
@@ -106,7 +110,13 @@ class UsageStore:
         """Attribute one finished request or task attempt; write now or with the next flush."""
         now = self.clock() if now is None else now
         day, _ = self.periods.of(now)
-        base = f"{_clean(owner_team)}|{_clean(key)}|{_clean(pool)}|{_clean(model)}|"
+        who = (owner_team, key, pool, model)
+        base = self._bases.get(who)
+        if base is None:  # remembered: most records repeat a few (team, key, pool, model)
+            base = f"{_clean(owner_team)}|{_clean(key)}|{_clean(pool)}|{_clean(model)}|"
+            if len(self._bases) >= _BASES_MAX:
+                self._bases.clear()
+            self._bases[who] = base
         for measure, value in (
             (kind, 1.0),
             ("gpu_s", gpu_s),
@@ -130,14 +140,17 @@ class UsageStore:
             except RedisError:
                 team = None
             budgeted = team is not None and team.has_budget
-        if budgeted or not self.flush_interval_s:
+        if budgeted or not self.flush_interval_s or self._flush_due():
             await self.flush()
-        else:
-            await self.maybe_flush()
+
+    def _flush_due(self) -> bool:
+        """Something is buffered and the last flush is ``flush_interval_s`` old."""
+        return bool(self._usage or self._spend) and (
+            self.clock() - self._flushed_at >= self.flush_interval_s
+        )
 
     async def maybe_flush(self) -> None:
-        now = self.clock()
-        if (self._usage or self._spend) and now - self._flushed_at >= self.flush_interval_s:
+        if self._flush_due():
             await self.flush()
 
     async def flush(self) -> None:
