@@ -30,6 +30,7 @@ and OpenAI routers (``get_service``, ``error_payload``).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -252,6 +253,8 @@ class ProxyService:
         self.usage = UsageMeter(redis, registry.prefix, self.config.usage_flush_interval_s)
         # Slot time and dollars per owner (``gpufleet.store.usage``), set by the lifespan.
         self.attribution: UsageStore | None = None
+        self._id_prefix = os.urandom(8).hex()
+        self._ids = itertools.count()
         self.max_body_bytes = settings.server.max_proxy_body_bytes
         self.body_timeout_s = settings.server.body_timeout_s
         self.served_models = {normalize_model(m) for p in settings.pools for m in p.models}
@@ -332,7 +335,9 @@ class ProxyService:
         self, call: Call, send: Send, state: dict[str, bool], started: float
     ) -> str:
         """Serve ``call``; return the outcome label for the metrics."""
-        request_id = os.urandom(16).hex()  # uuid4().hex's form, without the UUID object
+        # Unique across replicas (a random prefix per service) without a getrandom() call
+        # per request; kept across the attempts, so a retry waits as the same request.
+        request_id = f"{self._id_prefix}{next(self._ids):016x}"
         exclude: set[str] = set()
         for attempt in range(self.config.retries + 1):
             if exclude and not await self._others_ready(call.model, exclude):

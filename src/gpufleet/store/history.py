@@ -202,13 +202,17 @@ class HistoryStore:
         """One unit of work held a slot of ``pool`` for ``seconds`` (buffered)."""
         if not self._known(pool) or not seconds >= 0:
             return
-        t = self.clock()
-        self._add(pool, t, "service", seconds)
-        if model:
-            allowed = self._models.get(pool, frozenset())
+        # _add's work, once for both fields (this runs for every proxied answer)
+        fields = self._days.setdefault((pool, day_of(self.clock())), {})
+        bucket = bucket_of(seconds)
+        field = f"service|{bucket}"
+        fields[field] = fields.get(field, 0.0) + 1.0
+        allowed = self._models.get(pool) if model else None
+        if model and allowed:
             name = model if model in allowed else normalize_model(model)
             if name in allowed:
-                self._add(pool, t, f"service@{name}", seconds)
+                field = f"service@{name}|{bucket}"
+                fields[field] = fields.get(field, 0.0) + 1.0
 
     def note_boot(self, pool: str, source: str, seconds: float) -> None:
         """A worker of ``pool`` booted in ``seconds``; ``source`` is create or revive."""
