@@ -661,6 +661,27 @@ def open_throttle(target: Target, route: str, seconds: int, tmp: Path, conns: in
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
 
 
+def open_sample(target: Target, route: str, seconds: int, tmp: Path) -> tuple[float, float]:
+    """Open-throttle req/s, and the target tree's CPU per request meanwhile (us; nan for
+    ``direct``, which is not measured): the steadier of the two on a shared box."""
+    before = cpu_s(target.pid)
+    done = open_throttle(target, route, seconds, tmp)
+    used = sum(_delta(cpu_s(target.pid), before).values())
+    return done, (1e6 * used / (done * seconds) if target.pid and done else math.nan)
+
+
+def open_ratio(
+    rps: dict[tuple[str, str], list[tuple[float, float]]], name: str, route: str
+) -> tuple[float, float, float]:
+    """Median req/s, median ratio to nginx's req/s in the same repetition, median CPU us
+    per request under load."""
+    mine, nginx = rps[(name, route)], rps[("nginx", route)]
+    ratios = [m[0] / n[0] for m, n in zip(mine, nginx, strict=True) if n[0]]
+    return (statistics.median(m[0] for m in mine),
+            statistics.median(ratios) if ratios else math.nan,
+            statistics.median(m[1] for m in mine))
+
+
 def warm(target: Target) -> None:
     for path, body in ROUTES.values():
         hey(target, body, "-c", "4", "-n", "100", target.base + path)
@@ -755,11 +776,18 @@ def run_bench(
                     print(f"  rep {rep + 1} {target.name} {route}: "
                           + ", ".join(f"{k} {v:.2f}" for k, v in sample.items()),
                           file=sys.stderr)
-        rps = {
-            (t.name, route): open_throttle(t, route, seconds, tmp)
-            for route in ("/api/chat", "/v1/chat/completions") if route in ROUTES
-            for t in found
-        }
+        # Open-throttle, interleaved too: every target once per route per repetition (the
+        # box's speed drifts by +-10 % over minutes; a ratio is read within one repetition).
+        rps: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for rep in range(reps):
+            for route in ("/api/chat", "/v1/chat/completions"):
+                if route not in ROUTES:
+                    continue
+                for target in found:
+                    got = open_sample(target, route, seconds, tmp)
+                    rps.setdefault((target.name, route), []).append(got)
+                    print(f"  rep {rep + 1} {target.name} {route} open: {got[0]:.0f} req/s, "
+                          f"{got[1]:.0f} us CPU per request", file=sys.stderr)
         lite = measure_litellm(Path(tmpdir), seconds, found[0].base) if litellm else None
     report(found, samples, rps, idle, lite)
 
@@ -771,13 +799,13 @@ def median_of(samples: list[dict[str, float]], key: str) -> float:
 def report(
     found: list[Target],
     samples: dict[tuple[str, str], list[dict[str, float]]],
-    rps: dict[tuple[str, str], float],
+    rps: dict[tuple[str, str], list[tuple[float, float]]],
     idle: dict[str, float],
     lite: dict[str, float] | None,
 ) -> None:
     print("| target | route | p50 ms (added) | p99 ms (added) | CPU @100 req/s "
-          "| CPU ms/req (redis) | open req/s @32 (x nginx) | idle RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| CPU ms/req (redis) | open req/s @32 (x nginx) | CPU us/req @32 | idle RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for route in ROUTES:
         direct = samples[("direct", route)]
         d50, d99 = median_of(direct, "p50"), median_of(direct, "p99")
@@ -787,9 +815,11 @@ def report(
             cpu = (f"{median_of(s, 'core_pct'):.1f} %" if t.pid else "-")
             per = (f"{median_of(s, 'cpu_ms'):.2f} ({median_of(s, 'redis_ms'):.2f})"
                    if t.pid else "-")
-            thr = rps.get((t.name, route))
-            nginx = rps.get(("nginx", route))
-            thr_s = f"{thr:.0f} ({thr / nginx:.2f}x)" if thr and nginx else "-"
+            if (t.name, route) in rps:
+                thr, ratio, load_us = open_ratio(rps, t.name, route)
+                thr_s = f"{thr:.0f} ({ratio:.2f}x) | {load_us:.0f}"
+            else:
+                thr_s = "- | -"
             print(f"| {t.name} | {route} | {p50:.2f} ({p50 - d50:+.2f}) "
                   f"| {p99:.2f} ({p99 - d99:+.2f}) | {cpu} | {per} | {thr_s} "
                   f"| {idle[t.name]:.1f} |")
@@ -803,8 +833,11 @@ def report(
     for route in ("/api/chat", "/v1/chat/completions"):
         if route not in ROUTES:
             continue
-        g, n = rps[(DEPLOYED, route)], rps[("nginx", route)]
-        print(f"  {route}: open-throttle {g:.0f} / nginx {n:.0f} = {g / n:.2f}x (>= 0.5)")
+        mine, ratio, load_us = open_ratio(rps, DEPLOYED, route)
+        nginx_rps = open_ratio(rps, "nginx", route)[0]
+        print(f"  {route}: open-throttle {mine:.0f} / nginx {nginx_rps:.0f}, median of the "
+              f"repetitions' ratios {ratio:.2f}x (>= 0.5); {load_us:.0f} us CPU per "
+              "request under load")
     print(f"  idle RSS {idle[DEPLOYED]:.1f} MB (<= 80)")
     if lite:
         print(f"  litellm: p50 {lite['p50']:.2f} ms, open {lite['rps']:.0f} req/s, "
