@@ -14,7 +14,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import cast
 
 from fastapi import FastAPI
@@ -207,11 +207,7 @@ class GpufleetApp(FastAPI):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = message.get("headers") or []
-                present = {name.lower() for name, _ in headers}
-                headers = list(headers)
-                headers += [(k, v) for k, v in SECURITY_HEADERS.items() if k not in present]
-                message["headers"] = headers
+                message["headers"] = with_security_headers(message.get("headers") or [])
             await send(message)
 
         try:
@@ -241,6 +237,18 @@ SECURITY_HEADERS = {
 }
 
 
+_SECURITY_ITEMS = tuple(SECURITY_HEADERS.items())
+
+
+def with_security_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` and each of ``SECURITY_HEADERS`` they do not set already."""
+    headers = list(headers)
+    if not any(name.lower() in SECURITY_HEADERS for name, _ in headers):
+        return headers + list(_SECURITY_ITEMS)  # the usual case: none of them set
+    present = {name.lower() for name, _ in headers}
+    return headers + [(k, v) for k, v in _SECURITY_ITEMS if k not in present]
+
+
 class SecurityHeadersMiddleware:
     """Adds conservative security headers to every HTTP answer (pure ASGI: streams untouched)."""
 
@@ -254,9 +262,7 @@ class SecurityHeadersMiddleware:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                present = {name.lower() for name, _ in message.get("headers", [])}
-                extra = [(k, v) for k, v in SECURITY_HEADERS.items() if k not in present]
-                message["headers"] = [*message.get("headers", []), *extra]
+                message["headers"] = with_security_headers(message.get("headers", []))
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -89,11 +89,18 @@ class Principal:
 
 
 def presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("x-api-key") or None
+    """The key in ``Authorization: Bearer <key>``, else in ``X-API-Key`` (the first of each
+    header counts). Read from the ASGI scope: no Headers object on every proxied request."""
+    authorization = api_key = None
+    for name, value in request.scope["headers"]:
+        if name == b"authorization" and authorization is None:
+            authorization = value.decode("latin-1")
+        elif name == b"x-api-key" and api_key is None:
+            api_key = value.decode("latin-1")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return api_key or None
 
 
 def get_key_store(request: Request) -> ApiKeyStore:
