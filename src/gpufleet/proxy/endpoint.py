@@ -22,6 +22,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from gpufleet.proxy.coarse_timer import coarse_timer
 from gpufleet.proxy.relay import Call, Flavor, get_service, send_error
 from gpufleet.routing import normalize_model
 
@@ -61,8 +62,8 @@ async def read_body(
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None
     buf = bytearray()
-    # A bare timer that cancels this task, not asyncio.timeout(): the same bound for a
-    # third of the cost, on every proxied request.
+    # A coarse timer (``coarse_timer``) that cancels this task, not asyncio.timeout(): the
+    # same bound (up to a tick late) for a fraction of the cost, on every proxied request.
     task = asyncio.current_task()
     expired = False
 
@@ -72,9 +73,8 @@ async def read_body(
         if task is not None:
             task.cancel()
 
-    timer = (
-        asyncio.get_running_loop().call_later(timeout_s, expire) if timeout_s is not None else None
-    )
+    timers = coarse_timer()
+    timer = timers.call_later(timeout_s, expire) if timeout_s is not None else None
     try:
         while True:
             message = await receive()
@@ -91,7 +91,7 @@ async def read_body(
         raise BodyTimeout(f"request body not complete within {timeout_s:g} s") from None
     finally:
         if timer is not None:
-            timer.cancel()
+            timers.cancel(timer)
         del buf
 
 

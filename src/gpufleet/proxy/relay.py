@@ -53,6 +53,7 @@ from gpufleet.metrics import (
     labelled,
     observe_cold_start,
 )
+from gpufleet.proxy.coarse_timer import coarse_timer
 from gpufleet.proxy.config import ProxySettings
 from gpufleet.proxy.keep_alive import upstream_body
 from gpufleet.proxy.upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -297,7 +298,8 @@ class ProxyService:
         # answer still running after WATCH_AFTER_S, which bounds how late a client's
         # leaving is seen (the slot is freed within WATCH_AFTER_S plus a loop turn).
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(WATCH_AFTER_S, start_watching)
+        timers = coarse_timer(loop)
+        timer = timers.call_later(WATCH_AFTER_S, start_watching)
         try:
             await self._serve(call, send, state)
         except asyncio.CancelledError:
@@ -306,7 +308,7 @@ class ProxyService:
             main.uncancel()
             logger.info("proxy %s %s: client went away; upstream cancelled", call.path, call.model)
         finally:
-            timer.cancel()
+            timers.cancel(timer)
             if watcher is not None:
                 watcher.cancel()
 

@@ -30,6 +30,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from gpufleet.proxy.coarse_timer import coarse_timer
+
 # A connection idle longer than this is closed instead of reused: uvicorn drops idle
 # keep-alive connections after 5 s, and a reuse racing that close would fail a request.
 IDLE_REUSE_S = 4.0
@@ -131,14 +133,20 @@ class _Connection(asyncio.Protocol):
             raise self.error
         loop = asyncio.get_running_loop()
         self.waiter = waiter = loop.create_future()
-        # A bare timer, not asyncio.timeout(): this runs once per chunk of every stream.
-        timer = loop.call_at(deadline, _expire, waiter) if deadline is not None else None
+        # A coarse timer (up to a tick late), not asyncio.timeout() nor a loop timer of its
+        # own: this runs once per proxied request and once per chunk of every stream.
+        timers = coarse_timer(loop)
+        timer = (
+            timers.call_at(deadline, functools.partial(_expire, waiter))
+            if deadline is not None
+            else None
+        )
         try:
             await waiter
         finally:
             self.waiter = None
             if timer is not None:
-                timer.cancel()
+                timers.cancel(timer)
         if self.error is not None:
             raise self.error
 
