@@ -296,7 +296,8 @@ class ProxyService:
         # Most answers are over before anyone could notice a disconnect: the watcher task
         # (two loop turns, ~0.1 ms of CPU per request at 100 req/s) starts only for an
         # answer still running after WATCH_AFTER_S, which bounds how late a client's
-        # leaving is seen (the slot is freed within WATCH_AFTER_S plus a loop turn).
+        # leaving is seen (the slot is freed within WATCH_AFTER_S, plus the coarse timer's
+        # tick, plus a loop turn).
         loop = asyncio.get_running_loop()
         timers = coarse_timer(loop)
         timer = timers.call_later(WATCH_AFTER_S, start_watching)
