@@ -214,7 +214,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -371,6 +371,73 @@ def serve_floor(port: int, backend: str) -> None:
 
     uvicorn.run(relay, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                 lifespan="off")
+
+
+class RawRelay(asyncio.Protocol):
+    """``serve_raw_floor``'s connection: httptools parses, the upstream client relays."""
+
+    def __init__(self, client: Any, backend: str) -> None:
+        import httptools
+
+        self.client, self.backend = client, backend
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.body: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_url(self, url: bytes) -> None:
+        self.url = url
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        body, self.body = b"".join(self.body), []
+        asyncio.get_running_loop().create_task(self.relay(self.url.decode(), body))
+
+    def write(self, data: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def relay(self, path: str, body: bytes) -> None:
+        answer = await self.client.post(self.backend + path, body)
+        keep = [(k, v) for k, v in answer.headers
+                if k.lower() in (b"content-type", b"content-length")]
+        sized = any(k.lower() == b"content-length" for k, _ in keep)
+        head = b"".join(b"%s: %s\r\n" % kv for kv in keep)
+        if not sized:
+            head += b"transfer-encoding: chunked\r\n"
+        self.write(b"HTTP/1.1 %d OK\r\n%s\r\n" % (answer.status_code, head))
+        while (chunk := await answer.read_chunk(None)) is not None:
+            self.write(chunk if sized else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        await answer.aclose()
+        if not sized:
+            self.write(b"0\r\n\r\n")
+
+
+def serve_raw_floor(port: int, backend: str) -> None:
+    """A floor below ``serve_floor``: no ASGI server at all. One asyncio Protocol on uvloop
+    parses requests with httptools, relays each body with gpufleet's upstream client and
+    writes the answer back (content-length kept, else chunked, chunk by chunk). What a
+    hand-written HTTP front in Python could cost at best; not a product either (no
+    pipelining, no errors, no limits)."""
+    import uvloop
+
+    from gpufleet.proxy.upstream import UpstreamClient
+
+    client = UpstreamClient(connect_timeout_s=5.0)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: RawRelay(client, backend), "127.0.0.1", port)
+        await server.serve_forever()
+
+    uvloop.run(run())
 
 
 def serve_gpufleet(port: int, redis_url: str, backend: str) -> None:
@@ -537,6 +604,7 @@ DEPLOYED = "gpufleet (key + metrics, as served)"
 BARE = "gpufleet router (auth off, no metrics)"
 BEFORE = "gpufleet as served, --before checkout"
 FLOOR = "floor: bare uvicorn + upstream client (--floor)"
+RAW_FLOOR = "floor without ASGI: asyncio protocol + httptools (--floor)"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -770,6 +838,11 @@ def targets(
                 process([*me, "floor", "--port", str(fport), "--backend", backend], 0, fport)
             )
             found.append(Target(FLOOR, f"http://127.0.0.1:{fport}", proc.pid))
+            fport = free_port()
+            proc = stack.enter_context(
+                process([*me, "rawfloor", "--port", str(fport), "--backend", backend], 0, fport)
+            )
+            found.append(Target(RAW_FLOOR, f"http://127.0.0.1:{fport}", proc.pid))
         if before is not None:  # the same deployed row, from another checkout's source
             bport = free_port()
             config = tmp / "before.toml"
@@ -1001,7 +1074,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, metavar="CHECKOUT",
                         help="also the deployed row from another checkout's src (A/B, one run)")
     parser.add_argument("--floor", action="store_true",
-                        help="also a bare uvicorn relay: the least a Python proxy costs here")
+                        help="also two bare relays (uvicorn, and no ASGI server at all): "
+                             "the least a Python proxy costs here")
     parser.add_argument("role", nargs="?", default="bench")
     parser.add_argument("--port", type=int)
     parser.add_argument("--redis")
@@ -1012,6 +1086,9 @@ def main() -> None:
         return
     if args.role == "floor":
         serve_floor(args.port, args.backend)
+        return
+    if args.role == "rawfloor":
+        serve_raw_floor(args.port, args.backend)
         return
     if args.role == "gpufleet":
         serve_gpufleet(args.port, args.redis, args.backend)
