@@ -32,7 +32,7 @@ from gpufleet.api.request_metrics import RequestMetricsMiddleware
 from gpufleet.errors import StoreError
 from gpufleet.health_checker import register_static_workers
 from gpufleet.loops import spawn_loop
-from gpufleet.metrics import HTTP_REQUESTS, UP, labelled
+from gpufleet.metrics import DEFERRED, HTTP_REQUESTS, UP
 from gpufleet.proxy import ProxyService, build_proxy_router, forward_routes, make_http_client
 from gpufleet.settings import Settings, redact_url
 from gpufleet.store.connection import EmbeddedRedis, connect
@@ -219,7 +219,7 @@ class GpufleetApp(FastAPI):
             response = await handler(Request(scope, receive), exc)
             await response(scope, receive, answer)
         finally:
-            labelled(HTTP_REQUESTS, route.path, f"{(status or 500) // 100}xx").inc()
+            DEFERRED.inc(HTTP_REQUESTS, (route.path, f"{(status or 500) // 100}xx"))
 
     def _handler_for(self, exc: Exception) -> Callable[..., Awaitable[Response]] | None:
         for cls in type(exc).__mro__:

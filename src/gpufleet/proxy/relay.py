@@ -46,11 +46,11 @@ from starlette.types import Message, Receive, Scope, Send
 
 from gpufleet.domain import public_worker_id
 from gpufleet.metrics import (
+    DEFERRED,
     PROXY_DURATION,
     PROXY_REQUESTS,
     PROXY_TOKENS,
     PROXY_TTFB,
-    labelled,
     observe_cold_start,
 )
 from gpufleet.proxy.coarse_timer import coarse_timer
@@ -330,9 +330,9 @@ class ProxyService:
             outcome = "worker_failed_mid_stream"
             raise
         finally:
-            label = call.label
-            labelled(PROXY_REQUESTS, label, outcome).inc()
-            labelled(PROXY_DURATION, label).observe(asyncio.get_running_loop().time() - started)
+            label = (call.label,)
+            DEFERRED.inc(PROXY_REQUESTS, (call.label, outcome))
+            DEFERRED.observe(PROXY_DURATION, label, asyncio.get_running_loop().time() - started)
 
     async def _serve_attempts(
         self, call: Call, send: Send, state: dict[str, bool], started: float
@@ -407,9 +407,9 @@ class ProxyService:
         self.usage.count(call.owner, call.model, tokens_in, tokens_out, elapsed)
         label = call.label or self._model_label(call.model)
         if tokens_in:
-            labelled(PROXY_TOKENS, label, "in").inc(tokens_in)
+            DEFERRED.inc(PROXY_TOKENS, (label, "in"), tokens_in)
         if tokens_out:
-            labelled(PROXY_TOKENS, label, "out").inc(tokens_out)
+            DEFERRED.inc(PROXY_TOKENS, (label, "out"), tokens_out)
         if self.usage.flush_due():  # asked here: most answers have nothing to write
             await self.usage.maybe_flush()
         if self.attribution is not None:
@@ -421,18 +421,21 @@ class ProxyService:
         if pool is None or self.attribution is None:
             return
         held_s = max(0.0, self.clock() - lease.held_since) if lease.held_since else 0.0
+        record: dict[str, Any] = {
+            "owner_team": call.team,
+            "key": call.key_id,
+            "pool": pool.name,
+            "model": call.model,
+            "kind": "requests",
+            "gpu_s": held_s,
+            "usd": attributed_usd(pool.price_per_hour or 0.0, held_s, pool.slots),
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+        }
+        if self.attribution.record_later(**record):  # no budget can see it: the usual case
+            return
         try:
-            await self.attribution.record(
-                owner_team=call.team,
-                key=call.key_id,
-                pool=pool.name,
-                model=call.model,
-                kind="requests",
-                gpu_s=held_s,
-                usd=attributed_usd(pool.price_per_hour or 0.0, held_s, pool.slots),
-                tokens_in=tokens_in,
-                tokens_out=tokens_out,
-            )
+            await self.attribution.record(**record)
         except Exception as exc:  # the answer is out: only the usage record is lost
             logger.warning("proxy %s: usage not recorded (%s)", call.model, exc)
 
@@ -493,8 +496,8 @@ class ProxyService:
                 if not chunk:
                     continue
                 if not sent:
-                    ttfb = labelled(PROXY_TTFB, call.label or self._model_label(call.model))
-                    ttfb.observe(loop.time() - started)
+                    label = call.label or self._model_label(call.model)
+                    DEFERRED.observe(PROXY_TTFB, (label,), loop.time() - started)
                     await send(_start(response.status_code, headers))
                     sent = lease.answered = True
                 prev, tail = tail, chunk
