@@ -74,6 +74,10 @@ def live(redis_server: EmbeddedRedis, tmp_path_factory: pytest.TempPathFactory) 
             server={"max_body_bytes": REST_LIMIT, "max_proxy_body_bytes": PROXY_LIMIT},
             workers={"health_interval_s": 0.2, "pull_models_on_ready": False},
             proxy={"max_wait_s": 1.0},
+            # Each answered request's usage written as it ends, not by the flush loop up to
+            # 5 s later (which could land while a bad request is being checked): a bad
+            # request that recorded usage shows at once.
+            usage={"flush_interval_s": 0},
             pools=[{"name": "llm", "provider": "static", "engine": "ollama", "slots": 8,
                     "models": ["llama3.2", "nomic-embed-text"], "urls": [worker_url]}],
         ))
