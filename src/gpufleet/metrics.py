@@ -43,13 +43,15 @@ class DeferredUpdates(Collector):
     ``deque.append``; the next collection (a ``/metrics`` scrape, ``get_sample_value``)
     applies the queue in one warm pass, the increments summed per series. Registered
     before every gpufleet metric, so a collection sees every update queued before it:
-    readers of the registry cannot tell the difference, except that a scrape pays for the
-    updates since the last one. ``deque.append`` and ``popleft`` are atomic, so a scrape
-    on another thread (tests) loses nothing. Bounded: past ``MAX_QUEUED`` updates the
-    queue is applied on the spot (a process nobody scrapes stays at a few MB).
+    readers of the registry cannot tell the difference. ``deque.append`` and ``popleft``
+    are atomic, so a collection on another thread (tests) loses nothing. Past
+    ``MAX_QUEUED`` updates (about 70 answers) the queue is applied on the spot, between
+    scrapes too: the queued tuples die young, before the garbage collector's older
+    generations would walk them (a queue of 100,000 made every full collection longer and
+    cost more than it saved, ``bench/proxy_overhead.py``).
     """
 
-    MAX_QUEUED = 100_000
+    MAX_QUEUED = 512
 
     def __init__(self) -> None:
         self._incs: deque[tuple[Counter, tuple[str, ...], float]] = deque()

@@ -78,3 +78,16 @@ async def test_a_sooner_deadline_is_not_held_back_by_a_later_one() -> None:
     assert fired == ["soon"]
     assert timer._ticker is not None  # still set, for the late one
     timer.cancel(late)
+
+
+def test_each_loop_gets_its_own_timer_though_the_last_is_remembered() -> None:
+    async def timer_of_this_loop() -> CoarseTimer:
+        first = coarse_timer()
+        assert coarse_timer() is first  # the remembered one
+        assert first.loop is asyncio.get_running_loop()
+        return first
+
+    one = asyncio.run(timer_of_this_loop())
+    two = asyncio.run(timer_of_this_loop())
+    assert one is not two
+    assert one.loop is not two.loop

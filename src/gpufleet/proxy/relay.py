@@ -113,30 +113,21 @@ class UsageMeter:
         self.prefix = prefix
         self.flush_interval_s = flush_interval_s
         self._pending: dict[tuple[str, str, str], float] = {}
-        # Answers counted since the last flush, added to ``_pending`` by the next one.
-        self._answers: list[tuple[str, str, int, int, float]] = []
         self._flushed_at = 0.0
 
     def count(self, key: str, model: str, tokens_in: int, tokens_out: int, seconds: float) -> None:
-        """One answer for ``key`` and ``model`` (noted: the flush adds it up)."""
-        self._answers.append((key, model, tokens_in, tokens_out, seconds))
-
-    def _add_answers(self) -> None:
-        answers, self._answers = self._answers, []
-        pending = self._pending
-        for key, model, tokens_in, tokens_out, seconds in answers:
-            for name, value in (
-                ("requests", 1),
-                ("tokens_in", tokens_in),
-                ("tokens_out", tokens_out),
-                ("seconds", seconds),
-            ):
-                slot = (key, model, name)
-                pending[slot] = pending.get(slot, 0) + value
+        for name, value in (
+            ("requests", 1),
+            ("tokens_in", tokens_in),
+            ("tokens_out", tokens_out),
+            ("seconds", seconds),
+        ):
+            slot = (key, model, name)
+            self._pending[slot] = self._pending.get(slot, 0) + value
 
     def flush_due(self) -> bool:
         """Counters are pending and the last flush is ``flush_interval_s`` old."""
-        return bool(self._answers or self._pending) and (
+        return bool(self._pending) and (
             asyncio.get_running_loop().time() - self._flushed_at >= self.flush_interval_s
         )
 
@@ -146,7 +137,6 @@ class UsageMeter:
             await self.flush()
 
     async def flush(self) -> None:
-        self._add_answers()
         pending, self._pending = self._pending, {}
         if not pending:
             return

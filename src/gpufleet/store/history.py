@@ -96,8 +96,6 @@ logger = logging.getLogger(__name__)
 
 # How often every replica writes its buffered samples (one pipeline, only when there are any).
 FLUSH_INTERVAL_S = 1.0
-# Notes held before they are added to the buffer anyway (a flush adds them every second).
-_NOTES_MAX = 100_000
 DAY_TTL_S = int((WINDOW_DAYS + 1) * DAY_S)
 MINUTE_TTL_S = int(RATE_WINDOW_S + 120)
 # The field that marks a day as seen (``history.summarize``'s "days" metric): pre-warming
@@ -160,9 +158,6 @@ class HistoryStore:
         }
         # (pool, day) -> field -> weight; (pool, minute) -> arrivals
         self._days: dict[tuple[str, int], dict[str, float]] = {}
-        # Notes not yet added to those: (pool, when, arrivals, service seconds, model); see
-        # ``note_arrival``. Added by the next flush (or ``pending``), in one warm pass.
-        self._notes: list[tuple[str, float, int, float, str | None]] = []
         self._minutes: dict[tuple[str, int], int] = {}
         self._failing = False
 
@@ -172,7 +167,6 @@ class HistoryStore:
     @property
     def pending(self) -> int:
         """Buffered fields not yet written."""
-        self._add_notes()
         return sum(len(f) for f in self._days.values()) + len(self._minutes)
 
     # -- recording: buffer now, write on flush ---------------------------------------------------
@@ -186,38 +180,10 @@ class HistoryStore:
         fields[name] = fields.get(name, 0.0) + weight
 
     def note_arrival(self, pool: str, n: int = 1) -> None:
-        """``n`` arrivals for ``pool`` now (buffered).
-
-        This and ``note_service`` run for every proxied request: each only appends a note
-        (its time taken now), which the next flush adds to the buffer with the others, in
-        one pass (``_add_notes``). What is written, and when, is the same; the request
-        skips the field names and dict updates (~31 k instructions per proxied request,
-        ``bench/proxy_overhead.py --icount``)."""
-        if n > 0:
-            self._notes.append((pool, self.clock(), n, -1.0, None))
-            if len(self._notes) >= _NOTES_MAX:
-                self._add_notes()
-
-    def note_service(self, pool: str, seconds: float, model: str | None = None) -> None:
-        """One unit of work held a slot of ``pool`` for ``seconds`` (buffered; see
-        ``note_arrival``)."""
-        if seconds >= 0:
-            self._notes.append((pool, self.clock(), 0, seconds, model))
-            if len(self._notes) >= _NOTES_MAX:
-                self._add_notes()
-
-    def _add_notes(self) -> None:
-        """Add the notes taken since the last call to the buffer."""
-        notes, self._notes = self._notes, []
-        for pool, t, arrivals, seconds, model in notes:
-            if arrivals:
-                self._add_arrivals(pool, t, arrivals)
-            else:
-                self._add_service(pool, t, seconds, model)
-
-    def _add_arrivals(self, pool: str, t: float, n: int) -> None:
-        if not self._known(pool):
+        """``n`` arrivals for ``pool`` now (buffered)."""
+        if n <= 0 or not self._known(pool):
             return
+        t = self.clock()
         fields = self._days.setdefault((pool, day_of(t)), {})
         name = f"arrivals|{hour_of_day(t)}"  # a count per hour of the day (pre-warming)
         fields[name] = fields.get(name, 0.0) + n
@@ -232,11 +198,12 @@ class HistoryStore:
         if pool:
             self.note_arrival(pool)
 
-    def _add_service(self, pool: str, t: float, seconds: float, model: str | None) -> None:
-        if not self._known(pool):
+    def note_service(self, pool: str, seconds: float, model: str | None = None) -> None:
+        """One unit of work held a slot of ``pool`` for ``seconds`` (buffered)."""
+        if not self._known(pool) or not seconds >= 0:
             return
         # _add's work, once for both fields (this runs for every proxied answer)
-        fields = self._days.setdefault((pool, day_of(t)), {})
+        fields = self._days.setdefault((pool, day_of(self.clock())), {})
         bucket = bucket_of(seconds)
         field = f"service|{bucket}"
         fields[field] = fields.get(field, 0.0) + 1.0
@@ -259,7 +226,6 @@ class HistoryStore:
         Never raises: on a Redis error the samples are dropped and the error logged (a
         warning once per outage, then debug lines).
         """
-        self._add_notes()
         days, self._days = self._days, {}
         minutes, self._minutes = self._minutes, {}
         if not days and not minutes:

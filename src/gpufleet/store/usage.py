@@ -54,7 +54,7 @@ def usage_key(prefix: str, day: str) -> str:
 
 
 _BASES_MAX = 4096  # remembered field prefixes, then forgotten all at once
-_LATER_MAX = 100_000  # records noted by record_later before they are added anyway
+_LATER_MAX = 256  # records noted by record_later before they are added (they die young)
 
 
 def _clean(value: str) -> str:
