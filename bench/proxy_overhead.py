@@ -37,7 +37,53 @@ least a Python proxy costs on this machine.
 Issue 18 as filed (the code before it, measured then): /api/chat +2.0 ms p50, +3.4 ms p99,
 2.5 ms CPU per request, open-throttle 0.38x nginx, 89 MB idle.
 
-Latest run, 2026-12-06, 03:50 UTC (after = 140d726, the proxy code of this checkout;
+Latest run, 2026-12-06, 05:32 UTC (after = 2bb3d6c: metric updates queued and applied at
+collection or every 512, ``UsageStore.record_later``; ``--before`` = 226690b, the code of the
+run below; --floor; --seconds 5 --reps 3; a busy box: the uvicorn floor cost 0.40 ms per paced
+request here, 0.30 in the run below):
+
+| target | route | +p50 | +p99 | CPU ms/req paced | open @32 (x nginx) | us/req @32 | RSS MB |
+|---|---|---|---|---|---|---|---|
+| nginx | /api/chat | +0.10 | +0.50 | 0.14 | 19201 (1.00x) | 26 | 12.5 |
+| gpufleet as served, AFTER | /api/chat | +0.60 | +1.60 | 0.78 | 5795 (0.33x) | 172 | 77.1 |
+| gpufleet as served, BEFORE | /api/chat | +0.60 | +1.70 | 0.82 | 4562 (0.27x) | 218 | 77.0 |
+| floor, uvicorn | /api/chat | +0.40 | +0.80 | 0.40 | 12908 (0.66x) | 68 | 67.4 |
+| floor, no ASGI server | /api/chat | +0.30 | +0.60 | 0.28 | 15218 (0.79x) | 51 | 65.1 |
+| AFTER | /api/chat stream | +1.40 | +5.30 | 0.84 | - | - | |
+| BEFORE | /api/chat stream | +0.80 | +6.90 | 0.82 | - | - | |
+| nginx | /v1/chat/completions | +0.00 | +0.30 | 0.14 | 18077 (1.00x) | 27 | |
+| AFTER | /v1/chat/completions | +0.50 | +1.30 | 0.78 | 5392 (0.31x) | 185 | |
+| BEFORE | /v1/chat/completions | +0.40 | +1.40 | 0.84 | 5590 (0.30x) | 178 | |
+| floor, uvicorn | /v1/chat/completions | +0.30 | +0.50 | 0.40 | 12084 (0.69x) | 76 | |
+| AFTER | /v1/... stream | +0.60 | +3.70 | 0.82 | - | - | |
+| BEFORE | /v1/... stream | +0.40 | +8.20 | 0.84 | - | - | |
+
+Against the targets (AFTER): p50 <= 1.0 met on three routes, missed on the /api/chat stream
+(+1.4; BEFORE +0.8 in the same run: the stream columns move by a ms or more between runs);
+p99 <= 3 met on both non-streamed routes, missed on the streams (+5.3, +3.7); CPU <= 0.6 ms
+per paced request missed (0.78-0.84); open-throttle >= 0.5x missed (0.33x, 0.31x): nginx ran
+at 18-19 k req/s here against 13-15 k in the earlier runs, while gpufleet stays at 5-7 k, so
+the ratio follows nginx, and even the uvicorn floor reaches only 0.66-0.69x; idle RSS met.
+Under load AFTER was lower than BEFORE in 3 of 6 repetition pairs (150-229 against 143-231
+us): within this run's noise. The interleaved A/B of the same two checkouts just before
+(both served processes up at once, wrk at 32 connections and hey at 100 req/s alternating,
+8 repetitions, a busy box): 208 -> 195 us per request under load (6 of 8 lower), paced 0.90
+-> 0.90 ms (3 of 8 lower).
+
+What was tried that day and what it taught (A/B and microbenchmarks, warm, per request):
+deferring the per-answer bookkeeping moves work more than it removes it. Metric updates
+queued and applied in one pass: 2.2 us queued + 6.7 us applied against 11.2 us inline
+(kept). ``record_later``: 1.9 + 4.5 against 6.9 us (kept). The service-history notes
+deferred: 1.0 + 4.6 against 4.7 us, and the usage meter's: 0.2 + 1.5 against 1.7 (both
+reverted). A first version that let the metric queue grow to 100,000 updates between scrapes
+measured no better under load (216 vs 212 us) and worse paced (0.90 vs 0.84 ms, 2 of 8
+lower): the queued tuples outlived the GC's young generation and made its older collections
+longer; applied every 512 updates they die young. ``--icount`` now subtracts the idle
+process over the same wall time and ends its window with one ``/metrics`` scrape: without
+the scrape it had counted the deferred metric work as saved (754 -> 646 k); with it the
+first version measured 811 k against 800 k before.
+
+The run before, 2026-12-06, 03:50 UTC (after = 140d726, the proxy code of this checkout;
 ``--before`` = 36d7323; ``--floor``: both floors; --seconds 5 --reps 3; a quieter box):
 
 | target | route | +p50 | +p99 | CPU ms/req paced | open @32 (x nginx) | us/req @32 | RSS MB |
@@ -291,7 +337,8 @@ Would another ASGI server lower the floor? granian 2.8.9 (``--interface asgi`` a
 relay app, same pinning, interleaved with uvicorn: 9373-9801 req/s against uvicorn's
 11000, 0.67-0.70 ms per paced request against 0.53, 100 MB RSS against 67. No.
 
-Not done (next, by measured size, 2026-12-06): the per-answer bookkeeping as a whole
+Not done (next, by measured size, 2026-12-06; see the latest run for what deferring it
+gave): the per-answer bookkeeping as a whole
 (~117 k instructions, 17 % of a request in user space; see the instruction counts above):
 metrics, attribution and the service history ~5 % each, the usage meter ~1.5 %, each
 already lean (memoised prefixes and label children, buffered writes), so the one large
