@@ -112,6 +112,7 @@ class _Run:
     # Set when the run ends: its keeper and note writer stop by themselves. They are never
     # cancelled, because cancelling a redis-py (8.1) call in flight can hang the caller.
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    attributed: bool = False  # its usage is recorded (once, whatever the outcome)
 
     @property
     def task_id(self) -> str:
@@ -330,14 +331,18 @@ class Dispatcher:
                 await self._stopped(run)
             else:
                 await self._flush_notes(run)
+                # Its spend is recorded before anyone can see the task succeed: a client
+                # that waits for it and submits again meets its team's budget as spent.
+                await self._attribute(run)
                 await self._ack(run, result)
 
     async def _attribute(self, run: _Run) -> None:
         """Record the attempt's slot time and its price for the task's owner (whatever the
         outcome: the GPU was held either way)."""
         pool = self._lookup.pool(run.worker)
-        if self.usage is None or pool is None:
+        if self.usage is None or pool is None or run.attributed:
             return
+        run.attributed = True
         task = run.lease.task
         held_s = max(0.0, self.clock() - run.started)
         try:
