@@ -141,8 +141,8 @@ class UsageStore:
     ) -> bool:
         """``record``, without waiting or building anything now, for a record no budget can
         see (a key in no team, or nothing spent): noted, and added to the buffer by the next
-        flush with the others (the proxy's hot path: ~35 k instructions less per request,
-        ``bench/proxy_overhead.py --icount``). What is written, and when, is the same.
+        flush with the others (the proxy's hot path: 1.9 us now and 4.5 us at the flush,
+        against 6.9 us for ``record``, warm). What is written, and when, is the same.
 
         False, and nothing noted, when the record must go through ``record``: a team's
         spend (its budget counters, written at once when it has a budget), or
